@@ -1,0 +1,324 @@
+"""One typed, frozen trial config: defaults from the paper / authors' code, presets, dotted overrides.
+
+    cfg = make_config("smoke", ["model.affinity=seg", "loss.sal=0.5"])
+    cfg.model.affinity            -> "seg"
+    cfg.to_dict()                 -> nested plain dict (saved with every result)
+    config_from_dict(d)           -> Config again (round trip)
+
+Every error is a one-line `ConfigError` naming the key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+BRANCHES = ("seg", "cls", "sal")
+AFFINITIES = ("none", "seg", "cross_task")
+CONSTRAINTS = ("seg", "sal")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"  # synthetic | voc
+    root: str = ""  # synthetic: "" -> runs/data/<preset>-seed<seed> (generated on first use)
+    preset: str = "default"  # synthetic generator preset (smoke | default)
+    seed: int = 0  # synthetic generator seed; the dataset stays fixed while `seed` varies training
+    saliency: str = ""  # built-in source name or a folder of PNGs; "" -> the generator's best source
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 0  # 0 -> taken from the data (21 VOC / synthetic, 81 COCO)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: float = 1.0
+    branches: tuple[str, ...] = ("seg", "cls", "sal")
+    affinity: str = "cross_task"
+    constraints: tuple[str, ...] = ("seg", "sal")
+    init_weights: str = ""  # path to a converted ImageNet ResNet38 checkpoint ("" -> random init)
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    cls: float = 1.0  # lambda_1 (Eq. 8)
+    sal: float = 1.0  # lambda_2
+    seg: float = 1.0  # lambda_3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    warmup_epochs: int = 15
+    warmup_lr: float = 0.01
+    stage_epochs: int = 10
+    stages: int = 5  # stages 0..stages-1 (paper Table 5 reports 0..4)
+    batch_size: int = 4
+    lr: float = 0.0007
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    poly_power: float = 0.9
+    crop: int = 321
+    scale_min: float = 0.7
+    scale_max: float = 1.3
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on a GPU (ignored on the CPU)
+    channels_last: bool = True  # on a GPU
+    threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
+    workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    cam_threshold: float = 0.2
+    sal_threshold: float = 0.06
+    sal_crf: bool = True  # Eq. 1 dense CRF on the averaged saliency
+    sal_binarize: float = 0.5  # saliency pseudo labels are binarised here before the loss (authors)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    post: bool = True  # compute miou_post (multi-scale + flip + CRF) ...
+    post_every_stage: bool = False  # ... after every stage, or only after the last one
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    flip: bool = True
+    crf: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def get(self, key: str) -> Any:
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def fingerprint(self, keys: list[str]) -> str:
+        """Hash of exactly the named fields (the cache key of what depends on them)."""
+        picked = {k: _plain(self.get(k)) for k in sorted(keys)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Presets: overrides on top of the paper/author defaults above.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A full trial in about a minute on 2 CPU cores: for tests.
+    "smoke": {
+        "data.preset": "smoke",
+        "model.width": 0.0625,
+        "train.warmup_epochs": 4,
+        "train.warmup_lr": 0.05,
+        "train.stage_epochs": 2,
+        "train.stages": 2,
+        "train.batch_size": 8,
+        "train.lr": 0.01,
+        "train.crop": 64,
+        "eval.scales": (0.75, 1.0),
+    },
+    # The embedded benchmark: the README's main job on 2 CPU cores.
+    "default": {
+        "data.preset": "default",
+        "model.width": 0.125,
+        "train.warmup_epochs": 12,
+        "train.warmup_lr": 0.05,
+        "train.stage_epochs": 6,
+        "train.stages": 3,
+        "train.batch_size": 8,
+        "train.lr": 0.01,
+        "train.crop": 96,
+        "eval.scales": (0.75, 1.0, 1.25),
+    },
+    # PASCAL VOC with the paper's network and schedule; meant for a GPU (data.root must be set).
+    "paper": {
+        "data.name": "voc",
+        "data.saliency": "",
+        "data.train_split": "train_aug",
+        "model.width": 1.0,
+    },
+}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the declared field type or raise a one-line ConfigError."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            raise ConfigError(f"config key '{key}': cannot parse value {value!r}") from None
+    if get_origin(typ) is tuple:
+        inner = get_args(typ)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace("+", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(key, v, inner) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def valid_keys() -> list[str]:
+    out = []
+    for f in fields(Config):
+        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+            out += [f"{f.name}.{g.name}" for g in fields(f.default_factory)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return cfg with dotted keys replaced; unknown keys and bad types are a ConfigError."""
+    hints = get_type_hints(Config)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in hints and not dataclasses.is_dataclass(hints[parts[0]]):
+            top[parts[0]] = _coerce(key, value, hints[parts[0]])
+            continue
+        if len(parts) != 2 or parts[0] not in hints or not dataclasses.is_dataclass(hints[parts[0]]):
+            raise ConfigError(f"unknown config key '{key}' (valid keys: {', '.join(valid_keys())})")
+        sec_types = _section_types(hints[parts[0]])
+        if parts[1] not in sec_types:
+            raise ConfigError(
+                f"unknown config key '{key}' (valid keys under '{parts[0]}': {', '.join(sec_types)})"
+            )
+        sections.setdefault(parts[0], {})[parts[1]] = _coerce(key, value, sec_types[parts[1]])
+    new = {name: replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    return replace(cfg, **top, **new)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """`["a.b=1", ...]` (the --set syntax) -> {"a.b": "1"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible combinations with a one-line error naming the key."""
+    m = cfg.model
+    bad = [b for b in m.branches if b not in BRANCHES]
+    if bad:
+        raise ConfigError(f"model.branches: unknown branch {bad[0]!r} (expected a subset of {list(BRANCHES)})")
+    if "seg" not in m.branches:
+        raise ConfigError("model.branches must include 'seg' (the primary task)")
+    if len(set(m.branches)) != len(m.branches):
+        raise ConfigError(f"model.branches has a duplicate: {list(m.branches)}")
+    if m.affinity not in AFFINITIES:
+        raise ConfigError(f"model.affinity: {m.affinity!r} is not one of {list(AFFINITIES)}")
+    bad = [c for c in m.constraints if c not in CONSTRAINTS]
+    if bad:
+        raise ConfigError(f"model.constraints: unknown constraint {bad[0]!r} (expected a subset of {list(CONSTRAINTS)})")
+    if m.affinity == "cross_task" and "sal" not in m.branches:
+        raise ConfigError("model.affinity=cross_task needs the 'sal' branch in model.branches")
+    if m.affinity == "none" and m.constraints:
+        raise ConfigError("model.constraints must be empty when model.affinity=none (nothing refines)")
+    if m.affinity != "none" and "seg" not in m.constraints:
+        raise ConfigError(f"model.constraints must include 'seg' when model.affinity={m.affinity}")
+    if "sal" in m.constraints and (m.affinity != "cross_task" or "sal" not in m.branches):
+        raise ConfigError("model.constraints 'sal' needs model.affinity=cross_task and the 'sal' branch")
+    if not 0 < m.width <= 4:
+        raise ConfigError(f"model.width must be in (0, 4], got {m.width}")
+    if cfg.data.name not in ("synthetic", "voc"):
+        raise ConfigError(f"data.name: {cfg.data.name!r} is not one of ['synthetic', 'voc']")
+    if cfg.data.name == "voc" and not cfg.data.root:
+        raise ConfigError("data.root must name your VOC-layout folder when data.name=voc")
+    t = cfg.train
+    for key in ("warmup_epochs", "stage_epochs", "batch_size", "crop"):
+        if getattr(t, key) < (0 if key == "warmup_epochs" else 1):
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if t.stages < 1:
+        raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
+    if t.crop % 8:
+        raise ConfigError(f"train.crop must be a multiple of 8 (output stride), got {t.crop}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device: {t.device!r} is not one of ['auto', 'cpu', 'cuda']")
+    if not 0 < t.scale_min <= t.scale_max:
+        raise ConfigError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
+    for key in ("lr", "warmup_lr"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    for key in ("cls", "sal", "seg"):
+        if getattr(cfg.loss, key) < 0:
+            raise ConfigError(f"loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
+    for key in ("cam_threshold", "sal_threshold", "sal_binarize"):
+        if not 0 <= getattr(cfg.labels, key) <= 1:
+            raise ConfigError(f"labels.{key} must be in [0, 1], got {getattr(cfg.labels, key)}")
+    if not cfg.eval.scales or any(s <= 0 for s in cfg.eval.scales):
+        raise ConfigError(f"eval.scales must be positive numbers, got {list(cfg.eval.scales)}")
+    return cfg
+
+
+def make_config(preset: str = "default", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Defaults <- preset <- overrides, validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (expected one of {list(PRESETS)})")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    cfg = apply_overrides(cfg, dict(overrides or {}))
+    return validate(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from its to_dict() form (e.g. a saved result.json)."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return validate(apply_overrides(Config(), flat))
