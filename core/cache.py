@@ -1,0 +1,42 @@
+"""Artifacts shared by trials (warm-up checkpoint, initial CAMs), keyed by what they depend on.
+
+runs/cache/<key>/ is complete iff it exists: it is filled in a temporary sibling folder and renamed
+into place in one step, so a killed run never leaves a half-written artifact that a later run trusts.
+A per-key file lock makes concurrent trials with the same key wait for one computation.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> bool:
+    """Create `final` by fill(tmp) + rename unless it exists. Returns True if it already existed (a hit)."""
+    final = Path(final)
+    with locked(final.parent / f".{final.name}.lock"):
+        if final.is_dir():
+            return True
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            fill(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return False
