@@ -1,0 +1,64 @@
+"""Study reports: markdown tables in the paper's layout (Tables 3-6, Fig. 6) and seaborn figures,
+built from the results store. `build_report(name, storage_url, out_dir)` or `python -m reports NAME`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .tables import ReportError, load_study
+
+__all__ = ["DEFAULT_OUT", "DEFAULT_STORAGE", "ReportError", "build_report"]
+
+DEFAULT_STORAGE = "sqlite:///runs/studies.db"
+DEFAULT_OUT = "runs/reports"
+
+
+def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | Path = DEFAULT_OUT) -> Path:
+    """Write out_dir/NAME.md (and NAME_*.png beside it) for study NAME; return the markdown path.
+    Raises ReportError for a missing/empty store or an unknown study."""
+    from . import figures, tables
+
+    study = load_study(name, storage_url)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    spec = study.spec
+    md = [f"# Study report: {name}", "", tables.provenance(study), ""]
+
+    def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
+        if body:
+            md.extend([f"## {title}", "", body, ""])
+        md.extend(f"![{caption}]({f})\n" for caption, f in figs if f)
+
+    bars = (
+        "metric per configuration: mean ± std over seeds, one dot per seed",
+        None if spec.get("kind") == "tuning" else figures.metric_bars(study, out, f"{stem}_metric.png"),
+    )
+    if spec.get("kind") == "tuning":
+        section(
+            "Best trials",
+            tables.tuning_tables(study),
+            ("optimisation history", figures.history(study, out, f"{stem}_history.png")),
+            ("metric vs each parameter", figures.param_scatter(study, out, f"{stem}_params.png")),
+        )
+    elif spec.get("variants") or study.trials["variant"].ne("").any():
+        section("Results (Table 6 layout)", tables.variants_table(study), bars)
+    elif spec.get("paper_table") == 5 or spec.get("paper_stages"):
+        section("Results per stage (Table 5 layout)", tables.stages_table(study), bars)
+    else:
+        table = f" (Table {spec['paper_table']} layout)" if spec.get("paper_table") else ""
+        section(f"Results{table}", tables.ablation_table(study), bars)
+    section("The paper's reference rows", tables.paper_reference(study))
+    section(
+        "Pseudo-label quality (Fig. 6 quantities)",
+        tables.pgt_table(study),
+        (
+            "val mIoU and pseudo-label precision / recall / mIoU per stage",
+            figures.stage_curves(study, out, f"{stem}_stages.png"),
+        ),
+    )
+    section("Failed trials", tables.failures(study))
+    path = out / f"{stem}.md"
+    path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,16 @@
+"""The AuxSegNet network: ResNet38 backbone, affinity module, multi-task net."""
+from .affinity import NonLocal, cross_task, cross_task_affinity, refine_with_affinity
+from .auxsegnet import (
+                        AFFINITIES,
+                        BRANCHES,
+                        CONSTRAINTS,
+                        AuxSegNet,
+                        Classifier,
+                        check_config,
+                        head_width,
+                        normalize_cam,
+)
+from .backbone import ResNet38, load_backbone
+
+__all__ = ["AFFINITIES", "BRANCHES", "CONSTRAINTS", "AuxSegNet", "Classifier", "NonLocal", "ResNet38", "check_config",
+           "cross_task", "cross_task_affinity", "head_width", "load_backbone", "normalize_cam", "refine_with_affinity"]

@@ -1,0 +1,70 @@
+"""Evaluation on val: mIoU without and with post-processing (multi-scale + flip + dense CRF)."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.config import Config
+from core.crf import crf_label_job
+from core.data import VOCDataset, normalize
+from core.metrics import confusion, miou
+from core.parallel import bounded_map
+
+
+def segment_logits(out: dict) -> torch.Tensor:
+    """Inference uses the affinity-refined segmentation when the model has one (paper, Inference)."""
+    return out["seg_ref"] if "seg_ref" in out else out["seg"]
+
+
+@torch.no_grad()
+def predict_probs(net, img: np.ndarray, device: torch.device, scales=(1.0,), flip: bool = False,
+                  amp_ctx=None) -> np.ndarray:
+    """Class probabilities (C, H, W) averaged over scales (and horizontal flips)."""
+    h, w = img.shape[:2]
+    x0 = torch.from_numpy(normalize(img))[None].to(device)
+    acc = None
+    for s in scales:
+        size = (max(8, int(round(h * s))), max(8, int(round(w * s))))
+        x = x0 if size == (h, w) else F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
+        xs = torch.cat([x, x.flip(-1)]) if flip else x
+        with (amp_ctx or contextlib.nullcontext)():
+            logits = segment_logits(net(xs)).float()
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        p = logits.softmax(1)
+        p = (p[0] + p[1].flip(-1)) / 2 if flip else p[0]
+        acc = p if acc is None else acc + p
+    return (acc / len(scales)).cpu().numpy()
+
+
+def evaluate(net, ds: VOCDataset, cfg: Config, device: torch.device, post: bool, pool=None,
+             amp_ctx=None, desc: str = "eval") -> dict:
+    """{miou, miou_post (None unless post), per_class_iou} on ds (its ground-truth masks).
+
+    Network passes run here; the CRF of each image runs in the pool while the next image is predicted.
+    """
+    net.eval()
+    c = ds.num_classes
+    conf = np.zeros((c + 1, c + 1), np.int64)
+    conf_post = np.zeros_like(conf)
+
+    def post_jobs():
+        nonlocal conf
+        for i in tqdm(range(len(ds)), desc=desc, leave=False, disable=None):
+            img, gt = ds.image(i), ds.mask(i)
+            conf += confusion(predict_probs(net, img, device, amp_ctx=amp_ctx).argmax(0), gt, c)
+            if post:
+                yield img, predict_probs(net, img, device, cfg.eval.scales, cfg.eval.flip, amp_ctx=amp_ctx)
+
+    jobs = bounded_map(pool, crf_label_job, post_jobs()) if cfg.eval.crf else map(_argmax_job, post_jobs())
+    for i, pred in enumerate(jobs):
+        conf_post += confusion(pred, ds.mask(i), c)
+    m, per_class = miou(conf)
+    return {"miou": m, "miou_post": miou(conf_post)[0] if post else None, "per_class_iou": per_class}
+
+
+def _argmax_job(job: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return job[1].argmax(0).astype(np.uint8)

@@ -1,0 +1,219 @@
+"""AuxSegNet (Xu et al., ICCV 2021): shared ResNet38 + cls / sal / seg branches + cross-task affinity.
+
+    F = ResNet38(x)                                               (B, 4096w, h, w), h = ceil(H / 8)
+    cls:  fc8(GAP(Dropout2d(F)))                                  (B, C-1)        CAM = relu(fc8 * F)
+    seg:  relu(seg_conv1 d6) -> relu(seg_conv2 d12) -> [affinity] -> relu(seg_conv3 d18) -> seg_conv4 1x1
+    sal:  the same with sal_conv*, 1 output channel
+    affinity "none":       no attention modules
+             "seg":        seg_att NonLocal on F_seg_in; A = A_seg refines the predictions
+             "cross_task": seg_att + sal_att + SA fusion (cross_att) + seg_g/seg_W/sal_g/sal_W; A = A_CT
+    constraints: which predictions A refines (seg_ref, sal_ref) - Table 4's rows.
+
+Module names follow the official checkpoint (fc8, seg_conv1..4, sal_conv1..4, seg_att, sal_att, seg_g,
+seg_W, sal_g, sal_W, cross_att), so official AuxSegNet weights load with ``load_state_dict``; the backbone
+sits under ``backbone.``. A disabled branch or module is not built (no parameters, no compute).
+See :mod:`core.model.affinity` for the HW x HW memory budget (cross-task keeps 7 HW x HW maps per image
+for backward: 76 MiB at a 321 crop, 448 MiB at 512).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .affinity import NonLocal, cross_task, make_sa_fusion, refine_with_affinity
+from .backbone import ResNet38
+
+BRANCHES = ("seg", "cls", "sal")
+AFFINITIES = ("none", "seg", "cross_task")
+CONSTRAINTS = ("seg", "sal")
+
+
+def head_width(width: float) -> int:
+    """Channels D of the seg / sal heads: 128 at width 1.0, scaled with width, never below 16."""
+    return max(16, round(128 * width))
+
+
+def _xavier(m: nn.Conv2d):
+    nn.init.xavier_uniform_(m.weight)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay):
+    """Backbone at lr, heads at head_lr_mult * lr; weight decay on conv weights only (biases and BN affine
+    parameters, i.e. every tensor with < 2 dims, are not decayed). Frozen parameters are left out."""
+    groups = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        head = name.split(".")[0] in head_prefixes
+        decay = p.ndim > 1
+        key = ("head" if head else "backbone") + ("" if decay else "_no_decay")
+        if key not in groups:
+            groups[key] = {"name": key, "params": [], "lr": lr * (head_lr_mult if head else 1.0),
+                           "weight_decay": weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    order = ["backbone", "backbone_no_decay", "head", "head_no_decay"]
+    return [groups[k] for k in order if k in groups]
+
+
+class Classifier(nn.Module):
+    """Classification warm-up net: backbone + Dropout2d + GAP + fc8 (same names as in AuxSegNet)."""
+
+    def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5, freeze_bn: bool = False):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        self.num_classes, self.width = num_classes, float(width)
+        self.backbone = ResNet38(width, freeze_bn=freeze_bn)
+        self.dropout = nn.Dropout2d(dropout)
+        self.fc8 = nn.Conv2d(self.backbone.out_channels, num_classes - 1, 1, bias=False)
+        _xavier(self.fc8)
+
+    def classify(self, feat):
+        return self.fc8(F.adaptive_avg_pool2d(self.dropout(feat), 1)).flatten(1)
+
+    def cam_from_features(self, feat, normalize=False):
+        cam = F.relu(F.conv2d(feat, self.fc8.weight))
+        return normalize_cam(cam) if normalize else cam
+
+    def forward(self, x):
+        return self.classify(self.backbone(x))
+
+    def cams(self, x, normalize: bool = False):
+        """ReLU CAMs (B, C-1, h, w) from fc8 applied to F (no dropout); per-class max-normalised if asked."""
+        return self.cam_from_features(self.backbone(x), normalize)
+
+    def param_groups(self, lr, head_lr_mult=10.0, weight_decay=1e-5):
+        return _param_groups(self.named_parameters(), {"fc8"}, lr, head_lr_mult, weight_decay)
+
+
+def normalize_cam(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each (image, class) map divided by its spatial max (maps in [0, 1]; all-zero maps stay 0)."""
+    return cam / (cam.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
+def check_config(branches, affinity, constraints):
+    """Validate an ablation setting (Tables 3-4); returns normalised (branches, affinity, constraints)."""
+    for name, given, allowed in (("branches", branches, BRANCHES), ("constraints", constraints, CONSTRAINTS)):
+        if isinstance(given, str):
+            raise ValueError(f"{name} must be a collection of names, got the string {given!r}")  # noqa: TRY004 - a config error
+        bad = sorted(set(given) - set(allowed))
+        if bad:
+            raise ValueError(f"unknown {name} {bad}; choose from {allowed}")
+    branches = tuple(b for b in BRANCHES if b in set(branches))
+    constraints = tuple(c for c in CONSTRAINTS if c in set(constraints))
+    if "seg" not in branches:
+        raise ValueError(f"the seg branch is always required, got branches={branches}")
+    if affinity not in AFFINITIES:
+        raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+    if affinity == "cross_task" and "sal" not in branches:
+        raise ValueError("affinity='cross_task' needs the sal branch")
+    if affinity == "none" and constraints:
+        raise ValueError(f"constraints {constraints} need an affinity (affinity='none')")
+    if affinity != "none" and "seg" not in constraints:
+        raise ValueError(f"affinity={affinity!r} needs the 'seg' constraint, got constraints={constraints}")
+    if "sal" in constraints and affinity != "cross_task":
+        raise ValueError("the 'sal' constraint needs affinity='cross_task' (and the sal branch)")
+    return branches, affinity, constraints
+
+
+class AuxSegNet(nn.Module):
+    def __init__(self, num_classes: int = 21, width: float = 1.0, branches=BRANCHES, affinity: str = "cross_task",
+                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False):
+        super().__init__()
+        self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        self.num_classes, self.width = num_classes, float(width)
+        self.backbone = ResNet38(width, freeze_bn=freeze_bn)
+        K, D = self.backbone.out_channels, head_width(width)
+        self.head_channels = D
+        if "cls" in self.branches:
+            self.dropout = nn.Dropout2d(dropout)
+            self.fc8 = nn.Conv2d(K, num_classes - 1, 1, bias=False)
+        for task, out in (("seg", num_classes), ("sal", 1)):
+            if task not in self.branches:
+                continue
+            setattr(self, f"{task}_conv1", nn.Conv2d(K, D, 3, padding=6, dilation=6))
+            setattr(self, f"{task}_conv2", nn.Conv2d(D, D, 3, padding=12, dilation=12))
+            setattr(self, f"{task}_conv3", nn.Conv2d(D, D, 3, padding=18, dilation=18))
+            setattr(self, f"{task}_conv4", nn.Conv2d(D, out, 1, bias=False))
+        if self.affinity in ("seg", "cross_task"):
+            self.seg_att = NonLocal(D)
+        if self.affinity == "cross_task":
+            self.sal_att = NonLocal(D)
+            self.seg_g, self.seg_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
+            self.sal_g, self.sal_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
+            self.cross_att = make_sa_fusion()
+        self.reset_head_parameters()
+
+    HEADS = ("fc8", "seg_conv1", "seg_conv2", "seg_conv3", "seg_conv4", "sal_conv1", "sal_conv2", "sal_conv3",
+             "sal_conv4", "seg_att", "sal_att", "seg_g", "seg_W", "sal_g", "sal_W", "cross_att")
+
+    def reset_head_parameters(self):
+        """Xavier-uniform weights and zero biases for every head conv; NonLocal W_z BN starts at 0."""
+        for name in self.HEADS:
+            m = getattr(self, name, None)
+            if isinstance(m, NonLocal):
+                m.reset_parameters()
+            elif m is not None:
+                for conv in m.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        _xavier(conv)
+
+    def _task_features(self, task, feat):
+        f = F.relu(getattr(self, f"{task}_conv1")(feat))
+        return F.relu(getattr(self, f"{task}_conv2")(f))
+
+    def _task_predict(self, task, f):
+        return getattr(self, f"{task}_conv4")(F.relu(getattr(self, f"{task}_conv3")(f)))
+
+    def forward(self, x):
+        feat = self.backbone(x)
+        out = {}
+        if "cls" in self.branches:
+            out["cls"] = self.fc8(F.adaptive_avg_pool2d(self.dropout(feat), 1)).flatten(1)
+            if not self.training:
+                out["cam"] = F.relu(F.conv2d(feat, self.fc8.weight))
+        f_seg = self._task_features("seg", feat)
+        f_sal = self._task_features("sal", feat) if "sal" in self.branches else None
+        A = None
+        if self.affinity == "seg":
+            f_seg, A = self.seg_att(f_seg)
+        elif self.affinity == "cross_task":
+            f_seg, f_sal, A = cross_task(f_seg, f_sal, self.seg_att, self.sal_att, self.cross_att,
+                                         self.seg_g, self.seg_W, self.sal_g, self.sal_W)
+        out["seg"] = self._task_predict("seg", f_seg)
+        if A is not None:
+            out["seg_ref"] = refine_with_affinity(out["seg"], A)
+            out["affinity"] = A
+        if f_sal is not None:
+            out["sal"] = self._task_predict("sal", f_sal)
+            if "sal" in self.constraints:
+                out["sal_ref"] = refine_with_affinity(out["sal"], A)
+        return out
+
+    def cams(self, x, normalize: bool = False):
+        """ReLU CAMs (B, C-1, h, w) = relu(fc8 applied to F) (no dropout); per-class max-normalised if asked."""
+        if "cls" not in self.branches:
+            raise ValueError("cams() needs the cls branch")
+        cam = F.relu(F.conv2d(self.backbone(x), self.fc8.weight))
+        return normalize_cam(cam) if normalize else cam
+
+    def param_groups(self, lr, head_lr_mult=10.0, weight_decay=1e-5):
+        """Optimiser groups: backbone at lr, every head (fc8, seg*, sal*, attention, cross_att) at
+        head_lr_mult * lr; weight decay on conv weights only (no decay on biases / BN affine)."""
+        return _param_groups(self.named_parameters(), set(self.HEADS), lr, head_lr_mult, weight_decay)
+
+    @torch.no_grad()
+    def load_from_classifier(self, clf: Classifier):
+        """Copy a warmed-up Classifier's backbone (and fc8 when the cls branch is on) into this net."""
+        if clf.width != self.width or clf.num_classes != self.num_classes:
+            raise ValueError(f"classifier (width {clf.width}, {clf.num_classes} classes) does not match the "
+                             f"net (width {self.width}, {self.num_classes} classes)")
+        self.backbone.load_state_dict(clf.backbone.state_dict(), strict=True)
+        if "cls" in self.branches:
+            self.fc8.weight.copy_(clf.fc8.weight)
+        return self

@@ -1,0 +1,150 @@
+"""Training loops: the classification warm-up and one multi-task stage. Plain SGD + poly decay."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.config import Config
+from core.data import VOCDataset, paired_random_transform
+from core.losses import auxsegnet_loss, cls_loss
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A NaN/inf loss: the trial stops and is recorded as failed with this message."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on a GPU (default on); the CPU path runs in fp32 so results are reproducible."""
+    if device.type == "cuda" and cfg.train.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(net: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    net = net.to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - step / max(total, 1)) ** power
+
+
+def make_optimizer(net, lr: float, cfg: Config) -> torch.optim.SGD:
+    groups = net.param_groups(lr, head_lr_mult=cfg.train.head_lr_mult, weight_decay=cfg.train.weight_decay)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
+
+
+def set_poly(opt: torch.optim.Optimizer, step: int, total: int, power: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = poly_lr(g["initial_lr"], step, total, power)
+
+
+def batches(ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callable[[int], dict] | None = None):
+    """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform."""
+    order = rng.permutation(len(ds))
+    bs = cfg.train.batch_size
+    # Drop a ragged last batch only when it would be a single image (BatchNorm needs > 1 sample).
+    stops = [s for s in range(0, len(order), bs) if len(order) - s > 1 or s == 0]
+    for s in stops:
+        idx = order[s:s + bs]
+        samples = []
+        for i in idx:
+            sample = {"image": ds.image(i)}
+            if extra is not None:
+                sample.update(extra(i))
+            samples.append(paired_random_transform(sample, cfg.train.crop, (cfg.train.scale_min, cfg.train.scale_max),
+                                                   True, rng))
+        out = {k: torch.from_numpy(np.stack([smp[k] for smp in samples])) for k in samples[0]}
+        out["labels"] = torch.from_numpy(np.stack([ds.labels(i) for i in idx]))
+        yield out
+
+
+def _check(loss: torch.Tensor, where: str, terms: dict | None = None) -> None:
+    if not torch.isfinite(loss):
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (terms or {}).items())
+        raise NonFiniteLoss(f"non-finite loss at {where}" + (f" ({detail})" if detail else ""))
+
+
+def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np.random.Generator) -> None:
+    """Classification warm-up: backbone + fc8 on image-level labels only."""
+    epochs = cfg.train.warmup_epochs
+    per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
+    total = epochs * per_epoch
+    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg)
+    clf.train()
+    step = 0
+    bar = tqdm(total=total, desc="warm-up", leave=False, disable=None)
+    for epoch in range(epochs):
+        for b in batches(ds, cfg, rng):
+            set_poly(opt, step, total, cfg.train.poly_power)
+            x = b["image"].to(device)
+            with autocast(cfg, device):
+                loss = cls_loss(clf(x).float(), b["labels"].to(device))
+            _check(loss, f"warm-up epoch {epoch} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+
+def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: list[np.ndarray] | None,
+                cfg: Config, device: torch.device, rng: np.random.Generator, stage: int) -> dict[str, float]:
+    """One stage of multi-task training on the current pseudo labels; returns mean loss terms."""
+    epochs = cfg.train.stage_epochs
+    per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
+    total = epochs * per_epoch
+    opt = make_optimizer(net, cfg.train.lr, cfg)
+    weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
+
+    def extra(i: int) -> dict:
+        out = {"seg": seg_labels[i]}
+        if sal_targets is not None:
+            out["sal"] = sal_targets[i]
+        return out
+
+    net.train()
+    sums: dict[str, float] = {}
+    step = 0
+    bar = tqdm(total=total, desc=f"stage {stage}", leave=False, disable=None)
+    for epoch in range(epochs):
+        for b in batches(ds, cfg, rng, extra):
+            set_poly(opt, step, total, cfg.train.poly_power)
+            x = b["image"].to(device)
+            if device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            targets = {k: b[k].to(device) for k in ("labels", "seg", "sal") if k in b}
+            with autocast(cfg, device):
+                out = net(x)
+            out = {k: v.float() for k, v in out.items()}
+            loss, terms = auxsegnet_loss(out, targets, weights)
+            _check(loss, f"stage {stage} epoch {epoch} step {step}", terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return {k: v / max(step, 1) for k, v in sums.items()}

@@ -1,0 +1,314 @@
+"""The complete AuxSegNet pipeline as one callable trial.
+
+    result = run_trial(make_config("smoke"), report=lambda stage, metrics: ...)
+    python -m core.trial --preset smoke --set model.affinity=seg --out runs/one
+
+warm-up (cached) -> CAMs -> initial pseudo labels -> for each stage: train, evaluate, report, update labels.
+`report(stage, metrics)` may raise (a scheduler pruning the trial): the exception propagates unchanged
+after the worker pool is shut down. A NaN/inf loss returns a failed TrialResult with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.cache import atomic_dir
+from core.config import Config, ConfigError, make_config, parse_overrides
+from core.data import DEFAULT_SALIENCY, DataError, VOCDataset, ensure_generated, normalize
+from core.evaluate import evaluate
+from core.labels import update_labels_one
+from core.metrics import pgt_summary
+from core.model import AuxSegNet, Classifier, load_backbone, refine_with_affinity
+from core.parallel import bounded_map, make_pool
+from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
+
+# Bump when the warm-up or CAM code changes, so old cache entries are not reused.
+CACHE_VERSION = 1
+# Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
+WARMUP_KEYS = [
+    "seed", "data.name", "data.root", "data.preset", "data.seed", "data.train_split", "data.num_classes",
+    "model.width", "model.init_weights", "model.dropout", "train.warmup_epochs", "train.warmup_lr",
+    "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
+    "train.weight_decay", "train.poly_power", "train.head_lr_mult",
+]
+
+Report = Callable[[int, dict], None]
+
+
+@dataclasses.dataclass
+class TrialResult:
+    status: str  # complete | failed
+    error: str | None
+    config: dict
+    initial_pgt: dict | None = None
+    stages: list[dict] = dataclasses.field(default_factory=list)
+    final: dict | None = None
+    warmup: dict | None = None
+    seconds: float = 0.0
+    timings: dict = dataclasses.field(default_factory=dict)
+    dataset: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("AUXSEG_RUNS", "runs"))
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    """The user's folder, or the embedded benchmark generated once under runs/data/."""
+    if cfg.data.name == "voc":
+        return Path(cfg.data.root)
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    root = runs_dir() / "data" / f"synthetic-{cfg.data.preset}-seed{cfg.data.seed}"
+    ensure_generated(root, preset=cfg.data.preset, seed=cfg.data.seed)
+    return root
+
+
+def load_data(cfg: Config) -> tuple[VOCDataset, VOCDataset]:
+    root = resolve_data_root(cfg)
+    sal = cfg.data.saliency or (DEFAULT_SALIENCY if cfg.data.name == "synthetic" else "")
+    if not sal:
+        raise ConfigError("data.saliency must name a saliency folder (or built-in source) for data.name=voc")
+    nc = cfg.data.num_classes or None
+    train = VOCDataset(root, cfg.data.train_split, saliency=sal, num_classes=nc)
+    val = VOCDataset(root, cfg.data.val_split, saliency=None, num_classes=train.num_classes)
+    train.validate()
+    val.validate()
+    return train, val
+
+
+def _cam_at(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(C-1, h, w) ReLU CAM -> normalised per class by its spatial max, upsampled to the image."""
+    cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
+    return F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+@torch.no_grad()
+def compute_cams(clf, ds: VOCDataset, device: torch.device) -> list[torch.Tensor]:
+    """Raw ReLU CAMs at feature resolution for every training image (full image, one scale)."""
+    clf.eval()
+    out = []
+    for i in tqdm(range(len(ds)), desc="CAMs", leave=False, disable=None):
+        x = torch.from_numpy(normalize(ds.image(i)))[None].to(device)
+        out.append(clf.cams(x)[0].float().cpu())
+    return out
+
+
+def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[dict, list, bool, float]:
+    """Classification warm-up and initial CAMs, from runs/cache/<key>/ when another trial made them."""
+    key = f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{device.type}"
+    folder = runs_dir() / "cache" / key
+    t0 = time.time()
+
+    def fill(tmp: Path) -> None:
+        torch.manual_seed(cfg.seed)
+        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+        if cfg.model.init_weights:
+            load_backbone(clf.backbone, cfg.model.init_weights)
+        clf = to_device(clf, cfg, device)
+        train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
+        torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
+        torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
+        (tmp / "meta.json").write_text(json.dumps({"key_fields": {k: cfg.get(k) for k in WARMUP_KEYS},
+                                                   "seconds": time.time() - t0}, default=list))
+
+    hit = atomic_dir(folder, fill)
+    state = torch.load(folder / "classifier.pt", weights_only=True)
+    cams = torch.load(folder / "cams.pt", weights_only=True)
+    seconds = json.loads((folder / "meta.json").read_text())["seconds"] if hit else time.time() - t0
+    return state, cams, hit, seconds
+
+
+def label_jobs(ds: VOCDataset, cams: list[np.ndarray] | Callable[[int], np.ndarray], cfg: Config,
+               pred_sal: Callable[[int], np.ndarray | None], prev_sal: list[np.ndarray] | None):
+    for i in range(len(ds)):
+        img = ds.image(i)
+        yield {
+            "img": img, "cam": cams(i), "labels": ds.labels(i),
+            "pt_sal": ds.saliency(i), "pred_sal": pred_sal(i), "gt": ds.mask(i),
+            "num_classes": ds.num_classes, "cam_threshold": cfg.labels.cam_threshold,
+            "sal_threshold": cfg.labels.sal_threshold, "sal_crf": cfg.labels.sal_crf,
+            "sal_binarize": cfg.labels.sal_binarize,
+        }
+
+
+def make_labels(ds: VOCDataset, cfg: Config, cams: Callable[[int], np.ndarray],
+                pred_sal: Callable[[int], np.ndarray | None], pool, desc: str):
+    """Run the per-image label update over the pool; returns seg labels, sal maps, sal targets, pgt metrics."""
+    segs, sals, targets = [], [], []
+    conf = None
+    jobs = label_jobs(ds, cams, cfg, pred_sal, None)
+    for res in tqdm(bounded_map(pool, update_labels_one, jobs), total=len(ds), desc=desc, leave=False, disable=None):
+        segs.append(res["seg"])
+        sals.append(res["sal"])
+        targets.append(res["sal_target"])
+        conf = res["conf"] if conf is None else conf + res["conf"]
+    return segs, sals, targets, pgt_summary(conf)
+
+
+@torch.no_grad()
+def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], cfg: Config,
+                 device: torch.device):
+    """Per image: the CAM refined by the learned affinity (Eq. 6-7 applied to CAMs) and the refined saliency.
+
+    CAMs come from this stage's cls branch when it exists, else from the warm-up classifier.
+    """
+    net.eval()
+    has_cls = "cls" in cfg.model.branches
+    has_sal = "sal" in cfg.model.branches
+    cams: list[np.ndarray] = []
+    sals: list[np.ndarray | None] = []
+    for i in tqdm(range(len(ds)), desc="cues", leave=False, disable=None):
+        img = ds.image(i)
+        x = torch.from_numpy(normalize(img))[None].to(device)
+        with autocast(cfg, device):
+            out = net(x)
+        cam = out["cam"][0].float() if has_cls else warm_cams[i].to(device)
+        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
+        if "affinity" in out:
+            cam = refine_with_affinity(cam[None], out["affinity"].float())[0]
+        size = img.shape[:2]
+        cams.append(F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0].cpu().numpy())
+        if has_sal:
+            logit = out["sal_ref"] if "sal_ref" in out else out["sal"]
+            logit = F.interpolate(logit.float(), size=size, mode="bilinear", align_corners=False)
+            sals.append(torch.sigmoid(logit)[0, 0].cpu().numpy())
+        else:
+            sals.append(None)
+    return cams, sals
+
+
+def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    result = TrialResult(status="complete", error=None, config=cfg.to_dict())
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    device = resolve_device(cfg)
+
+    t = time.time()
+    ds, val = load_data(cfg)
+    result.dataset = {"root": str(ds.root), "n_train": len(ds), "n_val": len(val),
+                      "num_classes": ds.num_classes, "saliency": str(ds.saliency_name)}
+    timings["data"] = time.time() - t
+
+    pool = make_pool(cfg.train.workers)
+    try:
+        t = time.time()
+        clf_state, warm_cams, hit, warm_secs = warmup_and_cams(cfg, ds, device)
+        result.warmup = {"cached": hit, "seconds": warm_secs}
+        timings["warmup"] = time.time() - t
+
+        t = time.time()
+        first = [_cam_at(c, ds.image(i).shape[:2]) for i, c in enumerate(warm_cams)]
+        segs, sals, sal_targets, pgt = make_labels(ds, cfg, first.__getitem__, lambda i: None, pool, "initial labels")
+        del first
+        result.initial_pgt = pgt
+        timings["initial_labels"] = time.time() - t
+
+        # Same stream of randomness for the stages whether the warm-up was computed or loaded.
+        torch.manual_seed(cfg.seed + 1)
+        rng = np.random.default_rng([cfg.seed, 1])
+        net = AuxSegNet(num_classes=ds.num_classes, width=cfg.model.width, branches=cfg.model.branches,
+                        affinity=cfg.model.affinity, constraints=cfg.model.constraints,
+                        dropout=cfg.model.dropout)
+        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+        clf.load_state_dict(clf_state)
+        net.load_from_classifier(clf)
+        net = to_device(net, cfg, device)
+        amp = (lambda: autocast(cfg, device))
+        has_sal = "sal" in cfg.model.branches
+        for s in range(cfg.train.stages):
+            t_stage = time.time()
+            t = time.time()
+            train_stage(net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s)
+            timings["train"] = timings.get("train", 0.0) + time.time() - t
+            t = time.time()
+            last = s == cfg.train.stages - 1
+            post = cfg.eval.post and (last or cfg.eval.post_every_stage)
+            metrics = evaluate(net, val, cfg, device, post, pool, amp_ctx=amp, desc=f"eval {s}")
+            timings["eval"] = timings.get("eval", 0.0) + time.time() - t
+            record = {"stage": s, "val": metrics, "pgt": pgt, "seconds": time.time() - t_stage}
+            result.stages.append(record)
+            if report is not None:
+                report(s, record)
+            if not last:
+                t = time.time()
+                cams, pred_sal = network_cues(net, ds, warm_cams, cfg, device)
+                segs, sals, sal_targets, pgt = make_labels(ds, cfg, cams.__getitem__, pred_sal.__getitem__, pool,
+                                                           f"labels {s + 1}")
+                timings["label_update"] = timings.get("label_update", 0.0) + time.time() - t
+                result.stages[-1]["seconds"] = time.time() - t_stage
+        result.final = {"miou": result.stages[-1]["val"]["miou"], "miou_post": result.stages[-1]["val"]["miou_post"]}
+    except NonFiniteLoss as e:
+        result.status, result.error = "failed", str(e)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    result.timings = timings
+    result.seconds = time.time() - t_start
+    return result
+
+
+def summary(res: TrialResult) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    m = res.config["model"]
+    lines = [f"trial {res.status}" + (f": {res.error}" if res.error else ""),
+             f"model: branches={'+'.join(m['branches'])} affinity={m['affinity']} "
+             f"constraints={'+'.join(m['constraints']) or '-'} width={m['width']}"]
+    if res.dataset:
+        d = res.dataset
+        lines.append(f"data: {d['root']} ({d['n_train']} train / {d['n_val']} val, {d['num_classes']} classes, "
+                     f"saliency {d['saliency']})")
+    if res.warmup:
+        lines.append(f"warm-up: {'cache hit' if res.warmup['cached'] else 'trained'} ({res.warmup['seconds']:.1f}s)")
+    if res.initial_pgt:
+        p = res.initial_pgt
+        lines.append(f"initial pseudo labels: precision {pct(p['precision'])} recall {pct(p['recall'])} "
+                     f"mIoU {pct(p['miou'])}")
+    lines.append("stage  val mIoU  mIoU post  pgt P / R / mIoU  seconds")
+    for st in res.stages:
+        v, p = st["val"], st["pgt"]
+        lines.append(f"{st['stage']:>5}  {pct(v['miou']):>8}  {pct(v['miou_post']):>9}  "
+                     f"{pct(p['precision'])} / {pct(p['recall'])} / {pct(p['miou'])}  {st['seconds']:7.1f}")
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()) + f"; total {res.seconds:.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m core.trial", description="Run one complete AuxSegNet trial.")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    ap.add_argument("--out", required=True, help="folder for result.json")
+    args = ap.parse_args(argv)
+    try:
+        cfg = make_config(args.preset, parse_overrides([x for group in args.overrides for x in group]))
+        res = run_trial(cfg)
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(res.to_dict(), indent=2))
+    os.replace(tmp, out / "result.json")
+    print(summary(res))
+    print(f"wrote {out / 'result.json'}")
+    return 0 if res.status == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

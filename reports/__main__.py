@@ -1,0 +1,30 @@
+"""python -m reports NAME [--storage URL] [--out DIR]: write DIR/NAME.md (+ PNG figures)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from . import DEFAULT_OUT, DEFAULT_STORAGE, ReportError, build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m reports", description=__doc__)
+    ap.add_argument("name", help="study name (as in study.yaml)")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE, help=f"SQLAlchemy URL (default {DEFAULT_STORAGE})")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
+    args = ap.parse_args(argv)
+    try:
+        path = build_report(args.name, args.storage, args.out)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Seaborn figures for a study report (PNG, Agg backend). Each function writes one file and returns
+its name (relative to the report), or None when there is nothing to plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from .tables import PGT, Study, metric_label, multi_stage_groups
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _save(fig, out_dir: Path, filename: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / filename, dpi=110)
+    plt.close(fig)
+    return filename
+
+
+def _group(df: pd.DataFrame) -> pd.Series:
+    return df["row"].astype(str) + df["variant"].map(lambda v: f" [{v}]" if v else "")
+
+
+def metric_bars(study: Study, out_dir: Path, filename: str) -> str | None:
+    """Per-row bar (mean, error bar = std over seeds) with one point per seed; hue = variant if any."""
+    d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
+    if d.empty:
+        return None
+    order = [r for r in study.row_order() if r in set(d["row"])]
+    hue = "variant" if d["variant"].ne("").any() else None
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(order) + 1), 4.2))
+    sns.barplot(data=d, x="row", y="pct", order=order, hue=hue, errorbar="sd", alpha=0.6, capsize=0.15, ax=ax)
+    sns.stripplot(
+        data=d,
+        x="row",
+        y="pct",
+        order=order,
+        hue=hue,
+        dodge=hue is not None,
+        legend=False,
+        palette=["black"] * d["variant"].nunique() if hue else None,
+        color=None if hue else "black",
+        size=5,
+        ax=ax,
+    )
+    lo, hi = d["pct"].min(), d["pct"].max()
+    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 5)), hi + 0.15 * (hi - lo + 5))
+    ax.set(
+        xlabel="",
+        ylabel=metric_label(study.metric),
+        title=f"{study.name}: {study.metric} (bars: mean ± std; dots: seeds)",
+    )
+    ax.tick_params(axis="x", labelrotation=15 if len(order) > 3 else 0)
+    return _save(fig, out_dir, filename)
+
+
+def stage_curves(study: Study, out_dir: Path, filename: str) -> str | None:
+    """Left: val mIoU vs stage; right: pseudo-label precision / recall / mIoU of the labels each stage trained on."""
+    groups = multi_stage_groups(study)
+    if not groups:
+        return None
+    g = study.stages[study.stages.status == "complete"].copy()
+    g = g[[k in set(groups) for k in zip(g["row"], g["variant"])]].assign(config=_group)
+    init = study.complete.set_index("id")
+    for k in PGT:  # stage 0 trains on the initial labels: fill from the trial if the stage row lacks them
+        g[f"pgt_{k}"] = g[f"pgt_{k}"].fillna(g["trial_id"].map(init[f"initial_{k}"]).where(g["stage"] == 0))
+    long = g.melt(
+        id_vars=["config", "stage", "trial_id"],
+        value_vars=[f"pgt_{k}" for k in PGT],
+        var_name="quantity",
+        value_name="v",
+    ).dropna(subset=["v"])
+    long["quantity"] = long["quantity"].str.removeprefix("pgt_")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    multi = g["config"].nunique() > 1
+    sns.lineplot(
+        data=g.assign(pct=100 * g["val_miou"]),
+        x="stage",
+        y="pct",
+        hue="config" if multi else None,
+        errorbar="sd",
+        marker="o",
+        ax=a,
+    )
+    a.set(xlabel="stage", ylabel="val mIoU (%)", title="Segmentation (val) after each stage")
+    if not long.empty:
+        sns.lineplot(
+            data=long.assign(pct=100 * long["v"]),
+            x="stage",
+            y="pct",
+            hue="quantity",
+            style="config" if multi else None,
+            errorbar="sd",
+            marker="o",
+            ax=b,
+        )
+    b.set(xlabel="labels trained on in stage", ylabel="%", title="Pseudo-label quality (train)")
+    for ax in (a, b):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, out_dir, filename)
+
+
+def param_scatter(study: Study, out_dir: Path, filename: str) -> str | None:
+    """Tuning: objective vs each parameter, one panel per parameter."""
+    d = study.complete[study.complete["value"].notna()]
+    keys = study.param_keys()
+    if d.empty or not keys:
+        return None
+    space = study.spec.get("params") or {}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 0.5, 3.6), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        x = pd.DataFrame({"x": [p.get(k) for p in d["params"]], "pct": 100 * d["value"]}).dropna()
+        numeric = pd.api.types.is_numeric_dtype(x["x"])
+        (sns.scatterplot if numeric else sns.stripplot)(data=x, x="x", y="pct", ax=ax)
+        if numeric and (space.get(k) or {}).get("log"):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(xlabel=k, ylabel=metric_label(study.metric))
+    fig.suptitle(f"{study.name}: {study.metric} vs parameters")
+    return _save(fig, out_dir, filename)
+
+
+def history(study: Study, out_dir: Path, filename: str) -> str | None:
+    """Tuning: objective per trial and the best-so-far curve."""
+    d = study.complete[study.complete["value"].notna()].sort_values(["optuna_number", "id"])
+    if d.empty:
+        return None
+    maximize = study.spec.get("direction", "maximize") != "minimize"
+    d = d.assign(
+        trial=d["optuna_number"].fillna(pd.Series(range(len(d)), index=d.index)), pct=100 * d["value"]
+    )
+    d["best"] = d["pct"].cummax() if maximize else d["pct"].cummin()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.scatterplot(data=d, x="trial", y="pct", label="trial", ax=ax)
+    sns.lineplot(data=d, x="trial", y="best", drawstyle="steps-post", color="C3", label="best so far", ax=ax)
+    ax.set(
+        xlabel="trial number", ylabel=metric_label(study.metric), title=f"{study.name}: optimisation history"
+    )
+    return _save(fig, out_dir, filename)

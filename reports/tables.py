@@ -1,0 +1,508 @@
+"""Read one study from the results store (pandas) and render its tables as markdown.
+
+Every number comes from the store: the harness tables (harness_studies / harness_trials /
+harness_stages) and, for tuning studies, Optuna's own tables in the same database. The only figures
+not computed here are the paper's reference numbers, which come from the study spec stored with the
+study. Metrics are fractions in the store and printed as percent with one decimal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+
+PAPER_COL = "Paper (VOC val)"
+NOTE = (
+    "*{col}: the figure reported by Xu et al. (ICCV 2021) on PASCAL VOC 2012 {split}, copied from the study "
+    "spec for reference. It is not a result of this harness (different data, backbone and schedule): compare "
+    "trends, not absolute values.*"
+)
+PAPER_NOTE = NOTE.format(col=PAPER_COL, split="val")
+PGT = ("precision", "recall", "miou")
+
+
+class ReportError(Exception):
+    """A report cannot be built (no store, empty store, unknown study)."""
+
+
+@dataclass
+class Study:
+    name: str
+    url: str
+    spec: dict
+    preset: str | None
+    created_at: object
+    trials: pd.DataFrame  # one row per trial; `value` = spec metric, `result`/`params`/`config` parsed
+    stages: pd.DataFrame  # one row per (trial, stage), joined with the trial's row/variant/seed/status
+
+    @property
+    def metric(self) -> str:
+        return self.spec.get("metric") or "final.miou"
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        return self.trials[self.trials.status == "complete"]
+
+    def row_order(self) -> list[str]:
+        labels = [r["label"] for r in self.spec.get("rows") or [] if "label" in r]
+        return labels + [r for r in self.trials["row"].dropna().unique() if r not in labels]
+
+    def param_keys(self) -> list[str]:
+        """Tuned parameter names: the spec's order, then any others found in the trials."""
+        return list(
+            dict.fromkeys(
+                [*(self.spec.get("params") or {}), *(p for ps in self.trials["params"] for p in ps)]
+            )
+        )
+
+    def row_spec(self, label: str) -> dict:
+        return next((r for r in self.spec.get("rows") or [] if r.get("label") == label), {})
+
+    def expected_seeds(self, label: str) -> int | None:
+        seeds = self.row_spec(label).get("seeds", self.spec.get("seeds"))
+        return len(seeds) if isinstance(seeds, (list, tuple)) else seeds if isinstance(seeds, int) else None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _json(s):
+    return json.loads(s) if isinstance(s, str) and s else None
+
+
+def dotted(d, path: str):
+    for key in path.split("."):
+        if not isinstance(d, dict) or d.get(key) is None:
+            return None
+        d = d[key]
+    return d
+
+
+def load_study(name: str, url: str) -> Study:
+    db = sa.engine.make_url(url)
+    if (
+        db.get_backend_name() == "sqlite"
+        and db.database not in (None, "", ":memory:")
+        and not Path(db.database).exists()
+    ):
+        raise ReportError(f"no results store at {url} (run `python -m studies.run {name}` first)")
+    from studies.store import Store  # the store's engine: WAL + busy timeout while trials are writing
+
+    engine = Store(url, create=False).engine
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("harness_studies"):
+                raise ReportError(f"results store {url} is empty (no harness tables)")
+            studies = pd.read_sql(sa.text("SELECT * FROM harness_studies"), conn)
+            if studies.empty:
+                raise ReportError(f"results store {url} holds no studies")
+            if name not in set(studies["name"]):
+                raise ReportError(
+                    f"unknown study {name!r} in {url}; known: {', '.join(sorted(studies['name']))}"
+                )
+            s = studies[studies["name"] == name].iloc[0]
+            sid = {"sid": int(s["id"])}
+            trials = pd.read_sql(
+                sa.text("SELECT * FROM harness_trials WHERE study_id = :sid ORDER BY optuna_number, id"),
+                conn,
+                params=sid,
+            )
+            stages = pd.read_sql(
+                sa.text(
+                    "SELECT g.*, t.row, t.variant, t.seed, t.status FROM harness_stages g "
+                    "JOIN harness_trials t ON g.trial_id = t.id WHERE t.study_id = :sid ORDER BY g.trial_id, g.stage"
+                ),
+                conn,
+                params=sid,
+            )
+    finally:
+        engine.dispose()
+    spec = _json(s["spec_json"]) or {}
+    if isinstance(spec.get("params"), list):  # [{name, type, ...}] -> {name: {type, ...}}
+        spec["params"] = {p["name"]: p for p in spec["params"] if isinstance(p, dict) and "name" in p}
+    for df in (trials, stages):
+        df["variant"] = df["variant"].fillna("").astype(str)
+    trials["result"] = trials["result_json"].map(_json)
+    trials["params"] = trials["params_json"].map(lambda p: _json(p) or {})
+    trials["config"] = trials["config_json"].map(lambda c: _json(c) or {})
+    study = Study(name, url, spec, s.get("preset"), s.get("created_at"), trials, stages)
+    column = study.metric.replace(".", "_")
+    trials["value"] = [
+        _num(dotted(r, study.metric)) if r else _num(row.get(column))
+        for r, (_, row) in zip(trials["result"], trials.iterrows())
+    ]
+    return study
+
+
+def _num(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+# --------------------------------------------------------------------------------------------- formatting
+def pct(x) -> str:
+    return "–" if x is None or pd.isna(x) else f"{100 * x:.1f}"
+
+
+def signed(x) -> str:
+    return "–" if x is None or pd.isna(x) else f"{100 * x:+.1f}"
+
+
+def paper(x) -> str:
+    return "–" if x is None else f"{float(x):.1f}"
+
+
+def stats(values: pd.Series) -> tuple[float, float, int]:
+    v = pd.Series(values, dtype=float).dropna()
+    return (v.mean() if len(v) else math.nan), (v.std(ddof=1) if len(v) > 1 else math.nan), len(v)
+
+
+def mean_std(values: pd.Series) -> str:
+    m, s, n = stats(values)
+    return "–" if n == 0 else f"{pct(m)} ± {pct(s) if n > 1 else '–'}"
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+
+
+def check(v) -> str:
+    """A check-mark column cell: ✓ for true, blank for false/missing, other values as written ("seg")."""
+    return "✓" if v is True else "" if v in (False, None) else str(v)
+
+
+def metric_label(metric: str) -> str:
+    last = metric.split(".")[-1]
+    return {"miou": "mIoU (%)", "miou_post": "mIoU post-proc. (%)"}.get(last, f"{metric} (%)")
+
+
+def n_cell(study: Study, label: str, variant: str | None = None) -> str:
+    t = study.trials[
+        (study.trials["row"] == label)
+        & ((study.trials["variant"] == variant) if variant is not None else True)
+    ]
+    n = int(((t.status == "complete") & t["value"].notna()).sum())
+    expected = study.expected_seeds(label)
+    other = ", ".join(f"{k} {s}" for s, k in t.status.value_counts().items() if s != "complete")
+    if expected is not None and n < expected:
+        return f"{n}/{expected} (incomplete{'; ' + other if other else ''})"
+    return f"{n}" + (f" ({other})" if other else "")
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def provenance(study: Study, out_url_hint: str | None = None) -> str:
+    t, spec = study.trials, study.spec
+    counts = t.status.value_counts()
+    status = " / ".join(f"{counts.get(k, 0)} {k}" for k in ("complete", "failed", "pruned", "running"))
+    cfgs = [r.get("config") or {} for r in t["result"].dropna()] + list(t["config"])
+    data = sorted(
+        {f"{dotted(c, 'data.name')} at {dotted(c, 'data.root')}" for c in cfgs if dotted(c, "data.name")}
+    )
+    sizes = sorted(
+        {
+            (d.get("n_train"), d.get("n_val"), d.get("num_classes"), d.get("saliency"))
+            for d in (r.get("dataset") or {} for r in t["result"].dropna())
+            if d
+        }
+    )
+    seconds = pd.to_numeric(t["seconds"], errors="coerce").fillna(0).sum()
+    cached = pd.to_numeric(t["warmup_cached"], errors="coerce").fillna(0).astype(bool)
+    preset = f" --preset {study.preset}" if study.preset else ""
+    lines = [
+        f"- **Study:** `{study.name}` ({spec.get('kind', 'ablation')}"
+        + (f", paper Table {spec['paper_table']}" if spec.get("paper_table") else "")
+        + ")",
+        f"- **Description:** {spec.get('description', '–')}",
+        (
+            f"- **Metric:** `{study.metric}` ({spec.get('direction', 'maximize')}); percent, mean ± std over seeds "
+            "(std with ddof=1, – for n=1)"
+        ),
+        f"- **Trials:** {len(t)} ({status})",
+        f"- **Code version(s):** {', '.join(sorted(t.code_version.dropna().astype(str).unique())) or '–'}",
+        f"- **Preset:** {study.preset or '–'}",
+        f"- **Data set:** {'; '.join(data) or '–'}"
+        + "".join(f"; n_train={a}, n_val={b}, classes={c}, saliency={s}" for a, b, c, s in sizes),
+        (
+            f"- **Compute:** {seconds / 3600:.2f} h total trial time ({seconds:.0f} s); "
+            f"warm-up cached in {int(cached.sum())}/{len(t)} trials"
+        ),
+        (
+            f"- **Study created:** {str(study.created_at)[:19]}; **report generated:** "
+            f"{pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC')}"
+        ),
+        (
+            f"- **Reproduce:** `python -m studies.run {study.name}{preset} --storage {study.url}` "
+            f"(report only: `python -m reports {study.name} --storage {study.url}`)"
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def ablation_table(study: Study) -> str:
+    """Tables 3/4 layout: one row per configuration, check-mark columns, mean ± std, n, Δ, paper."""
+    rows, done = study.row_order(), study.complete
+    checks = list(
+        dict.fromkeys(
+            [
+                *(study.spec.get("columns") or []),
+                *(k for r in rows for k in (study.row_spec(r).get("columns") or {})),
+            ]
+        )
+    )
+    papers = {r: study.row_spec(r).get("paper") for r in rows}
+    has_paper = any(isinstance(p, (int, float)) for p in papers.values())
+    base = study.spec.get("baseline")
+    base_mean = stats(done[done["row"] == base]["value"])[0] if base else math.nan
+    header = ["Config", *checks, metric_label(study.metric), "n", f"Δ vs {base or 'baseline'}"]
+    body = []
+    for r in rows:
+        cols = study.row_spec(r).get("columns") or {}
+        values = done[done["row"] == r]["value"]
+        delta = "(baseline)" if r == base else signed(stats(values)[0] - base_mean)
+        body.append([r, *(check(cols.get(k)) for k in checks), mean_std(values), n_cell(study, r), delta])
+        if has_paper:
+            p = papers[r]
+            body[-1].append(paper(p) if isinstance(p, (int, float)) else "–")
+    text = markdown(header + ([PAPER_COL] if has_paper else []), body)
+    return text + ("\n\n" + PAPER_NOTE if has_paper else "")
+
+
+def stage_paper(study: Study, label: str) -> dict[int, float]:
+    """The paper's per-stage numbers: row `paper` {0: 64.1, ...} / [64.1, ...], or the study's `paper_stages`."""
+    p = study.row_spec(label).get("paper")
+    p = p if isinstance(p, (dict, list)) else study.spec.get("paper_stages") or {}
+    items = p.items() if isinstance(p, dict) else enumerate(p)
+    digits = {
+        int("".join(c for c in str(k) if c.isdigit())): v
+        for k, v in items
+        if any(c.isdigit() for c in str(k)) and isinstance(v, (int, float))
+    }
+    return digits
+
+
+def stages_table(study: Study) -> str:
+    """Table 5 layout: one column per stage (the spec's stage_metric, default val mIoU), mean ± std over seeds."""
+    g = study.stages[study.stages.status == "complete"]
+    column = (study.spec.get("stage_metric") or "val.miou").replace(".", "_")
+    stages = sorted(g["stage"].dropna().astype(int).unique())
+    header = ["Config", *(f"Stage {s}" for s in stages), "n"]
+    body, papers = [], []
+    for r in study.row_order():
+        body.append(
+            [r, *(mean_std(g[(g["row"] == r) & (g["stage"] == s)][column]) for s in stages), n_cell(study, r)]
+        )
+        if ref := stage_paper(study, r):
+            papers.append(
+                [
+                    PAPER_COL + ("" if len(study.row_order()) == 1 else f": {r}"),
+                    *(paper(ref.get(s)) for s in stages),
+                    "",
+                ]
+            )
+    text = (
+        markdown(header, body + papers) + f"\n\n*`{column.replace('_', '.', 1)}` (%) after each stage; "
+        "complete trials only.*"
+    )
+    return text + ("\n\n" + PAPER_NOTE if papers else "")
+
+
+def paper_reference(study: Study) -> str | None:
+    """The spec's `paper_reference` rows (the paper's own configurations), printed as-is."""
+    ref = [r for r in study.spec.get("paper_reference") or [] if isinstance(r, dict)]
+    if not ref:
+        return None
+    nice = {
+        "baseline": "Baseline",
+        "final_star": "Final*",
+        "delta": "Δ",
+        "final": "Final",
+    }  # Table 6 order first
+    found = {k for r in ref for k in r if k != "label"}
+    keys = [k for k in nice if k in found] + sorted(found - nice.keys(), key=str)
+    table = markdown(
+        ["Paper's configuration", *(nice.get(k, k) for k in keys)],
+        [
+            [
+                r.get("label", ""),
+                *(paper(r[k]) if isinstance(r.get(k), (int, float)) else r.get(k, "–") for k in keys),
+            ]
+            for r in ref
+        ],
+    )
+    return table + "\n\n" + NOTE.format(col="These rows", split="val")
+
+
+def variants_table(study: Study) -> str:
+    """Table 6 layout: Baseline (baseline variant final.miou), Final* (full variant final.miou),
+    Δ = Final* − Baseline, Final (full variant final.miou_post, post-processed)."""
+    done = study.complete.copy()
+    done["miou"] = [_num(dotted(r, "final.miou")) for r in done["result"]]
+    done["post"] = [_num(dotted(r, "final.miou_post")) for r in done["result"]]
+    labels = [v["label"] for v in study.spec.get("variants") or []] or sorted(
+        study.trials["variant"].unique()
+    )
+    base_v = "baseline" if "baseline" in labels else labels[0]
+    full_v = "full" if "full" in labels else labels[-1]
+    has_paper = any(isinstance(study.row_spec(r).get("paper"), dict) for r in study.row_order())
+    header = ["Config", "Baseline", "Final*", "Δ", "Final", f"n ({base_v}/{full_v})"]
+    body = []
+    for r in study.row_order():
+        b, f = (
+            done[(done["row"] == r) & (done["variant"] == base_v)],
+            done[(done["row"] == r) & (done["variant"] == full_v)],
+        )
+        delta = stats(f["miou"])[0] - stats(b["miou"])[0]
+        body.append(
+            [
+                r,
+                mean_std(b["miou"]),
+                mean_std(f["miou"]),
+                signed(delta),
+                mean_std(f["post"]),
+                f"{n_cell(study, r, base_v)} / {n_cell(study, r, full_v)}",
+            ]
+        )
+        if has_paper:
+            p = study.row_spec(r).get("paper")
+            p = p if isinstance(p, dict) else {}
+            d = p["final_star"] - p["baseline"] if {"final_star", "baseline"} <= p.keys() else None
+            body[-1].append(
+                " / ".join(map(paper, (p.get("baseline"), p.get("final_star"), d, p.get("final"))))
+            )
+    text = markdown(header + ([f"{PAPER_COL} B / F* / Δ / F"] if has_paper else []), body)
+    text += (
+        "\n\n*\\* without post-processing. Final = full variant with post-processing (`final.miou_post`; "
+        "– when post-processing was off).*"
+    )
+    return text + ("\n\n" + PAPER_NOTE if has_paper else "")
+
+
+def multi_stage_groups(study: Study) -> list[tuple[str, str]]:
+    """(row, variant) groups whose complete trials ran at least two stages."""
+    g = study.stages[study.stages.status == "complete"]
+    n = g.groupby(["row", "variant", "trial_id"])["stage"].nunique().groupby(["row", "variant"]).max()
+    order = {r: i for i, r in enumerate(study.row_order())}
+    return sorted((k for k, v in n.items() if v >= 2), key=lambda k: (order.get(k[0], 1e9), k[1]))
+
+
+def pgt_table(study: Study) -> str | None:
+    """Fig. 6 quantities: precision / recall / mIoU of the initial labels and of the labels each stage
+    trained on, mean ± std over the group's complete trials; one block per multi-stage (row, variant)."""
+    groups = multi_stage_groups(study)
+    if not groups:
+        return None
+    done, g = study.complete, study.stages[study.stages.status == "complete"]
+    header = ["Config", "Labels", "Precision", "Recall", "mIoU", "n"]
+    body = []
+    for row, variant in groups:
+        name = row + (f" [{variant}]" if variant else "")
+        t = done[(done["row"] == row) & (done["variant"] == variant)]
+        init = [
+            t[f"initial_{k}"].where(
+                t[f"initial_{k}"].notna(), [_num(dotted(r, f"initial_pgt.{k}")) for r in t["result"]]
+            )
+            for k in PGT
+        ]
+        body.append([name, "initial (stage 0)", *map(mean_std, init), int(init[0].notna().sum())])
+        s = g[(g["row"] == row) & (g["variant"] == variant)]
+        for stage in sorted(set(s["stage"].astype(int)) - {0}):
+            x = s[s["stage"] == stage]
+            body.append(
+                [
+                    name,
+                    f"stage {stage}",
+                    *(mean_std(x[f"pgt_{k}"]) for k in PGT),
+                    int(x["pgt_miou"].notna().sum()),
+                ]
+            )
+    return markdown(header, body) + (
+        "\n\n*Pseudo-label quality on the training set (the paper's Fig. 6 quantities): `stage s` = the labels "
+        "stage s trained on (after s label updates). Shown for every configuration whose trials ran two or "
+        "more stages; complete trials only.*"
+    )
+
+
+def tuning_tables(study: Study, k: int = 10) -> str:
+    """Top-k trials (params, value) and Optuna's parameter importances."""
+    import optuna
+
+    maximize = study.spec.get("direction", "maximize") != "minimize"
+    done = study.complete[study.complete["value"].notna()].sort_values("value", ascending=not maximize)
+    keys = study.param_keys()
+    body = [
+        [
+            i + 1,
+            int(t.optuna_number) if pd.notna(t.optuna_number) else "–",
+            pct(t.value),
+            *(_fmt_param(t.params.get(p)) for p in keys),
+            t.seed,
+        ]
+        for i, t in enumerate(done.head(k).itertuples())
+    ]
+    out = [
+        (
+            f"**Top {min(k, len(done))} of {len(done)} complete trials** ({'max' if maximize else 'min'}imising "
+            f"`{study.metric}`):"
+        ),
+        "",
+        markdown(["Rank", "Trial", metric_label(study.metric), *keys, "seed"], body)
+        if body
+        else "*No complete trials.*",
+    ]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            imp = optuna.importance.get_param_importances(
+                optuna.load_study(study_name=study.name, storage=study.url)
+            )
+        small = [str(w.message) for w in caught if "too small" in str(w.message)]
+        if small or not imp:
+            raise ValueError(small[0] if small else "no parameters")
+        out += [
+            "",
+            "**Parameter importances** (Optuna's default evaluator):",
+            "",
+            markdown(["Parameter", "Importance"], [[p, f"{v:.3f}"] for p, v in imp.items()]),
+        ]
+    except Exception as e:  # noqa: BLE001  too few trials, no Optuna study, single-valued parameters ...
+        out += [
+            "",
+            (
+                f"*Parameter importances unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                "(needs enough complete trials with varying parameters in the Optuna study).*"
+            ),
+        ]
+    return "\n".join(out)
+
+
+def _fmt_param(v) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def failures(study: Study) -> str | None:
+    f = study.trials[study.trials.status == "failed"]
+    if f.empty:
+        return None
+    return markdown(
+        ["Trial", "Config", "Variant", "Seed", "Error"],
+        [
+            [
+                t.optuna_number,
+                t.row,
+                t.variant or "",
+                t.seed,
+                (t.error or "").strip().splitlines()[-1][:160] if t.error else "",
+            ]
+            for t in f.itertuples()
+        ],
+    )

@@ -1,0 +1,492 @@
+"""study.yaml: schema, validation (with line numbers) and the trial list of each study.
+
+    spec = load_spec("study.yaml")                 # SpecError "study.yaml:12: ..." on any problem
+    study = spec.study("ablation_tasks")          # SpecError listing the valid names
+    plan = spec.plan("ablation_tasks", preset=None, cli_set={"train.stages": "1"})
+    plan.points   -> [GridPoint(number, row, variant, seed, overrides)]  (ablation: rows x variants x seeds)
+    plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
+
+Every config a study can produce is built with core.config.make_config before anything runs, so a
+typo in a `set` is reported with its file and line, not half-way through a study.
+
+File shape:
+    storage: sqlite:///runs/studies.db      # default --storage
+    base: {preset: default, set: {...}}      # every study starts here
+    studies:
+      NAME:
+        kind: ablation | tuning
+        description: the question it answers
+        paper_table: 3                       # where the paper answers it
+        metric: final.miou                   # a result.json leaf: the trial's objective
+        stage_metric: val.miou               # per-stage value reported to the pruner / dashboard
+        direction: maximize | minimize
+        set: {...}                           # study-wide overrides
+        # ablation
+        seeds: [0, 1, 2]
+        baseline: ROW                        # deltas in the report are against this row
+        columns: [Seg., Cls., Sal.]          # optional check-mark column names
+        rows: [{label, set, columns: {Seg.: true, ...}, paper: 56.9 | {key: number}}]
+        variants: [{label, set, paper?}]     # optional second axis: grid = rows x variants x seeds
+        paper_reference: [{label, ...numbers}]  # optional: the paper's own rows, printed as-is
+        # tuning
+        seed: 0                              # training seed of every trial
+        sampler: tpe | random
+        sampler_seed: 0
+        n_trials: 20
+        pruner: median | successive_halving | hyperband | none
+        params: {config.key: {type: float|int|categorical, low, high, log, step, choices}}
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import ConfigError, make_config
+
+TOP_KEYS = {"storage", "base", "studies"}
+BASE_KEYS = {"preset", "set"}
+COMMON_KEYS = {"kind", "description", "paper_table", "metric", "stage_metric", "direction", "set"}
+ABLATION_KEYS = COMMON_KEYS | {"seeds", "baseline", "columns", "rows", "variants", "paper_reference"}
+TUNING_KEYS = COMMON_KEYS | {"seed", "sampler", "sampler_seed", "n_trials", "pruner", "params"}
+ROW_KEYS = {"label", "set", "columns", "paper", "description"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
+METRICS = ("final.miou", "final.miou_post", "initial_pgt.miou", "initial_pgt.precision", "initial_pgt.recall")
+STAGE_METRICS = ("val.miou", "val.miou_post", "pgt.miou", "pgt.precision", "pgt.recall")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "successive_halving", "hyperband", "none")
+DEFAULT_STORAGE = "sqlite:///runs/studies.db"
+
+
+class SpecError(ValueError):
+    """A bad study.yaml or command line; the message is one line ("file:line: what")."""
+
+
+# ------------------------------------------------------------------------ YAML with line numbers
+def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = path + (k.value,)
+            lines[key] = k.start_mark.line + 1
+            _index_lines(v, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _index_lines(v, path + (i,), lines)
+
+
+def _path_str(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+@dataclass
+class _Ctx:
+    file: str
+    lines: dict[tuple, int]
+
+    def err(self, path: tuple, msg: str) -> SpecError:
+        p = tuple(path)
+        while p and p not in self.lines:
+            p = p[:-1]
+        line = self.lines.get(p)
+        where = f"{self.file}:{line}" if line else self.file
+        what = f"{_path_str(path)}: " if path else ""
+        return SpecError(f"{where}: {what}{msg}".replace("\n", " "))
+
+
+# ---------------------------------------------------------------------------------- the schema
+@dataclass(frozen=True)
+class Row:
+    label: str
+    set: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
+    paper: Any = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+
+    def distribution(self):
+        import optuna.distributions as d
+
+        if self.type == "float":
+            return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return d.CategoricalDistribution(list(self.choices))
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    kind: str
+    description: str
+    paper_table: Any
+    metric: str
+    stage_metric: str
+    direction: str
+    set: dict[str, Any]
+    seeds: tuple[int, ...] = ()
+    baseline: str | None = None
+    columns: tuple[str, ...] = ()
+    rows: tuple[Row, ...] = ()
+    variants: tuple[Row, ...] = ()
+    paper_reference: tuple = ()
+    seed: int = 0
+    sampler: str = "tpe"
+    sampler_seed: int = 0
+    n_trials: int = 20
+    pruner: str = "median"
+    params: tuple[Param, ...] = ()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    number: int  # position in the grid (stable: rows, then variants, then seeds)
+    row: str
+    variant: str | None
+    seed: int
+    overrides: dict[str, Any]
+
+    @property
+    def key(self) -> tuple:
+        return (self.row, self.variant, self.seed)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"row": self.row, "seed": self.seed}
+        if self.variant is not None:
+            p["variant"] = self.variant
+        return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One study ready to run: its preset, its trial configs (validated), its optuna search space."""
+
+    study: Study
+    preset: str
+    base_overrides: dict[str, Any]  # base.set <- study.set (before rows, params and --set)
+    cli_overrides: dict[str, Any]
+    points: tuple[GridPoint, ...] = ()
+
+    @property
+    def is_grid(self) -> bool:
+        return self.study.kind == "ablation"
+
+    def search_space(self) -> dict[str, Any]:
+        """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""
+        import optuna.distributions as d
+
+        s = self.study
+        if self.is_grid:
+            space = {"row": d.CategoricalDistribution([r.label for r in s.rows])}
+            if s.variants:
+                space["variant"] = d.CategoricalDistribution([v.label for v in s.variants])
+            space["seed"] = d.CategoricalDistribution(list(s.seeds))
+            return space
+        return {p.name: p.distribution() for p in s.params}
+
+    def grid_values(self) -> dict[str, list]:
+        s = self.study
+        g: dict[str, list] = {"row": [r.label for r in s.rows]}
+        if s.variants:
+            g["variant"] = [v.label for v in s.variants]
+        g["seed"] = list(s.seeds)
+        return g
+
+    def point_for_params(self, params: dict[str, Any]) -> GridPoint:
+        key = (params["row"], params.get("variant"), params["seed"])
+        for p in self.points:
+            if p.key == key:
+                return p
+        raise KeyError(f"no grid point {key}")
+
+    def overrides_for_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of one tuning trial: base <- study <- sampled params <- --set <- seed."""
+        o = dict(self.base_overrides)
+        o["seed"] = self.study.seed
+        o.update(self.cli_overrides)
+        o.update(params)
+        return o
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    storage: str
+    preset: str
+    base_set: dict[str, Any]
+    studies: dict[str, Study]
+
+    def study(self, name: str) -> Study:
+        if name not in self.studies:
+            raise SpecError(f"{self.path}: unknown study {name!r} (valid: {', '.join(self.studies)})")
+        return self.studies[name]
+
+    def plan(self, name: str, preset: str | None = None, cli_set: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> Plan:
+        """Resolve and validate every trial config of study `name` (make_config on each)."""
+        study = self.study(name)
+        preset = preset or self.preset
+        cli = dict(cli_set or {})
+        ctx = _Ctx(self.path, study.raw.get("__lines__", {}))
+        base = {**self.base_set, **study.set}
+        allcli = {**(extra or {}), **cli}
+        try:
+            make_config(preset, {})
+        except ConfigError as e:
+            raise SpecError(f"--preset: {e}") from None
+        try:
+            make_config(preset, base)
+        except ConfigError as e:
+            raise ctx.err(("studies", name, "set"), str(e)) from None
+        try:
+            make_config(preset, {**base, **allcli})
+        except ConfigError as e:
+            raise SpecError(f"--set: {e}") from None
+        points: list[GridPoint] = []
+        if study.kind == "ablation":
+            n = 0
+            variants: list[Row | None] = list(study.variants) or [None]
+            for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
+                o = {**base, **row.set, **(var.set if var else {})}
+                where = ("studies", name, "variants", vi, "set") if var is not None and var.set else \
+                    ("studies", name, "rows", ri, "set")
+                for seed in study.seeds:
+                    ov = {**o, "seed": seed, **allcli}
+                    try:
+                        make_config(preset, ov)
+                    except ConfigError as e:
+                        try:  # the row alone, or only with its variant?
+                            make_config(preset, {**base, **row.set})
+                        except ConfigError:
+                            where = ("studies", name, "rows", ri, "set")
+                        raise ctx.err(where, str(e)) from None
+                    points.append(GridPoint(n, row.label, var.label if var else None, seed, ov))
+                    n += 1
+        else:
+            for p in study.params:
+                path = ("studies", name, "params", p.name)
+                if p.name in cli:
+                    raise SpecError(f"--set {p.name}: this key is tuned by study {name!r}; drop it from --set")
+                values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
+                for v in values:
+                    try:
+                        make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
+                    except ConfigError as e:
+                        raise ctx.err(path, str(e)) from None
+        return Plan(study, preset, base, allcli, tuple(points))
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _expect(ctx: _Ctx, path: tuple, value: Any, typ: type | tuple, what: str) -> Any:
+    if not isinstance(value, typ) or (typ in (int, float, (int, float)) and isinstance(value, bool)):
+        raise ctx.err(path, f"expected {what}, got {value!r}")
+    return value
+
+
+def _keys(ctx: _Ctx, path: tuple, d: Any, allowed: set[str], required: tuple = ()) -> dict:
+    _expect(ctx, path, d, dict, "a mapping")
+    for k in d:
+        if k not in allowed:
+            raise ctx.err(path + (k,), f"unknown key {k!r} (allowed: {', '.join(sorted(allowed))})")
+    for k in required:
+        if k not in d:
+            raise ctx.err(path, f"missing key {k!r}")
+    return d
+
+
+def _set(ctx: _Ctx, path: tuple, d: Any) -> dict[str, Any]:
+    if d is None:
+        return {}
+    _expect(ctx, path, d, dict, "a mapping of config keys to values")
+    return {str(k): v for k, v in d.items()}
+
+
+def _label(ctx: _Ctx, path: tuple, v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or str(v) == "":
+        raise ctx.err(path, f"expected a non-empty label, got {v!r}")
+    return str(v)
+
+
+def _rows(ctx: _Ctx, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple[Row, ...]:
+    _expect(ctx, path, items, list, "a list of {label, set} entries")
+    if not items:
+        raise ctx.err(path, "needs at least one entry")
+    out, seen = [], set()
+    for i, r in enumerate(items):
+        p = path + (i,)
+        _keys(ctx, p, r, ROW_KEYS, ("label",))
+        label = _label(ctx, p + ("label",), r["label"])
+        if label in seen:
+            raise ctx.err(p + ("label",), f"duplicate label {label!r}")
+        seen.add(label)
+        cols = r.get("columns") or {}
+        _expect(ctx, p + ("columns",), cols, dict, "a mapping of column name to value")
+        for c in cols:
+            if columns and c not in columns:
+                raise ctx.err(p + ("columns", c), f"unknown column {c!r} (study columns: {', '.join(columns)})")
+        paper = r.get("paper")
+        if paper is not None and not isinstance(paper, (int, float, dict)) or isinstance(paper, bool):
+            raise ctx.err(p + ("paper",), f"expected a number or a mapping of numbers, got {paper!r}")
+        out.append(Row(label, _set(ctx, p + ("set",), r.get("set")), dict(cols), paper, str(r.get("description", ""))))
+    return tuple(out)
+
+
+def _param(ctx: _Ctx, path: tuple, name: str, d: Any) -> Param:
+    _keys(ctx, path, d, PARAM_KEYS, ("type",))
+    typ = d["type"]
+    if typ not in ("float", "int", "categorical"):
+        raise ctx.err(path + ("type",), f"type must be float, int or categorical, got {typ!r}")
+    if typ == "categorical":
+        ch = d.get("choices")
+        if not isinstance(ch, list) or not ch:
+            raise ctx.err(path + ("choices",), "categorical needs a non-empty list 'choices'")
+        if set(d) - {"type", "choices"}:
+            raise ctx.err(path, "categorical takes only 'choices'")
+        return Param(name, typ, choices=tuple(ch))
+    if "choices" in d:
+        raise ctx.err(path + ("choices",), f"'choices' is only for categorical, not {typ}")
+    for k in ("low", "high"):
+        if k not in d:
+            raise ctx.err(path, f"missing key {k!r}")
+        _expect(ctx, path + (k,), d[k], int if typ == "int" else (int, float), "an integer" if typ == "int" else "a number")
+        if not math.isfinite(d[k]):
+            raise ctx.err(path + (k,), f"must be finite, got {d[k]!r}")
+    low, high, log = d["low"], d["high"], d.get("log", False)
+    _expect(ctx, path + ("log",), log, bool, "true/false")
+    if low >= high:
+        raise ctx.err(path, f"low ({low}) must be < high ({high})")
+    if log and low <= 0:
+        raise ctx.err(path + ("low",), f"log scale needs low > 0, got {low}")
+    step = d.get("step")
+    if step is not None:
+        _expect(ctx, path + ("step",), step, (int, float), "a number")
+        if step <= 0:
+            raise ctx.err(path + ("step",), f"step must be > 0, got {step}")
+        if log:
+            raise ctx.err(path + ("step",), "step cannot be combined with log: true")
+    return Param(name, typ, float(low) if typ == "float" else int(low), float(high) if typ == "float" else int(high),
+                 bool(log), step)
+
+
+def _study(ctx: _Ctx, name: str, d: Any) -> Study:
+    path = ("studies", name)
+    _expect(ctx, path, d, dict, "a mapping")
+    kind = d.get("kind")
+    if kind not in ("ablation", "tuning"):
+        raise ctx.err(path + ("kind",), f"kind must be 'ablation' or 'tuning', got {kind!r}")
+    _keys(ctx, path, d, ABLATION_KEYS if kind == "ablation" else TUNING_KEYS,
+          ("rows", "seeds") if kind == "ablation" else ("params",))
+    metric = d.get("metric", "final.miou")
+    if metric not in METRICS:
+        raise ctx.err(path + ("metric",), f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    stage_metric = d.get("stage_metric", "val.miou")
+    if stage_metric not in STAGE_METRICS:
+        raise ctx.err(path + ("stage_metric",), f"stage_metric must be one of {', '.join(STAGE_METRICS)}, got {stage_metric!r}")
+    direction = d.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise ctx.err(path + ("direction",), f"direction must be maximize or minimize, got {direction!r}")
+    common = dict(name=name, kind=kind, description=str(d.get("description", "")), paper_table=d.get("paper_table"),
+                  metric=metric, stage_metric=stage_metric, direction=direction,
+                  set=_set(ctx, path + ("set",), d.get("set")), raw={"__lines__": ctx.lines, **d})
+    if kind == "ablation":
+        seeds = _expect(ctx, path + ("seeds",), d["seeds"], list, "a list of integer seeds")
+        if not seeds:
+            raise ctx.err(path + ("seeds",), "needs at least one seed")
+        for i, s in enumerate(seeds):
+            _expect(ctx, path + ("seeds", i), s, int, "an integer seed")
+        if len(set(seeds)) != len(seeds):
+            raise ctx.err(path + ("seeds",), f"duplicate seed in {seeds}")
+        columns = d.get("columns") or []
+        _expect(ctx, path + ("columns",), columns, list, "a list of column names")
+        columns = tuple(str(c) for c in columns)
+        rows = _rows(ctx, path + ("rows",), d["rows"], columns)
+        variants = _rows(ctx, path + ("variants",), d["variants"], ()) if "variants" in d else ()
+        baseline = d.get("baseline", rows[0].label)
+        if str(baseline) not in [r.label for r in rows]:
+            raise ctx.err(path + ("baseline",), f"baseline {baseline!r} is not a row label "
+                                                f"({', '.join(r.label for r in rows)})")
+        ref = d.get("paper_reference") or []
+        _expect(ctx, path + ("paper_reference",), ref, list, "a list of mappings")
+        return Study(**common, seeds=tuple(seeds), baseline=str(baseline), columns=columns, rows=rows,
+                     variants=variants, paper_reference=tuple(ref))
+    params = _expect(ctx, path + ("params",), d["params"], dict, "a mapping of config key to distribution")
+    if not params:
+        raise ctx.err(path + ("params",), "needs at least one parameter")
+    sampler = d.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise ctx.err(path + ("sampler",), f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    pruner = d.get("pruner", "median")
+    if pruner not in PRUNERS:
+        raise ctx.err(path + ("pruner",), f"pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    n_trials = d.get("n_trials", 20)
+    _expect(ctx, path + ("n_trials",), n_trials, int, "an integer")
+    if n_trials < 1:
+        raise ctx.err(path + ("n_trials",), f"n_trials must be >= 1, got {n_trials}")
+    for k in ("seed", "sampler_seed"):
+        _expect(ctx, path + (k,), d.get(k, 0), int, "an integer")
+    return Study(**common, seed=d.get("seed", 0), sampler=sampler, sampler_seed=d.get("sampler_seed", 0),
+                 n_trials=n_trials, pruner=pruner,
+                 params=tuple(_param(ctx, path + ("params", str(k)), str(k), v) for k, v in params.items()))
+
+
+def parse_spec(text: str, path: str = "study.yaml") -> Spec:
+    """Parse and check the file's shape (config values are checked by Spec.plan)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{where}: malformed YAML: {problem}".replace("\n", " ")) from None
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _index_lines(node, (), lines)
+    ctx = _Ctx(path, lines)
+    if data is None:
+        raise SpecError(f"{path}: empty file (expected 'studies:')")
+    _keys(ctx, (), data, TOP_KEYS, ("studies",))
+    storage = data.get("storage", DEFAULT_STORAGE)
+    _expect(ctx, ("storage",), storage, str, "a database URL")
+    base = data.get("base") or {}
+    _keys(ctx, ("base",), base, BASE_KEYS)
+    preset = base.get("preset", "default")
+    _expect(ctx, ("base", "preset"), preset, str, "a preset name")
+    base_set = _set(ctx, ("base", "set"), base.get("set"))
+    try:
+        make_config(preset, base_set)
+    except ConfigError as e:
+        raise ctx.err(("base", "set") if "preset" not in str(e) else ("base", "preset"), str(e)) from None
+    studies = data["studies"]
+    _expect(ctx, ("studies",), studies, dict, "a mapping of study name to study")
+    if not studies:
+        raise ctx.err(("studies",), "no studies defined")
+    return Spec(path, storage, preset, base_set, {str(k): _study(ctx, str(k), v) for k, v in studies.items()})
+
+
+def load_spec(path: str | Path = "study.yaml") -> Spec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read study file ({e.strerror})") from None
+    return parse_spec(text, str(path))

@@ -1,0 +1,391 @@
+"""Tests for core.model: shapes per ablation setting, affinity maths, gradients, checkpoint format and loading."""
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.losses import auxsegnet_loss
+from core.model import AuxSegNet, Classifier, ResNet38, load_backbone, refine_with_affinity
+from core.model.affinity import NonLocal, cross_task_affinity, make_sa_fusion, sa_weights
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "resnet38_auxsegnet_state_dict.json"
+if not REF.exists():
+    REF = Path("/work/shared/reference/resnet38_auxsegnet_state_dict.json")
+W = 0.0625  # tiny width for anything that runs a forward pass
+
+# The valid settings: Table 3 (branches, no affinity) and Table 4 (affinity / constraints) rows, and more.
+BRANCH_SETS = [("seg",), ("seg", "cls"), ("seg", "sal"), ("seg", "cls", "sal")]
+AFF_SETTINGS = [("none", ()), ("seg", ("seg",)), ("cross_task", ("seg",)), ("cross_task", ("seg", "sal"))]
+VALID = [(b, a, c) for b in BRANCH_SETS for a, c in AFF_SETTINGS if a != "cross_task" or "sal" in b]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return json.loads(REF.read_text())
+
+
+def _targets(b=2, h=64, w=64, classes=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(0, classes, (b, h, w), generator=g)
+    seg[:, :4] = 255
+    sal = torch.randint(0, 2, (b, h, w), generator=g)
+    sal[:, -4:] = 255
+    return {"labels": torch.randint(0, 2, (b, classes - 1), generator=g).float(), "seg": seg, "sal": sal}
+
+
+def _expected_keys(branches, affinity, constraints, training):
+    keys = {"seg"}
+    if "cls" in branches:
+        keys |= {"cls"} | (set() if training else {"cam"})
+    if "sal" in branches:
+        keys.add("sal")
+    if affinity != "none":
+        keys |= {"seg_ref", "affinity"}
+    if "sal" in constraints:
+        keys.add("sal_ref")
+    return keys
+
+
+@pytest.mark.parametrize("branches,affinity,constraints", VALID)
+def test_output_shapes_every_valid_setting(branches, affinity, constraints):
+    torch.manual_seed(0)
+    net = AuxSegNet(21, W, branches, affinity, constraints)
+    x = torch.randn(2, 3, 64, 50)  # -> 8 x 7 (ceil of /8)
+    for training in (True, False):
+        net.train(training)
+        with torch.no_grad():
+            out = net(x)
+        assert set(out) == _expected_keys(branches, affinity, constraints, training)
+        h, w = 8, 7
+        shapes = {"seg": (2, 21, h, w), "seg_ref": (2, 21, h, w), "cls": (2, 20), "sal": (2, 1, h, w),
+                  "sal_ref": (2, 1, h, w), "affinity": (2, h * w, h * w), "cam": (2, 20, h, w)}
+        for k, v in out.items():
+            assert tuple(v.shape) == shapes[k], k
+            assert torch.isfinite(v).all(), k
+        if "affinity" in out:
+            A = out["affinity"]
+            assert (A >= 0).all()
+        if "affinity" in out:  # A_seg is a softmax, A_CT is renormalised: rows sum to 1
+            torch.testing.assert_close(out["affinity"].sum(-1), torch.ones(2, h * w))
+
+
+@pytest.mark.parametrize("branches,affinity,constraints", [
+    (("seg", "cls"), "cross_task", ("seg",)),  # cross-task needs the sal branch
+    (("cls", "sal"), "none", ()),  # seg always
+    (("seg", "sal"), "none", ("seg",)),  # constraint without affinity
+    (("seg", "sal"), "seg", ()),  # affinity without constraint
+    (("seg", "sal"), "cross_task", ("sal",)),  # the seg constraint is required
+    (("seg", "sal"), "seg", ("seg", "sal")),  # the sal constraint needs cross-task
+    (("seg", "depth"), "none", ()),
+    (("seg", "sal"), "global", ("seg",)),
+    ("seg", "none", ()),
+])
+def test_invalid_settings_raise(branches, affinity, constraints):
+    with pytest.raises(ValueError):
+        AuxSegNet(21, W, branches, affinity, constraints)
+
+
+def test_disabled_parts_have_no_parameters():
+    net = AuxSegNet(21, W, ("seg",), "none", ())
+    tops = {n.split(".")[0] for n, _ in net.named_parameters()}
+    assert tops == {"backbone", "seg_conv1", "seg_conv2", "seg_conv3", "seg_conv4"}
+    net = AuxSegNet(21, W, ("seg", "sal"), "seg", ("seg",))
+    tops = {n.split(".")[0] for n, _ in net.named_parameters()}
+    assert "seg_att" in tops and not tops & {"fc8", "sal_att", "cross_att", "seg_g", "seg_W", "sal_g", "sal_W"}
+    for name in ("fc8", "sal_att", "cross_att", "seg_g"):
+        assert not hasattr(net, name)
+
+
+def test_nonlocal_rows_sum_to_one_and_residual():
+    torch.manual_seed(0)
+    nl = NonLocal(16)
+    nl.reset_parameters()
+    x = torch.randn(2, 16, 5, 6)
+    y, A = nl(x)
+    assert A.shape == (2, 30, 30)
+    torch.testing.assert_close(A.sum(-1), torch.ones(2, 30))
+    torch.testing.assert_close(y, x)  # W_z BN gamma = 0 at init: identity block
+    nl.W_z[1].weight.data.fill_(1.0)
+    nl.eval()
+    y, A2 = nl(x)
+    ref = x + nl.W_z(torch.einsum("bij,bcj->bci", A2, nl.g(x).flatten(2)).view_as(x))
+    torch.testing.assert_close(y, ref)
+
+
+def _naive_sa(A2, sa):
+    return torch.softmax(sa[2](torch.relu(sa[0](A2))), dim=1)  # (B, 2, HW, HW): [W1, W2]
+
+
+def test_sa_weights_sum_to_one_and_match_softmax():
+    torch.manual_seed(0)
+    sa = make_sa_fusion()
+    for p in sa.parameters():
+        torch.nn.init.normal_(p)
+    A2 = torch.softmax(torch.randn(2, 2, 20, 20) * 3, dim=-1)
+    W = _naive_sa(A2, sa)
+    torch.testing.assert_close(W.sum(1), torch.ones(2, 20, 20))
+    W1 = sa_weights(A2.clone(), sa)
+    torch.testing.assert_close(W1, W[:, 0])
+    torch.testing.assert_close(1 - W1, W[:, 1])
+
+
+def test_cross_task_affinity_eq5_and_row_sums():
+    torch.manual_seed(1)
+    sa = make_sa_fusion()
+    for p in sa.parameters():
+        torch.nn.init.normal_(p)
+    A2 = torch.softmax(torch.randn(2, 2, 30, 30) * 3, dim=-1)
+    W = _naive_sa(A2, sa)
+    A_ct, _ = cross_task_affinity(A2, sa)
+    raw = W[:, 0] * A2[:, 0] + W[:, 1] * A2[:, 1]  # Eq. 5
+    torch.testing.assert_close(A_ct, raw / raw.sum(-1, keepdim=True))
+    torch.testing.assert_close(A_ct.sum(-1), torch.ones(2, 30))
+    assert (A_ct >= 0).all()
+
+
+def test_refine_with_affinity_identity_and_formula():
+    torch.manual_seed(0)
+    P = torch.randn(2, 5, 4, 3)
+    eye = torch.eye(12).expand(2, 12, 12)
+    torch.testing.assert_close(refine_with_affinity(P, eye), P)
+    A = torch.softmax(torch.randn(2, 12, 12), -1)
+    ref = torch.einsum("bij,bcj->bci", A, P.flatten(2)).view_as(P)  # P_ref[:, :, i] = sum_j A[i, j] P[:, :, j]
+    torch.testing.assert_close(refine_with_affinity(P, A), ref)
+    with pytest.raises(ValueError):
+        refine_with_affinity(P, torch.ones(2, 11, 11))
+
+
+@pytest.mark.parametrize("branches,affinity,constraints", [
+    (("seg", "cls", "sal"), "cross_task", ("seg", "sal")),
+    (("seg", "cls"), "seg", ("seg",)),
+    (("seg",), "none", ()),
+])
+def test_gradients_reach_every_parameter(branches, affinity, constraints):
+    torch.manual_seed(0)
+    net = AuxSegNet(21, W, branches, affinity, constraints)
+    for m in net.modules():  # the NonLocal W_z BN starts at 0 (identity block); open it to test connectivity
+        if isinstance(m, NonLocal):
+            m.W_z[1].weight.data.fill_(0.5)
+    out = net(torch.randn(2, 3, 64, 64))
+    total, _ = auxsegnet_loss(out, _targets(), {"cls": 1.0, "sal": 1.0, "seg": 1.0})
+    total.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_default_init_gives_every_parameter_a_grad():
+    torch.manual_seed(0)
+    net = AuxSegNet(21, W)
+    total, _ = auxsegnet_loss(net(torch.randn(2, 3, 32, 32)), _targets(h=32, w=32), {})
+    total.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_determinism_same_seed_same_outputs_and_loss():
+    def run():
+        torch.manual_seed(123)
+        net = AuxSegNet(21, W)
+        x = torch.randn(2, 3, 48, 48)
+        out = net(x)  # train mode: dropout active, still seeded
+        total, _ = auxsegnet_loss(out, _targets(h=48, w=48), {"cls": 1.0, "sal": 0.5, "seg": 1.0})
+        return out, total
+    (o1, t1), (o2, t2) = run(), run()
+    assert torch.equal(t1, t2)
+    for k in o1:
+        assert torch.equal(o1[k], o2[k]), k
+
+
+def test_width_1_backbone_state_dict_matches_reference(ref):
+    with torch.device("meta"):
+        bb = ResNet38(1.0)
+    got = {k: list(v.shape) for k, v in bb.state_dict().items()}
+    assert list(got) == list(ref["backbone"])
+    assert got == ref["backbone"]
+
+
+def test_width_1_official_head_names_and_parameter_counts(ref):
+    with torch.device("meta"):
+        net = AuxSegNet(21, 1.0, ("seg", "cls", "sal"), "cross_task", ("seg", "sal"))
+        net81 = AuxSegNet(81, 1.0, ("seg", "cls", "sal"), "cross_task", ("seg", "sal"))
+    heads = {k: list(v.shape) for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+    assert heads == ref["auxsegnet_heads_21_classes"]
+    assert {k[len("backbone."):]: list(v.shape) for k, v in net.state_dict().items()
+            if k.startswith("backbone.")} == ref["backbone"]
+    counts = ref["parameter_counts"]
+    assert sum(p.numel() for p in net.parameters()) == 115_382_122 == counts["auxsegnet_21_classes_parameters"]
+    assert sum(p.numel() for p in net81.parameters()) == 115_635_562 == counts["auxsegnet_81_classes_parameters"]
+    floats = sum(v.numel() for k, v in net.backbone.state_dict().items() if "num_batches" not in k)
+    assert floats == counts["backbone_floats_including_bn_buffers"]
+
+
+def test_width_scales_channels_keeping_structure():
+    with torch.device("meta"):
+        small, full = ResNet38(0.25), ResNet38(1.0)
+    assert list(small.state_dict()) == list(full.state_dict())
+    assert small.out_channels == 1024 and small.conv1a.weight.shape == (16, 3, 3, 3)
+    with torch.device("meta"):
+        tiny = AuxSegNet(21, 0.0625)
+    assert tiny.head_channels == 16 and tiny.seg_conv1.weight.shape == (16, 256, 3, 3)
+
+
+def _random_backbone_sd(ref, prefix="", extra=True):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, shape in ref["backbone"].items():
+        if k.endswith("num_batches_tracked"):
+            sd[prefix + k] = torch.tensor(7)
+        elif k.endswith("running_var"):
+            sd[prefix + k] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[prefix + k] = torch.randn(shape, generator=g)
+    if extra:  # classifier tensors of a converted checkpoint are ignored
+        sd[prefix + "fc8.weight"] = torch.randn(20, 4096, 1, 1)
+        sd["linear1000.weight"] = torch.randn(3, 4)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def full_backbone():
+    torch.manual_seed(0)
+    return ResNet38(1.0)
+
+
+def test_load_backbone_strict_from_state_dict_and_path(ref, full_backbone, tmp_path):
+    sd = _random_backbone_sd(ref, prefix="module.")
+    bb = load_backbone(sd, into=full_backbone)
+    assert bb is full_backbone
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, sd["module." + k]), k
+    # by path, with a "backbone." prefix and no num_batches_tracked (pre-0.4 converted files)
+    path = tmp_path / "rn38.pth"
+    torch.save({k.replace("module.", "backbone."): v for k, v in sd.items()
+                if "num_batches" not in k}, path)
+    bb = load_backbone(str(path), into=full_backbone)
+    torch.testing.assert_close(bb.b7.conv_branch2b2.weight, sd["module.b7.conv_branch2b2.weight"])
+    assert int(bb.bn7.num_batches_tracked) == 0
+
+
+def test_load_backbone_errors(ref, full_backbone, tmp_path):
+    sd = _random_backbone_sd(ref, extra=False)
+    bad = dict(sd)
+    bad["b4_3.conv_branch2a.weight"] = torch.zeros(512, 256, 3, 3)
+    with pytest.raises(ValueError, match=r"b4_3\.conv_branch2a\.weight.*\(512, 512, 3, 3\).*\(512, 256, 3, 3\)") as e:
+        load_backbone(bad, into=full_backbone)
+    assert "\n" not in str(e.value)
+    missing = dict(sd)
+    del missing["b6.bn_branch2b2.running_var"]
+    with pytest.raises(ValueError, match=r"missing backbone tensor 'b6\.bn_branch2b2\.running_var'") as e:
+        load_backbone(missing, into=full_backbone)
+    assert "\n" not in str(e.value)
+    unexpected = dict(sd)
+    unexpected["b5.conv_branch2b2.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected backbone tensor 'b5.conv_branch2b2.weight'"):
+        load_backbone(unexpected, into=full_backbone)
+    with pytest.raises(FileNotFoundError, match="not found") as e:
+        load_backbone(tmp_path / "nope.pth", into=full_backbone)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="width-1.0"):
+        load_backbone(sd, into=ResNet38(0.0625))
+
+
+def test_classifier_and_transfer_to_auxsegnet():
+    torch.manual_seed(0)
+    clf = Classifier(21, W)
+    x = torch.randn(2, 3, 32, 32)
+    assert clf(x).shape == (2, 20)
+    cam = clf.cams(x, normalize=True)
+    assert cam.shape == (2, 20, 4, 4) and cam.min() >= 0 and cam.amax() <= 1
+    net = AuxSegNet(21, W).eval()
+    net.load_from_classifier(clf)
+    clf.eval()
+    torch.testing.assert_close(net(x)["cam"], clf.cams(x))
+    torch.testing.assert_close(net.cams(x), clf.cams(x))
+    torch.testing.assert_close(net(x)["cls"], clf(x))
+    AuxSegNet(21, W, ("seg",), "none", ()).load_from_classifier(clf)  # no cls branch: backbone only
+    with pytest.raises(ValueError):
+        AuxSegNet(21, 0.125).load_from_classifier(clf)
+    with pytest.raises(ValueError):
+        AuxSegNet(21, W, ("seg",), "none", ()).cams(x)
+
+
+def test_param_groups_cover_everything_once():
+    net = AuxSegNet(21, W)
+    groups = net.param_groups(0.001, head_lr_mult=10.0, weight_decay=1e-5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(net.parameters()))
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["backbone"]["lr"] == 0.001 and by_name["head"]["lr"] == pytest.approx(0.01)
+    assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["backbone"]["weight_decay"] == 1e-5
+    head_ids = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
+    assert head_ids == {id(p) for n, p in net.named_parameters() if not n.startswith("backbone.")}
+    torch.optim.SGD(groups, lr=0.001, momentum=0.9)  # accepted by the optimiser
+    assert {g["name"] for g in Classifier(21, W).param_groups(0.1)} >= {"backbone", "head"}
+
+
+def test_official_state_dict_round_trip_and_freeze_bn():
+    torch.manual_seed(0)
+    a, b = AuxSegNet(21, W), AuxSegNet(21, W)
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    a.eval(), b.eval()
+    torch.testing.assert_close(a(x)["seg_ref"], b(x)["seg_ref"])
+    frozen = AuxSegNet(21, W, freeze_bn=True).train()
+    assert not frozen.backbone.bn7.training and frozen.seg_att.W_z[1].training
+    assert not frozen.backbone.bn7.weight.requires_grad
+
+
+def test_all_setting_products_are_classified():
+    # every combination is either valid (constructs) or a ValueError; the valid ones are exactly VALID
+    valid = set()
+    for r in range(4):
+        for br in itertools.combinations(("seg", "cls", "sal"), r):
+            for aff in ("none", "seg", "cross_task"):
+                for c in [(), ("seg",), ("sal",), ("seg", "sal")]:
+                    try:
+                        with torch.device("meta"):
+                            AuxSegNet(21, W, br, aff, c)
+                        valid.add((br, aff, c))
+                    except ValueError:
+                        pass
+    assert valid == set(VALID)
+
+
+def test_fused_cross_task_matches_plain_maths_values_and_grads():
+    from core.model.affinity import cross_task, propagate
+
+    def plain(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sal_W):
+        A_seg = torch.softmax(torch.bmm(*seg_att.query_key(f_seg)), -1)
+        A_sal = torch.softmax(torch.bmm(*sal_att.query_key(f_sal)), -1)
+        Wt = torch.softmax(sa[2](F.relu(sa[0](torch.cat([A_sal[:, None], A_seg[:, None]], 1)))), dim=1)
+        A_ct = Wt[:, 0] * A_sal + Wt[:, 1] * A_seg
+        A_ct = A_ct / A_ct.sum(-1, keepdim=True)
+        seg = seg_att.attend(f_seg, A_seg) + seg_W(propagate(A_ct, seg_g(f_seg)))
+        sal = sal_att.attend(f_sal, A_sal) + sal_W(propagate(A_ct, sal_g(f_sal)))
+        return seg, sal, A_ct
+
+    torch.manual_seed(0)
+    mods = [NonLocal(16), NonLocal(16), make_sa_fusion()] + [torch.nn.Conv2d(16, 16, 1) for _ in range(4)]
+    for m in mods[:2]:
+        m.W_z[1].weight.data.fill_(1.0)
+    for p in mods[2].parameters():
+        torch.nn.init.normal_(p)
+    params = [p for m in mods for p in m.parameters()]
+    f_seg, f_sal = torch.randn(2, 16, 5, 4), torch.randn(2, 16, 5, 4)
+    results = []
+    for fn in (cross_task, plain):
+        for p in params:
+            p.grad = None
+        outs = fn(f_seg, f_sal, *mods)
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        results.append((outs, [p.grad.clone() for p in params]))
+    (o1, g1), (o2, g2) = results
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

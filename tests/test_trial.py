@@ -1,0 +1,119 @@
+"""End-to-end trials on the smoke preset through the public interface (run_trial and the CLI)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.cache import atomic_dir
+from core.config import make_config
+from core.trial import run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+# The fast variant: one warm-up epoch, one short stage, no post-processing.
+TINY = ["train.warmup_epochs=1", "train.stage_epochs=1", "train.stages=1", "eval.post=false", "train.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    old = os.environ.get("AUXSEG_RUNS")
+    os.environ["AUXSEG_RUNS"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("AUXSEG_RUNS")
+    else:
+        os.environ["AUXSEG_RUNS"] = old
+
+
+def _metrics(res):
+    d = res.to_dict()
+    return d["initial_pgt"], [(s["val"], s["pgt"]) for s in d["stages"]], d["final"]
+
+
+def test_full_smoke_trial(runs):
+    """Warm-up, >= 2 stages with label updates (CRF in a 2-process pool), post-processed evaluation."""
+    reports = []
+    res = run_trial(make_config("smoke", ["train.workers=2"]), report=lambda s, m: reports.append((s, m)))
+    d = res.to_dict()
+    assert d["status"] == "complete", d["error"]
+    assert d["warmup"]["cached"] is False
+    assert len(d["stages"]) == 2 and [s for s, _ in reports] == [0, 1]
+    for st in d["stages"]:
+        for v in (st["val"]["miou"], st["pgt"]["precision"], st["pgt"]["recall"], st["pgt"]["miou"]):
+            assert 0.0 <= v <= 1.0
+        assert len(st["val"]["per_class_iou"]) == 21
+    assert d["stages"][0]["val"]["miou_post"] is None  # post-processing runs after the last stage only
+    assert 0.0 <= d["final"]["miou_post"] <= 1.0
+    assert d["final"]["miou"] == d["stages"][-1]["val"]["miou"]
+    assert d["config"]["model"]["affinity"] == "cross_task"
+    assert d["dataset"]["n_train"] > 0 and d["dataset"]["num_classes"] == 21
+    assert {"warmup", "initial_labels", "train", "eval", "label_update"} <= set(d["timings"])
+
+
+def test_same_seed_same_metrics_and_cache_reuse(runs):
+    a = run_trial(make_config("smoke", TINY + ["seed=3"]))
+    b = run_trial(make_config("smoke", TINY + ["seed=3"]))
+    assert a.warmup["cached"] is False and b.warmup["cached"] is True
+    assert _metrics(a) == _metrics(b)
+    c = run_trial(make_config("smoke", TINY + ["seed=3", "loss.sal=0.3", "loss.cls=2"]))
+    assert c.warmup["cached"] is True  # loss weights do not touch the warm-up
+    d = run_trial(make_config("smoke", TINY + ["seed=4"]))
+    assert d.warmup["cached"] is False
+
+
+def test_nan_loss_fails_the_trial_with_a_reason(runs):
+    res = run_trial(make_config("smoke", TINY + ["train.lr=1e30"]))
+    assert res.status == "failed"
+    assert "non-finite loss" in res.error and res.final is None
+
+
+def test_report_exception_propagates(runs):
+    class Prune(Exception):
+        pass
+
+    def report(stage, metrics):
+        raise Prune
+
+    with pytest.raises(Prune):
+        run_trial(make_config("smoke", TINY), report=report)
+
+
+def test_cli_writes_result_json_and_rejects_bad_keys(runs, tmp_path):
+    env = dict(os.environ, AUXSEG_RUNS=str(runs))
+    out = tmp_path / "one"
+    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", *TINY,
+                        "model.affinity=seg", "model.constraints=seg", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    d = json.loads((out / "result.json").read_text())
+    assert d["config"]["model"]["affinity"] == "seg" and d["status"] == "complete"
+    bad = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", "model.bogus=1",
+                          "--out", str(tmp_path / "bad")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "model.bogus" in bad.stderr
+    assert not (tmp_path / "bad" / "result.json").exists()
+
+
+def test_atomic_cache_never_trusts_a_half_written_entry(tmp_path):
+    final = tmp_path / "entry"
+
+    def crash(tmp):
+        (tmp / "half.pt").write_text("partial")
+        raise KeyboardInterrupt  # a killed run
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_dir(final, crash)
+    assert not final.exists() and not any(p.name.startswith(".entry.") and p.is_dir() for p in tmp_path.iterdir())
+    assert atomic_dir(final, lambda tmp: (tmp / "ok").write_text("1")) is False
+    assert atomic_dir(final, lambda tmp: 1 / 0) is True  # a hit never recomputes
+    assert (final / "ok").read_text() == "1"
+
+
+def test_missing_voc_folder_is_one_line_error(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", "data.name=voc",
+                        f"data.root={tmp_path / 'nope'}", "data.saliency=sr", "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "nope" in p.stderr and p.stderr.strip().count("\n") == 0
