@@ -142,7 +142,7 @@ def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: 
             loss.backward()
             opt.step()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + v.item()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")

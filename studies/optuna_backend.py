@@ -18,8 +18,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -127,7 +128,8 @@ class _Heartbeat:
 
 
 def execute(job: Job, on_stage: Callable[[int, float | None, dict], None] | None = None,
-            pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,)) -> Outcome:
+            pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,),
+            on_begin: Callable[[int], None] | None = None) -> Outcome:
     """Run one trial and record it in the harness tables. on_stage(stage, stage_metric, metrics) may raise
     one of pruned_types to stop the trial (recorded as pruned)."""
     store = get_store(job.url)
@@ -135,6 +137,8 @@ def execute(job: Job, on_stage: Callable[[int, float | None, dict], None] | None
     tid = store.begin_trial(study=job.study, number=job.number, row=job.row, variant=job.variant, seed=job.seed,
                             params=job.params, config=cfg.to_dict(), code_version=job.code_version)
     hb = _Heartbeat(store, tid)
+    if on_begin is not None:
+        on_begin(tid)
 
     def report(stage: int, metrics: dict) -> None:
         store.record_stage(tid, metrics)

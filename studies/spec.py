@@ -454,9 +454,12 @@ def parse_spec(text: str, path: str = "study.yaml") -> Spec:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
+        mark, ctx_mark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else (f"{path}:{ctx_mark.line + 1}" if ctx_mark else path)
         problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        if context and ctx_mark is not None and mark is not None and ctx_mark.line != mark.line:
+            problem += f" ({context} at line {ctx_mark.line + 1})"
         raise SpecError(f"{where}: malformed YAML: {problem}".replace("\n", " ")) from None
     lines: dict[tuple, int] = {}
     if node is not None:

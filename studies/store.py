@@ -25,14 +25,15 @@ import random
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 DEFAULT_URL = "sqlite:///runs/studies.db"
 BUSY_TIMEOUT_S = 60.0
@@ -180,7 +181,7 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version(root: str | None = None) -> str:
     """`git rev-parse HEAD` (+"+dirty" when the tree has changes), or "unknown"."""
     cwd = root or str(Path(__file__).resolve().parents[1])

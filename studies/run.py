@@ -1,0 +1,222 @@
+"""Run (or resume) one study of study.yaml.
+
+    python -m studies.run NAME [--preset P] [--storage URL] [--backend optuna|ray] [--workers N]
+                               [--set key=value ...] [--n-trials N] [--dry-run] [--study-file study.yaml]
+                               [--retry-failed] [--address ADDR] [--cpus-per-trial C] [--gpus-per-trial G]
+                               [--no-report]
+
+Re-running the same command continues the study: finished trials are kept, trials left running by a
+killed process are marked failed ("interrupted") and their grid points run again. --n-trials caps the
+new trials of an ablation in this invocation, or sets the total trial count of a tuning study. At the
+end it prints a summary (row, n, mean +- std of the metric) and writes the report (runs/reports/).
+Exit status: 0 ok, 1 some trial failed or the run broke, 2 bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from typing import Any
+
+from core.config import ConfigError, parse_overrides
+from studies.spec import Plan, Spec, SpecError, load_spec
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
+        raise UsageError(f"studies.run: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m studies.run", description="Run or resume one study of study.yaml.")
+    p.add_argument("name", help="study name in the study file")
+    p.add_argument("--study-file", default="study.yaml")
+    p.add_argument("--preset", default=None, help="config preset (default: base.preset of the study file)")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: storage of the study file)")
+    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
+    p.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
+    p.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to every trial of the study")
+    p.add_argument("--n-trials", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the trial list and exit")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun grid points whose trial failed")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="Ray resources per trial")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray resources per trial")
+    return p
+
+
+def thread_overrides(plan_keys: set[str], cores_per_trial: int) -> dict[str, Any]:
+    """Divide the cores among parallel trials unless the user set the thread counts."""
+    out = {}
+    for key in ("train.threads", "train.workers"):
+        if key not in plan_keys:
+            out[key] = max(1, cores_per_trial)
+    return out
+
+
+def _set_keys(spec: Spec, name: str, cli: dict) -> set[str]:
+    s = spec.study(name)
+    keys = set(spec.base_set) | set(s.set) | set(cli)
+    for r in list(s.rows) + list(s.variants):
+        keys |= set(r.set)
+    return keys
+
+
+def dry_run(plan: Plan) -> None:
+    s = plan.study
+    print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
+    if plan.is_grid:
+        print(f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
+              f"{len(s.seeds)} seeds; metric {s.metric}")
+        print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  overrides")
+        for p in plan.points:
+            ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
+            print(f"{p.number:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {ov}")
+    else:
+        print(f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
+              f"{s.stage_metric} per stage; metric {s.metric}")
+        for p in s.params:
+            rng = f"choices {list(p.choices)}" if p.type == "categorical" else \
+                f"[{p.low}, {p.high}]" + (" log" if p.log else "") + (f" step {p.step}" if p.step else "")
+            print(f"  {p.name}: {p.type} {rng}")
+        ov = " ".join(f"{k}={_fmt(v)}" for k, v in plan.overrides_for_params({}).items())
+        print(f"  fixed overrides: {ov}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) if v else "[]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def summary(plan: Plan, store) -> str:
+    """row, variant, n, mean +- std of the metric (percent), failed/pruned counts: all trials in the store."""
+    from studies.optuna_backend import dig, finite
+
+    s = plan.study
+    groups: dict[tuple, list] = {}
+    other: dict[tuple, list[str]] = {}
+    for t in store.trials(s.name):
+        key = (t["row"], t["variant"])
+        if t["status"] == "complete":
+            v = finite(dig(t["result"], s.metric))
+            if v is not None:
+                groups.setdefault(key, []).append(v)
+        elif t["status"] != "running":
+            other.setdefault(key, []).append(t["status"])
+    if plan.is_grid:
+        order = [(r.label, v.label if v else None) for r in s.rows for v in (list(s.variants) or [None])]
+    else:
+        order = sorted(set(groups) | set(other), key=str)
+    lines = [f"{s.name}: {s.metric} (%), mean +- std over seeds",
+             f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes"]
+    for key in order:
+        vals = groups.get(key, [])
+        mean = f"{100 * statistics.fmean(vals):6.2f}" if vals else f"{'-':>6}"
+        std = f"{100 * statistics.stdev(vals):<6.2f}" if len(vals) > 1 else f"{'-':<6}"
+        notes = ", ".join(f"{other[key].count(x)} {x}" for x in sorted(set(other.get(key, []))))
+        lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {notes}".rstrip())
+    if not plan.is_grid:
+        best = [t for t in store.trials(s.name) if t["status"] == "complete"
+                and finite(dig(t["result"], s.metric)) is not None]
+        if best:
+            sign = 1 if s.direction == "maximize" else -1
+            b = max(best, key=lambda t: sign * dig(t["result"], s.metric))
+            lines.append(f"best: #{b['optuna_number']} {100 * dig(b['result'], s.metric):.2f} with "
+                         + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()))
+    return "\n".join(lines)
+
+
+def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
+    try:
+        import reports
+    except ImportError:
+        print("[studies] note: reports package not available; skipping the report", file=sys.stderr)
+        return
+    build = getattr(reports, "build_report", None)
+    if build is None:
+        print("[studies] note: reports.build_report not available yet; skipping the report", file=sys.stderr)
+        return
+    try:
+        out = build(name, url, out_dir=out_dir)
+        print(f"[studies] report: {out if out else out_dir}")
+    except Exception as e:  # the study's results are safe in the store; say what broke and go on
+        msg = str(e).strip().splitlines()
+        print(f"[studies] warning: report failed: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.workers < 1:
+            raise UsageError("studies.run: --workers must be >= 1")
+        if args.n_trials is not None and args.n_trials < 1:
+            raise UsageError("studies.run: --n-trials must be >= 1")
+        spec = load_spec(args.study_file)
+        spec.study(args.name)
+        cli = parse_overrides(args.overrides)
+        cores = os.cpu_count() or 1
+        if args.backend == "ray":
+            per = int(args.cpus_per_trial or max(1, cores // args.workers))
+        else:
+            per = cores // args.workers if args.workers > 1 else 0
+        extra = thread_overrides(_set_keys(spec, args.name, cli), per) if per else {}
+        plan = spec.plan(args.name, preset=args.preset, cli_set=cli, extra=extra)
+        url = args.storage or spec.storage
+        if args.dry_run:
+            dry_run(plan)
+            return 0
+        from sqlalchemy.exc import ArgumentError
+
+        from studies.store import Store
+
+        try:
+            store = Store(url)
+        except ArgumentError as e:
+            raise UsageError(f"--storage: {str(e).splitlines()[0]}") from None
+    except (UsageError, SpecError, ConfigError) as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    try:
+        if args.backend == "ray":
+            from studies.ray_backend import run_study_ray
+
+            outcomes = run_study_ray(plan, url, workers=args.workers, n_trials=args.n_trials,
+                                     retry_failed=args.retry_failed, address=args.address,
+                                     cpus_per_trial=args.cpus_per_trial or per,
+                                     gpus_per_trial=args.gpus_per_trial)
+        else:
+            from studies.optuna_backend import run_study
+
+            outcomes = run_study(plan, url, workers=args.workers, n_trials=args.n_trials,
+                                 retry_failed=args.retry_failed)
+        print(summary(plan, store))
+    except KeyboardInterrupt:
+        print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        print(f"studies.run: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
+        return 1
+    if not args.no_report:
+        write_report(args.name, url)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"studies.run: {len(failed)} trial(s) failed in this run (reasons in harness_trials.error)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
