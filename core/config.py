@@ -45,7 +45,8 @@ class ModelConfig:
     affinity: str = "cross_task"
     constraints: tuple[str, ...] = ("seg", "sal")
     init_weights: str = ""  # path to a converted ImageNet ResNet38 checkpoint ("" -> random init)
-    dropout: float = 0.5
+    dropout: float = 0.5  # Dropout2d before GAP in the cls branch
+    block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class LossConfig:
 class TrainConfig:
     warmup_epochs: int = 15
     warmup_lr: float = 0.01
+    warmup_optimizer: str = "sgd"  # sgd | adam (the authors ship no warm-up; Adam trains a from-scratch net faster)
     stage_epochs: int = 10
     stages: int = 5  # stages 0..stages-1 (paper Table 5 reports 0..4)
     batch_size: int = 4
@@ -125,12 +127,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data.preset": "smoke",
         "model.width": 0.0625,
+        "model.dropout": 0.0,
+        "model.block_dropout": False,
         "train.warmup_epochs": 4,
-        "train.warmup_lr": 0.05,
+        "train.warmup_optimizer": "adam",
+        "train.warmup_lr": 0.001,
         "train.stage_epochs": 2,
         "train.stages": 2,
         "train.batch_size": 8,
-        "train.lr": 0.01,
+        "train.lr": 0.002,
         "train.crop": 64,
         "eval.scales": (0.75, 1.0),
     },
@@ -138,12 +143,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "data.preset": "default",
         "model.width": 0.125,
-        "train.warmup_epochs": 12,
-        "train.warmup_lr": 0.05,
+        "model.dropout": 0.0,
+        "model.block_dropout": False,
+        "train.warmup_epochs": 20,
+        "train.warmup_optimizer": "adam",
+        "train.warmup_lr": 0.001,
         "train.stage_epochs": 6,
         "train.stages": 3,
         "train.batch_size": 8,
-        "train.lr": 0.01,
+        "train.lr": 0.002,
         "train.crop": 96,
         "eval.scales": (0.75, 1.0, 1.25),
     },
@@ -192,6 +200,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)
@@ -284,6 +297,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
     if t.crop % 8:
         raise ConfigError(f"train.crop must be a multiple of 8 (output stride), got {t.crop}")
+    if t.warmup_optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"train.warmup_optimizer: {t.warmup_optimizer!r} is not one of ['sgd', 'adam']")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: {t.device!r} is not one of ['auto', 'cpu', 'cuda']")
     if not 0 < t.scale_min <= t.scale_max:

@@ -13,6 +13,11 @@ from pydensecrf.utils import unary_from_softmax
 VOC_LONG_SIDE = 500.0
 
 
+def _buf(a: np.ndarray, dtype) -> np.ndarray:
+    """pydensecrf takes writable C-contiguous buffers only (cached dataset arrays are read-only)."""
+    return np.require(a, dtype, ["C", "W"])
+
+
 def _spatial(sxy: float, shape: tuple[int, int]) -> float:
     return max(1.0, sxy * max(shape) / VOC_LONG_SIDE)
 
@@ -21,8 +26,8 @@ def crf_inference(img: np.ndarray, probs: np.ndarray, iters: int = 10) -> np.nda
     """Post-processing CRF at inference (DeepLab parameters): softmax unary, Gaussian + bilateral pairwise."""
     c, h, w = probs.shape
     d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32), clip=1e-8)))
-    img = np.ascontiguousarray(img, dtype=np.uint8)
+    d.setUnaryEnergy(_buf(unary_from_softmax(probs.astype(np.float32), clip=1e-8), np.float32))
+    img = _buf(img, np.uint8)
     d.addPairwiseGaussian(sxy=_spatial(4, (h, w)), compat=3)
     d.addPairwiseBilateral(sxy=_spatial(83, (h, w)), srgb=5, rgbim=img, compat=3)
     return np.asarray(d.inference(iters), dtype=np.float32).reshape(c, h, w)
@@ -35,10 +40,10 @@ def crf_saliency(img: np.ndarray, p: np.ndarray, tau: float = 1.05, iters: int =
     sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
     u_fg = -np.log(p + 1e-8) / (tau * sig(p))
     u_bg = -np.log(1.0 - p + 1e-8) / (tau * sig(1.0 - p))
-    unary = np.ascontiguousarray(np.stack([u_bg, u_fg]).reshape(2, -1).astype(np.float32))
+    unary = _buf(np.stack([u_bg, u_fg]).reshape(2, -1), np.float32)
     d = dcrf.DenseCRF2D(w, h, 2)
     d.setUnaryEnergy(unary)
-    img = np.ascontiguousarray(img, dtype=np.uint8)
+    img = _buf(img, np.uint8)
     d.addPairwiseGaussian(sxy=_spatial(3, (h, w)), compat=3)
     d.addPairwiseBilateral(sxy=_spatial(60, (h, w)), srgb=5, rgbim=img, compat=5)
     q = np.asarray(d.inference(iters), dtype=np.float32).reshape(2, h, w)

@@ -44,10 +44,14 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
-def make_optimizer(net, lr: float, cfg: Config) -> torch.optim.SGD:
-    groups = net.param_groups(lr, head_lr_mult=cfg.train.head_lr_mult, weight_decay=cfg.train.weight_decay)
+def make_optimizer(net, lr: float, cfg: Config, kind: str = "sgd") -> torch.optim.Optimizer:
+    # Adam's per-parameter step sizes make the SGD head multiplier unnecessary (and too hot).
+    mult = 1.0 if kind == "adam" else cfg.train.head_lr_mult
+    groups = net.param_groups(lr, head_lr_mult=mult, weight_decay=cfg.train.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
 
 
@@ -78,7 +82,7 @@ def batches(ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callab
 
 def _check(loss: torch.Tensor, where: str, terms: dict | None = None) -> None:
     if not torch.isfinite(loss):
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (terms or {}).items())
+        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in (terms or {}).items())
         raise NonFiniteLoss(f"non-finite loss at {where}" + (f" ({detail})" if detail else ""))
 
 
@@ -87,7 +91,7 @@ def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np
     epochs = cfg.train.warmup_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg)
+    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg, cfg.train.warmup_optimizer)
     clf.train()
     step = 0
     bar = tqdm(total=total, desc="warm-up", leave=False, disable=None)

@@ -38,7 +38,8 @@ CACHE_VERSION = 1
 # Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
 WARMUP_KEYS = [
     "seed", "data.name", "data.root", "data.preset", "data.seed", "data.train_split", "data.num_classes",
-    "model.width", "model.init_weights", "model.dropout", "train.warmup_epochs", "train.warmup_lr",
+    "model.width", "model.init_weights", "model.dropout", "model.block_dropout", "train.warmup_epochs",
+    "train.warmup_lr", "train.warmup_optimizer",
     "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
     "train.weight_decay", "train.poly_power", "train.head_lr_mult",
 ]
@@ -116,7 +117,8 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
 
     def fill(tmp: Path) -> None:
         torch.manual_seed(cfg.seed)
-        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
+                         block_dropout=cfg.model.block_dropout)
         if cfg.model.init_weights:
             load_backbone(clf.backbone, cfg.model.init_weights)
         clf = to_device(clf, cfg, device)
@@ -225,7 +227,8 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         net = AuxSegNet(num_classes=ds.num_classes, width=cfg.model.width, branches=cfg.model.branches,
                         affinity=cfg.model.affinity, constraints=cfg.model.constraints,
                         dropout=cfg.model.dropout)
-        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
+                         block_dropout=cfg.model.block_dropout)
         clf.load_state_dict(clf_state)
         net.load_from_classifier(clf)
         net = to_device(net, cfg, device)

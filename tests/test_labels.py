@@ -62,3 +62,14 @@ def test_ignore_prediction_lowers_recall_not_precision():
     conf = confusion(np.array([[1, 255, 255, 255]]), gt, 2)
     p, r = fg_precision_recall(conf)
     assert p == 1.0 and r == 0.25
+
+
+def test_crf_accepts_read_only_arrays():
+    img = np.zeros((16, 16, 3), np.uint8)
+    p = np.full((16, 16), 0.7, np.float32)
+    img.flags.writeable = False
+    p.flags.writeable = False
+    assert crf_saliency(img, p).shape == (16, 16)
+    probs = np.stack([1 - p, p])
+    probs.flags.writeable = False
+    assert crf_inference(img, probs).shape == (2, 16, 16)

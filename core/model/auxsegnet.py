@@ -61,12 +61,13 @@ def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay):
 class Classifier(nn.Module):
     """Classification warm-up net: backbone + Dropout2d + GAP + fc8 (same names as in AuxSegNet)."""
 
-    def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5, freeze_bn: bool = False):
+    def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5, freeze_bn: bool = False,
+                 block_dropout: bool = True):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
-        self.backbone = ResNet38(width, freeze_bn=freeze_bn)
+        self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         self.dropout = nn.Dropout2d(dropout)
         self.fc8 = nn.Conv2d(self.backbone.out_channels, num_classes - 1, 1, bias=False)
         _xavier(self.fc8)
@@ -121,13 +122,13 @@ def check_config(branches, affinity, constraints):
 
 class AuxSegNet(nn.Module):
     def __init__(self, num_classes: int = 21, width: float = 1.0, branches=BRANCHES, affinity: str = "cross_task",
-                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False):
+                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False, block_dropout: bool = True):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
-        self.backbone = ResNet38(width, freeze_bn=freeze_bn)
+        self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width)
         self.head_channels = D
         if "cls" in self.branches:
