@@ -41,8 +41,8 @@ def update_labels_one(job: dict) -> dict:
     """Per-image label update (the work the process pool spreads over cores).
 
     job: img, cam (C-1,H,W), labels, pt_sal (H,W), pred_sal (H,W) or None, gt (H,W) or None, and the
-    settings. Returns the new segmentation label, the saliency map (continuous, for fusion and the next
-    Eq. 1 step), its binarised loss target, and the confusion of the new label against ground truth.
+    settings. Returns the new segmentation label, the binarised saliency loss target, and the confusion
+    of the new label against ground truth. Eq. 1 always averages with the off-the-shelf map Pt_sal.
     """
     if job["pred_sal"] is not None:
         sal = update_saliency(job["pred_sal"], job["pt_sal"], job["img"], job["sal_crf"])
@@ -50,5 +50,4 @@ def update_labels_one(job: dict) -> dict:
         sal = job["pt_sal"]
     seg = fuse_cam_saliency(job["cam"], job["labels"], sal, job["cam_threshold"], job["sal_threshold"])
     conf = confusion(seg, job["gt"], job["num_classes"]) if job["gt"] is not None else None
-    return {"seg": seg, "sal": sal.astype(np.float32),
-            "sal_target": binarize_saliency(sal, job["sal_binarize"]), "conf": conf}
+    return {"seg": seg, "sal_target": binarize_saliency(sal, job["sal_binarize"]), "conf": conf}

@@ -45,9 +45,7 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
 
 
 def make_optimizer(net, lr: float, cfg: Config, kind: str = "sgd") -> torch.optim.Optimizer:
-    # Adam's per-parameter step sizes make the SGD head multiplier unnecessary (and too hot).
-    mult = 1.0 if kind == "adam" else cfg.train.head_lr_mult
-    groups = net.param_groups(lr, head_lr_mult=mult, weight_decay=cfg.train.weight_decay)
+    groups = net.param_groups(lr, head_lr_mult=cfg.train.head_lr_mult, weight_decay=cfg.train.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
     if kind == "adam":
@@ -64,10 +62,10 @@ def batches(ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callab
     """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform."""
     order = rng.permutation(len(ds))
     bs = cfg.train.batch_size
-    # Drop a ragged last batch only when it would be a single image (BatchNorm needs > 1 sample).
-    stops = [s for s in range(0, len(order), bs) if len(order) - s > 1 or s == 0]
-    for s in stops:
+    for s in range(0, len(order), bs):
         idx = order[s:s + bs]
+        if len(idx) == 1 and s > 0:  # BatchNorm needs more than one sample
+            break
         samples = []
         for i in idx:
             sample = {"image": ds.image(i)}
@@ -91,7 +89,7 @@ def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np
     epochs = cfg.train.warmup_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg, cfg.train.warmup_optimizer)
+    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg, cfg.train.optimizer)
     clf.train()
     step = 0
     bar = tqdm(total=total, desc="warm-up", leave=False, disable=None)
@@ -117,7 +115,7 @@ def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: 
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(net, cfg.train.lr, cfg)
+    opt = make_optimizer(net, cfg.train.lr, cfg, cfg.train.optimizer)
     weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
 
     def extra(i: int) -> dict:

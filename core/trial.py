@@ -34,12 +34,12 @@ from core.parallel import bounded_map, make_pool
 from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
 WARMUP_KEYS = [
     "seed", "data.name", "data.root", "data.preset", "data.seed", "data.train_split", "data.num_classes",
     "model.width", "model.init_weights", "model.dropout", "model.block_dropout", "train.warmup_epochs",
-    "train.warmup_lr", "train.warmup_optimizer",
+    "train.warmup_lr", "train.optimizer",
     "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
     "train.weight_decay", "train.poly_power", "train.head_lr_mult",
 ]
@@ -135,12 +135,11 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     return state, cams, hit, seconds
 
 
-def label_jobs(ds: VOCDataset, cams: list[np.ndarray] | Callable[[int], np.ndarray], cfg: Config,
-               pred_sal: Callable[[int], np.ndarray | None], prev_sal: list[np.ndarray] | None):
+def label_jobs(ds: VOCDataset, cams: Callable[[int], np.ndarray], cfg: Config,
+               pred_sal: Callable[[int], np.ndarray | None]):
     for i in range(len(ds)):
-        img = ds.image(i)
         yield {
-            "img": img, "cam": cams(i), "labels": ds.labels(i),
+            "img": ds.image(i), "cam": cams(i), "labels": ds.labels(i),
             "pt_sal": ds.saliency(i), "pred_sal": pred_sal(i), "gt": ds.mask(i),
             "num_classes": ds.num_classes, "cam_threshold": cfg.labels.cam_threshold,
             "sal_threshold": cfg.labels.sal_threshold, "sal_crf": cfg.labels.sal_crf,
@@ -150,16 +149,15 @@ def label_jobs(ds: VOCDataset, cams: list[np.ndarray] | Callable[[int], np.ndarr
 
 def make_labels(ds: VOCDataset, cfg: Config, cams: Callable[[int], np.ndarray],
                 pred_sal: Callable[[int], np.ndarray | None], pool, desc: str):
-    """Run the per-image label update over the pool; returns seg labels, sal maps, sal targets, pgt metrics."""
-    segs, sals, targets = [], [], []
+    """Run the per-image label update over the pool; returns seg labels, saliency targets, pgt metrics."""
+    segs, targets = [], []
     conf = None
-    jobs = label_jobs(ds, cams, cfg, pred_sal, None)
+    jobs = label_jobs(ds, cams, cfg, pred_sal)
     for res in tqdm(bounded_map(pool, update_labels_one, jobs), total=len(ds), desc=desc, leave=False, disable=None):
         segs.append(res["seg"])
-        sals.append(res["sal"])
         targets.append(res["sal_target"])
         conf = res["conf"] if conf is None else conf + res["conf"]
-    return segs, sals, targets, pgt_summary(conf)
+    return segs, targets, pgt_summary(conf)
 
 
 @torch.no_grad()
@@ -216,7 +214,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
 
         t = time.time()
         first = [_cam_at(c, ds.image(i).shape[:2]) for i, c in enumerate(warm_cams)]
-        segs, sals, sal_targets, pgt = make_labels(ds, cfg, first.__getitem__, lambda i: None, pool, "initial labels")
+        segs, sal_targets, pgt = make_labels(ds, cfg, first.__getitem__, lambda i: None, pool, "initial labels")
         del first
         result.initial_pgt = pgt
         timings["initial_labels"] = time.time() - t
@@ -226,7 +224,8 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         rng = np.random.default_rng([cfg.seed, 1])
         net = AuxSegNet(num_classes=ds.num_classes, width=cfg.model.width, branches=cfg.model.branches,
                         affinity=cfg.model.affinity, constraints=cfg.model.constraints,
-                        dropout=cfg.model.dropout)
+                        dropout=cfg.model.dropout, block_dropout=cfg.model.block_dropout,
+                        dilations=cfg.model.dilations)
         clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                          block_dropout=cfg.model.block_dropout)
         clf.load_state_dict(clf_state)
@@ -251,7 +250,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             if not last:
                 t = time.time()
                 cams, pred_sal = network_cues(net, ds, warm_cams, cfg, device)
-                segs, sals, sal_targets, pgt = make_labels(ds, cfg, cams.__getitem__, pred_sal.__getitem__, pool,
+                segs, sal_targets, pgt = make_labels(ds, cfg, cams.__getitem__, pred_sal.__getitem__, pool,
                                                            f"labels {s + 1}")
                 timings["label_update"] = timings.get("label_update", 0.0) + time.time() - t
                 result.stages[-1]["seconds"] = time.time() - t_stage

@@ -122,7 +122,8 @@ def check_config(branches, affinity, constraints):
 
 class AuxSegNet(nn.Module):
     def __init__(self, num_classes: int = 21, width: float = 1.0, branches=BRANCHES, affinity: str = "cross_task",
-                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False, block_dropout: bool = True):
+                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False, block_dropout: bool = True,
+                 dilations: tuple[int, int, int] = (6, 12, 18)):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
@@ -137,9 +138,12 @@ class AuxSegNet(nn.Module):
         for task, out in (("seg", num_classes), ("sal", 1)):
             if task not in self.branches:
                 continue
-            setattr(self, f"{task}_conv1", nn.Conv2d(K, D, 3, padding=6, dilation=6))
-            setattr(self, f"{task}_conv2", nn.Conv2d(D, D, 3, padding=12, dilation=12))
-            setattr(self, f"{task}_conv3", nn.Conv2d(D, D, 3, padding=18, dilation=18))
+            # Rates 6, 12, 18 suit 41x41 feature maps (321 crops); on small CPU-preset maps most taps of a
+            # rate-18 conv fall into the zero padding, so the rates are a constructor argument.
+            d1, d2, d3 = dilations
+            setattr(self, f"{task}_conv1", nn.Conv2d(K, D, 3, padding=d1, dilation=d1))
+            setattr(self, f"{task}_conv2", nn.Conv2d(D, D, 3, padding=d2, dilation=d2))
+            setattr(self, f"{task}_conv3", nn.Conv2d(D, D, 3, padding=d3, dilation=d3))
             setattr(self, f"{task}_conv4", nn.Conv2d(D, out, 1, bias=False))
         if self.affinity in ("seg", "cross_task"):
             self.seg_att = NonLocal(D)
