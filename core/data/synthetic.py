@@ -40,6 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .saliency import DEFAULT_SALIENCY, SALIENCY_SOURCES, saliency_metrics
+from .voc import _voc_colormap
 
 __all__ = ["PRESETS", "VOC_CLASSES", "ensure_generated", "format_summary", "generate", "render_image", "voc_palette"]
 
@@ -79,19 +80,9 @@ _CUE_COLOURS = np.array([[0.05, 0.80, 0.90],   # cyan
 _N_PATTERNS = 4
 
 
-def voc_palette(n: int = 256) -> list[int]:
+def voc_palette() -> list[int]:
     """The PASCAL VOC colour map as a flat [r, g, b, ...] list (for PIL putpalette)."""
-    pal = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
+    return _voc_colormap().ravel().tolist()
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
