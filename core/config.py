@@ -66,7 +66,8 @@ class TrainConfig:
     stages: int = 5  # stages 0..stages-1 (paper Table 5 reports 0..4)
     batch_size: int = 4
     lr: float = 0.0007
-    head_lr_mult: float = 10.0
+    head_lr_mult: float = 10.0  # stage training: heads at 10x the backbone lr (authors)
+    warmup_head_lr_mult: float = 10.0  # warm-up: fc8 at this x warmup_lr
     momentum: float = 0.9
     weight_decay: float = 1e-5
     poly_power: float = 0.9
@@ -137,8 +138,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.stage_epochs": 2,
         "train.stages": 2,
         "train.batch_size": 8,
-        "train.lr": 0.001,
-        "train.head_lr_mult": 1.0,
+        "train.lr": 0.0001,
+        "train.warmup_head_lr_mult": 1.0,
         "train.crop": 64,
         "eval.scales": (0.75, 1.0),
     },
@@ -155,8 +156,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.stage_epochs": 15,
         "train.stages": 3,
         "train.batch_size": 8,
-        "train.lr": 0.001,
-        "train.head_lr_mult": 1.0,  # Adam's per-parameter steps; 10x heads kill the narrow heads' ReLUs
+        "train.lr": 0.0001,  # heads at 10x: 1e-3
+        "train.warmup_head_lr_mult": 1.0,  # Adam warm-up from scratch: one lr for backbone and fc8
         "train.crop": 96,
         "eval.scales": (0.75, 1.0, 1.25),
     },

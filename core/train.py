@@ -44,11 +44,11 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
-def make_optimizer(net, lr: float, cfg: Config, kind: str = "sgd") -> torch.optim.Optimizer:
-    groups = net.param_groups(lr, head_lr_mult=cfg.train.head_lr_mult, weight_decay=cfg.train.weight_decay)
+def make_optimizer(net, lr: float, head_lr_mult: float, cfg: Config) -> torch.optim.Optimizer:
+    groups = net.param_groups(lr, head_lr_mult=head_lr_mult, weight_decay=cfg.train.weight_decay)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    if kind == "adam":
+    if cfg.train.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
 
@@ -89,7 +89,7 @@ def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np
     epochs = cfg.train.warmup_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg, cfg.train.optimizer)
+    opt = make_optimizer(clf, cfg.train.warmup_lr, cfg.train.warmup_head_lr_mult, cfg)
     clf.train()
     step = 0
     bar = tqdm(total=total, desc="warm-up", leave=False, disable=None)
@@ -115,7 +115,7 @@ def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: 
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(net, cfg.train.lr, cfg, cfg.train.optimizer)
+    opt = make_optimizer(net, cfg.train.lr, cfg.train.head_lr_mult, cfg)
     weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
 
     def extra(i: int) -> dict:

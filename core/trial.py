@@ -41,7 +41,7 @@ WARMUP_KEYS = [
     "model.width", "model.init_weights", "model.dropout", "model.block_dropout", "train.warmup_epochs",
     "train.warmup_lr", "train.optimizer",
     "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
-    "train.weight_decay", "train.poly_power", "train.head_lr_mult",
+    "train.weight_decay", "train.poly_power", "train.warmup_head_lr_mult",
 ]
 
 Report = Callable[[int, dict], None]
@@ -120,7 +120,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
         clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                          block_dropout=cfg.model.block_dropout)
         if cfg.model.init_weights:
-            load_backbone(clf.backbone, cfg.model.init_weights)
+            load_backbone(cfg.model.init_weights, into=clf)
         clf = to_device(clf, cfg, device)
         train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
@@ -178,11 +178,12 @@ def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], 
         with autocast(cfg, device):
             out = net(x)
         cam = out["cam"][0].float() if has_cls else warm_cams[i].to(device)
-        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
         if "affinity" in out:
+            cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
             cam = refine_with_affinity(cam[None], out["affinity"].float())[0]
+        # Averaging over affinities lowers the peaks; the thresholds are defined on max-normalised CAMs.
         size = img.shape[:2]
-        cams.append(F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0].cpu().numpy())
+        cams.append(_cam_at(cam.cpu(), size))
         if has_sal:
             logit = out["sal_ref"] if "sal_ref" in out else out["sal"]
             logit = F.interpolate(logit.float(), size=size, mode="bilinear", align_corners=False)
@@ -198,6 +199,8 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
     result = TrialResult(status="complete", error=None, config=cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
+    if cfg.model.init_weights and not Path(cfg.model.init_weights).is_file():
+        raise FileNotFoundError(f"model.init_weights: no such checkpoint file {cfg.model.init_weights}")
 
     t = time.time()
     ds, val = load_data(cfg)

@@ -117,3 +117,16 @@ def test_missing_voc_folder_is_one_line_error(tmp_path):
                         f"data.root={tmp_path / 'nope'}", "data.saliency=sr", "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_init_weights_errors_are_one_line(runs, tmp_path):
+    env = dict(os.environ, AUXSEG_RUNS=str(runs))
+    for value, needle in ((tmp_path / "missing.pth", "missing.pth"), (None, "width-1.0")):
+        if value is None:  # an existing file, but the smoke preset's narrow backbone cannot take ImageNet weights
+            value = tmp_path / "w.pth"
+            value.write_bytes(b"")
+        p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", *TINY,
+                            f"model.init_weights={value}", "--out", str(tmp_path / "o")],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+        assert p.returncode == 2, p.stderr
+        assert needle in p.stderr and p.stderr.strip().count("\n") == 0
