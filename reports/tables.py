@@ -204,8 +204,11 @@ def provenance(study: Study, out_url_hint: str | None = None) -> str:
     counts = t.status.value_counts()
     status = " / ".join(f"{counts.get(k, 0)} {k}" for k in ("complete", "failed", "pruned", "running"))
     cfgs = [r.get("config") or {} for r in t["result"].dropna()] + list(t["config"])
+    # The resolved root (result.dataset) names the generated benchmark folder when data.root was empty.
+    roots = {(r.get("dataset") or {}).get("root") for r in t["result"].dropna()} - {None}
     data = sorted(
-        {f"{dotted(c, 'data.name')} at {dotted(c, 'data.root')}" for c in cfgs if dotted(c, "data.name")}
+        {f"{dotted(c, 'data.name')} at {dotted(c, 'data.root') or ', '.join(sorted(roots)) or '(generated)'}"
+         for c in cfgs if dotted(c, "data.name")}
     )
     sizes = sorted(
         {
