@@ -71,7 +71,7 @@ def main() -> None:
     rates = {}
     for workers in (1, os.cpu_count() or 1):
         pool = make_pool(workers)
-        _, t = timed(lambda: make_labels(tr, cfg, cams.__getitem__, pred_sal.__getitem__, pool, "labels"))
+        _, t = timed(lambda: make_labels(tr, cfg, cams, pred_sal, pool, "labels"))
         if pool is not None:
             pool.shutdown()
         rates[workers] = len(tr) / t

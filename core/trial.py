@@ -165,32 +165,37 @@ def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], 
                  device: torch.device):
     """Per image: the CAM refined by the learned affinity (Eq. 6-7 applied to CAMs) and the refined saliency.
 
-    CAMs come from this stage's cls branch when it exists, else from the warm-up classifier.
+    CAMs come from this stage's cls branch when it exists, else from the warm-up classifier. Both cues
+    are kept at feature resolution and returned as per-image callables that upsample on demand, so a
+    VOC-sized train set never holds full-resolution maps for every image at once.
     """
     net.eval()
     has_cls = "cls" in cfg.model.branches
-    has_sal = "sal" in cfg.model.branches
-    cams: list[np.ndarray] = []
-    sals: list[np.ndarray | None] = []
+    cams: list[torch.Tensor] = []
+    sal_logits: list[torch.Tensor | None] = []
     for i in tqdm(range(len(ds)), desc="cues", leave=False, disable=None):
-        img = ds.image(i)
-        x = torch.from_numpy(normalize(img))[None].to(device)
+        x = torch.from_numpy(normalize(ds.image(i)))[None].to(device)
         with autocast(cfg, device):
             out = net(x)
         cam = out["cam"][0].float() if has_cls else warm_cams[i].to(device)
         if "affinity" in out:
             cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
             cam = refine_with_affinity(cam[None], out["affinity"].float())[0]
+        cams.append(cam.cpu())
+        logit = out.get("sal_ref", out.get("sal"))
+        sal_logits.append(None if logit is None else logit.float().cpu())
+
+    def cam_at(i: int) -> np.ndarray:
         # Averaging over affinities lowers the peaks; the thresholds are defined on max-normalised CAMs.
-        size = img.shape[:2]
-        cams.append(_cam_at(cam.cpu(), size))
-        if has_sal:
-            logit = out["sal_ref"] if "sal_ref" in out else out["sal"]
-            logit = F.interpolate(logit.float(), size=size, mode="bilinear", align_corners=False)
-            sals.append(torch.sigmoid(logit)[0, 0].cpu().numpy())
-        else:
-            sals.append(None)
-    return cams, sals
+        return _cam_at(cams[i], ds.image(i).shape[:2])
+
+    def sal_at(i: int) -> np.ndarray | None:
+        if sal_logits[i] is None:
+            return None
+        up = F.interpolate(sal_logits[i], size=ds.image(i).shape[:2], mode="bilinear", align_corners=False)
+        return torch.sigmoid(up)[0, 0].numpy()
+
+    return cam_at, sal_at
 
 
 def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
@@ -216,9 +221,8 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         timings["warmup"] = time.time() - t
 
         t = time.time()
-        first = [_cam_at(c, ds.image(i).shape[:2]) for i, c in enumerate(warm_cams)]
-        segs, sal_targets, pgt = make_labels(ds, cfg, first.__getitem__, lambda i: None, pool, "initial labels")
-        del first
+        segs, sal_targets, pgt = make_labels(ds, cfg, lambda i: _cam_at(warm_cams[i], ds.image(i).shape[:2]),
+                                             lambda i: None, pool, "initial labels")
         result.initial_pgt = pgt
         timings["initial_labels"] = time.time() - t
 
@@ -253,7 +257,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             if not last:
                 t = time.time()
                 cams, pred_sal = network_cues(net, ds, warm_cams, cfg, device)
-                segs, sal_targets, pgt = make_labels(ds, cfg, cams.__getitem__, pred_sal.__getitem__, pool,
+                segs, sal_targets, pgt = make_labels(ds, cfg, cams, pred_sal, pool,
                                                            f"labels {s + 1}")
                 timings["label_update"] = timings.get("label_update", 0.0) + time.time() - t
                 result.stages[-1]["seconds"] = time.time() - t_stage
