@@ -34,7 +34,7 @@ from core.parallel import bounded_map, make_pool
 from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
 WARMUP_KEYS = [
     "seed", "data.name", "data.root", "data.preset", "data.seed", "data.train_split", "data.num_classes",
@@ -111,7 +111,8 @@ def compute_cams(clf, ds: VOCDataset, device: torch.device) -> list[torch.Tensor
 
 def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[dict, list, bool, float]:
     """Classification warm-up and initial CAMs, from runs/cache/<key>/ when another trial made them."""
-    key = f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{device.type}"
+    # The data set's own fingerprint joins the config fields: the same data.root can hold new data.
+    key = f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{ds.fingerprint()}-{device.type}"
     folder = runs_dir() / "cache" / key
     t0 = time.time()
 

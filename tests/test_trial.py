@@ -64,6 +64,21 @@ def test_same_seed_same_metrics_and_cache_reuse(runs):
     assert d.warmup["cached"] is False
 
 
+def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_path):
+    import shutil
+    from core.data import ensure_generated
+    src = runs / "data" / "synthetic-smoke-seed0"
+    ensure_generated(src, preset="smoke", seed=0)
+    root = tmp_path / "mydata"
+    shutil.copytree(src, root)
+    cfg = make_config("smoke", TINY + ["seed=5", f"data.root={root}"])
+    assert run_trial(cfg).warmup["cached"] is False
+    assert run_trial(cfg).warmup["cached"] is True
+    imgs = sorted((root / "JPEGImages").glob("train_*.jpg"))
+    shutil.copyfile(imgs[1], imgs[0])  # same names, same config, different pixels
+    assert run_trial(cfg).warmup["cached"] is False
+
+
 def test_nan_loss_fails_the_trial_with_a_reason(runs):
     res = run_trial(make_config("smoke", TINY + ["train.lr=1e30"]))
     assert res.status == "failed"
