@@ -233,7 +233,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         net = AuxSegNet(num_classes=ds.num_classes, width=cfg.model.width, branches=cfg.model.branches,
                         affinity=cfg.model.affinity, constraints=cfg.model.constraints,
                         dropout=cfg.model.dropout, block_dropout=cfg.model.block_dropout,
-                        dilations=cfg.model.dilations)
+                        dilations=cfg.model.dilations, head_channels=cfg.model.head_channels)
         clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
                          block_dropout=cfg.model.block_dropout)
         clf.load_state_dict(clf_state)

@@ -233,6 +233,18 @@ def test_width_scales_channels_keeping_structure():
     assert tiny.head_channels == 16 and tiny.seg_conv1.weight.shape == (16, 256, 3, 3)
 
 
+def test_head_channels_config_key_sets_the_seg_and_sal_head_width():
+    from core.config import ConfigError, make_config
+    cfg = make_config("smoke", ["model.head_channels=48"])
+    with torch.device("meta"):
+        net = AuxSegNet(21, cfg.model.width, head_channels=cfg.model.head_channels)
+    assert net.head_channels == 48
+    assert net.seg_conv1.weight.shape[0] == net.sal_conv3.weight.shape[0] == net.seg_conv4.weight.shape[1] == 48
+    assert make_config("default").model.head_channels == 64
+    with pytest.raises(ConfigError, match="model.head_channels"):
+        make_config("smoke", ["model.head_channels=-1"])
+
+
 def _random_backbone_sd(ref, prefix="", extra=True):
     g = torch.Generator().manual_seed(0)
     sd = {}

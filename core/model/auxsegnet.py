@@ -29,9 +29,10 @@ AFFINITIES = ("none", "seg", "cross_task")
 CONSTRAINTS = ("seg", "sal")
 
 
-def head_width(width: float) -> int:
-    """Channels D of the seg / sal heads: 128 at width 1.0, scaled with width, never below 16."""
-    return max(16, round(128 * width))
+def head_width(width: float, channels: int = 0) -> int:
+    """Channels D of the seg / sal heads: `channels` when given, else 128 at width 1.0 scaled with width
+    (never below 16)."""
+    return channels if channels > 0 else max(16, round(128 * width))
 
 
 def _xavier(m: nn.Conv2d):
@@ -123,14 +124,14 @@ def check_config(branches, affinity, constraints):
 class AuxSegNet(nn.Module):
     def __init__(self, num_classes: int = 21, width: float = 1.0, branches=BRANCHES, affinity: str = "cross_task",
                  constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False, block_dropout: bool = True,
-                 dilations: tuple[int, int, int] = (6, 12, 18)):
+                 dilations: tuple[int, int, int] = (6, 12, 18), head_channels: int = 0):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
-        K, D = self.backbone.out_channels, head_width(width)
+        K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
         if "cls" in self.branches:
             self.dropout = nn.Dropout2d(dropout)
