@@ -1,6 +1,6 @@
 """Does the embedded benchmark behave like WSSS? The three checks of the pipeline issue, measured.
 
-    python -m bench.bench_signature [--preset default] [--seeds 0 1 2]
+    python -m bench.bench_signature [--preset default] [--seeds 0 1 2] [--set key=value ...]
 
 1. initial pseudo labels: precision clearly above recall (CAMs under-activate);
 2. pseudo-label recall and mIoU improve from the initial labels to stage 1 (affinity-refined CAMs);
@@ -24,12 +24,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for both models (e.g. to try a schedule before changing the preset)")
     args = ap.parse_args()
     pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
     full, base = [], []
     for seed in args.seeds:
         for label, extra, out in (("full", [], full), ("seg-only", SEG_ONLY, base)):
-            res = run_trial(make_config(args.preset, [f"seed={seed}", "eval.post=false", *extra]))
+            res = run_trial(make_config(args.preset, [*args.overrides, f"seed={seed}", "eval.post=false", *extra]))
             if res.status != "complete":
                 print(f"seed {seed} {label}: {res.status}: {res.error}")
                 return 1
