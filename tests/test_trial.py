@@ -1,6 +1,7 @@
 """End-to-end trials on the smoke preset through the public interface (run_trial and the CLI)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from core.cache import atomic_dir
 from core.config import make_config
+from core.data import ensure_generated
 from core.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +67,6 @@ def test_same_seed_same_metrics_and_cache_reuse(runs):
 
 
 def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_path):
-    import shutil
-    from core.data import ensure_generated
     src = runs / "data" / "synthetic-smoke-seed0"
     ensure_generated(src, preset="smoke", seed=0)
     root = tmp_path / "mydata"
