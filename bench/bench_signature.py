@@ -14,7 +14,7 @@ import argparse
 import statistics
 import sys
 
-from core.config import make_config
+from core.config import ConfigError, make_config
 from core.trial import run_trial
 
 SEG_ONLY = ["model.branches=seg", "model.affinity=none", "model.constraints=[]"]
@@ -27,6 +27,12 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                     help="config overrides for both models (e.g. to try a schedule before changing the preset)")
     args = ap.parse_args()
+    try:  # a bad --set is one line, before any trial spends minutes
+        for extra in ([], SEG_ONLY):
+            make_config(args.preset, [*args.overrides, *extra])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
     full, base = [], []
     for seed in args.seeds:

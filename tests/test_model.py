@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.config import ConfigError, make_config
 from core.losses import auxsegnet_loss
 from core.model import AuxSegNet, Classifier, ResNet38, load_backbone, refine_with_affinity
 from core.model.affinity import NonLocal, cross_task_affinity, make_sa_fusion, sa_weights
@@ -234,7 +235,6 @@ def test_width_scales_channels_keeping_structure():
 
 
 def test_head_channels_config_key_sets_the_seg_and_sal_head_width():
-    from core.config import ConfigError, make_config
     cfg = make_config("smoke", ["model.head_channels=48"])
     with torch.device("meta"):
         net = AuxSegNet(21, cfg.model.width, head_channels=cfg.model.head_channels)
