@@ -62,10 +62,10 @@ def naive_cross_task(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sa
     """The same maths written plainly: two softmaxes, a concatenation, out-of-place ReLU, a 2-channel softmax."""
     A_seg = torch.softmax(torch.bmm(*seg_att.query_key(f_seg)), -1)
     A_sal = torch.softmax(torch.bmm(*sal_att.query_key(f_sal)), -1)
-    Wt = torch.softmax(sa[2](F.relu(sa[0](torch.stack([A_sal, A_seg], 1)))), dim=1)
-    A_ct = Wt[:, 0] * A_sal + Wt[:, 1] * A_seg
-    seg = seg_att.attend(f_seg, A_seg) + seg_W(propagate(A_ct, seg_g(f_seg)))
-    sal = sal_att.attend(f_sal, A_sal) + sal_W(propagate(A_ct, sal_g(f_sal)))
+    Wt = torch.softmax(sa[2](F.relu(sa[0](torch.stack([A_seg, A_sal], 1)))), dim=1)
+    A_ct = Wt[:, 0] * A_seg + Wt[:, 1] * A_sal
+    seg = f_seg + seg_W(propagate(A_seg, seg_g(f_seg)))
+    sal = f_sal + sal_W(propagate(A_sal, sal_g(f_sal)))
     return seg, sal, A_ct
 
 
@@ -101,7 +101,7 @@ def main(argv=None):
 
     print("\n== HW x HW affinity memory (float32, kept for backward) ==")
     print("analytic: seg affinity keeps 1 map (A_seg); cross_task keeps 7 maps "
-          "([A_sal, A_seg] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); a plain implementation keeps 9")
+          "([A_seg, A_sal] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); a plain implementation keeps 9")
     print("measured: bytes of distinct storages saved by autograd for the affinity module alone (D=128)")
     print(f"{'crop':>5} {'grid':>6} {'HW':>5} {'batch':>5} {'1 map':>9} | {'seg: calc':>9} {'meas':>9} | "
           f"{'cross: calc':>11} {'meas':>9} | {'plain: calc':>11} {'meas':>9}")

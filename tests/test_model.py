@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from core.config import ConfigError, make_config
 from core.losses import auxsegnet_loss
 from core.model import AuxSegNet, Classifier, ResNet38, load_backbone, refine_with_affinity
-from core.model.affinity import NonLocal, cross_task_affinity, make_sa_fusion, sa_weights
+from core.model.affinity import NonLocal, cross_task_affinity, make_sa_fusion, propagate_features, sa_weights
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "resnet38_auxsegnet_state_dict.json"
 if not REF.exists():
@@ -95,25 +95,26 @@ def test_disabled_parts_have_no_parameters():
     assert tops == {"backbone", "seg_conv1", "seg_conv2", "seg_conv3", "seg_conv4"}
     net = AuxSegNet(21, W, ("seg", "sal"), "seg", ("seg",))
     tops = {n.split(".")[0] for n, _ in net.named_parameters()}
-    assert "seg_att" in tops and not tops & {"fc8", "sal_att", "cross_att", "seg_g", "seg_W", "sal_g", "sal_W"}
-    for name in ("fc8", "sal_att", "cross_att", "seg_g"):
+    assert {"seg_att", "seg_g", "seg_W"} <= tops and not tops & {"fc8", "sal_att", "cross_att", "sal_g", "sal_W"}
+    for name in ("fc8", "sal_att", "cross_att", "sal_g"):
         assert not hasattr(net, name)
 
 
-def test_nonlocal_rows_sum_to_one_and_residual():
+def test_nonlocal_affinity_rows_sum_to_one_and_feature_residual():
     torch.manual_seed(0)
     nl = NonLocal(16)
     nl.reset_parameters()
     x = torch.randn(2, 16, 5, 6)
-    y, A = nl(x)
+    A = nl(x)
     assert A.shape == (2, 30, 30)
     torch.testing.assert_close(A.sum(-1), torch.ones(2, 30))
-    torch.testing.assert_close(y, x)  # W_z BN gamma = 0 at init: identity block
-    nl.W_z[1].weight.data.fill_(1.0)
-    nl.eval()
-    y, A2 = nl(x)
-    ref = x + nl.W_z(torch.einsum("bij,bcj->bci", A2, nl.g(x).flatten(2)).view_as(x))
-    torch.testing.assert_close(y, ref)
+    q, k = nl.theta(x).flatten(2), nl.phi(x).flatten(2)
+    torch.testing.assert_close(A, torch.softmax(torch.einsum("bci,bcj->bij", q, k), -1))
+    # the official checkpoint's g / W_z tensors are loaded but inert: frozen, no optimiser sees them
+    assert not any(p.requires_grad for p in [*nl.g.parameters(), *nl.W_z.parameters()])
+    g, W = torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 16, 1)
+    ref = x + W(torch.einsum("bij,bcj->bci", A, g(x).flatten(2)).view_as(x))  # F_out = F_in + W(A g(F_in))
+    torch.testing.assert_close(propagate_features(x, A, g, W), ref)
 
 
 def _naive_sa(A2, sa):
@@ -167,13 +168,14 @@ def test_refine_with_affinity_identity_and_formula():
 def test_gradients_reach_every_parameter(branches, affinity, constraints):
     torch.manual_seed(0)
     net = AuxSegNet(21, W, branches, affinity, constraints)
-    for m in net.modules():  # the NonLocal W_z BN starts at 0 (identity block); open it to test connectivity
-        if isinstance(m, NonLocal):
-            m.W_z[1].weight.data.fill_(0.5)
     out = net(torch.randn(2, 3, 64, 64))
     total, _ = auxsegnet_loss(out, _targets(), {"cls": 1.0, "sal": 1.0, "seg": 1.0})
     total.backward()
-    for name, p in net.named_parameters():
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert {n for n, p in net.named_parameters() if not p.requires_grad} == {
+        f"{m}.{part}" for m in ("seg_att", "sal_att") if hasattr(net, m)
+        for part in ("g.weight", "g.bias", "W_z.0.weight", "W_z.0.bias", "W_z.1.weight", "W_z.1.bias")}
+    for name, p in trainable:
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
@@ -184,7 +186,7 @@ def test_default_init_gives_every_parameter_a_grad():
     net = AuxSegNet(21, W)
     total, _ = auxsegnet_loss(net(torch.randn(2, 3, 32, 32)), _targets(h=32, w=32), {})
     total.backward()
-    assert all(p.grad is not None for p in net.parameters())
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
 def test_determinism_same_seed_same_outputs_and_loss():
@@ -329,12 +331,12 @@ def test_param_groups_cover_everything_once():
     net = AuxSegNet(21, W)
     groups = net.param_groups(0.001, head_lr_mult=10.0, weight_decay=1e-5)
     ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(net.parameters()))
+    assert len(ids) == len(set(ids)) == len([p for p in net.parameters() if p.requires_grad])
     by_name = {g["name"]: g for g in groups}
     assert by_name["backbone"]["lr"] == 0.001 and by_name["head"]["lr"] == pytest.approx(0.01)
     assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["backbone"]["weight_decay"] == 1e-5
     head_ids = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
-    assert head_ids == {id(p) for n, p in net.named_parameters() if not n.startswith("backbone.")}
+    assert head_ids == {id(p) for n, p in net.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
     torch.optim.SGD(groups, lr=0.001, momentum=0.9)  # accepted by the optimiser
     assert {g["name"] for g in Classifier(21, W).param_groups(0.1)} >= {"backbone", "head"}
 
@@ -373,20 +375,18 @@ def test_fused_cross_task_matches_plain_maths_values_and_grads():
     def plain(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sal_W):
         A_seg = torch.softmax(torch.bmm(*seg_att.query_key(f_seg)), -1)
         A_sal = torch.softmax(torch.bmm(*sal_att.query_key(f_sal)), -1)
-        Wt = torch.softmax(sa[2](F.relu(sa[0](torch.cat([A_sal[:, None], A_seg[:, None]], 1)))), dim=1)
-        A_ct = Wt[:, 0] * A_sal + Wt[:, 1] * A_seg
+        Wt = torch.softmax(sa[2](F.relu(sa[0](torch.cat([A_seg[:, None], A_sal[:, None]], 1)))), dim=1)
+        A_ct = Wt[:, 0] * A_seg + Wt[:, 1] * A_sal  # official channel order [A_seg, A_sal]
         A_ct = A_ct / A_ct.sum(-1, keepdim=True)
-        seg = seg_att.attend(f_seg, A_seg) + seg_W(propagate(A_ct, seg_g(f_seg)))
-        sal = sal_att.attend(f_sal, A_sal) + sal_W(propagate(A_ct, sal_g(f_sal)))
+        seg = f_seg + seg_W(propagate(A_seg, seg_g(f_seg)))
+        sal = f_sal + sal_W(propagate(A_sal, sal_g(f_sal)))
         return seg, sal, A_ct
 
     torch.manual_seed(0)
     mods = [NonLocal(16), NonLocal(16), make_sa_fusion()] + [torch.nn.Conv2d(16, 16, 1) for _ in range(4)]
-    for m in mods[:2]:
-        m.W_z[1].weight.data.fill_(1.0)
     for p in mods[2].parameters():
         torch.nn.init.normal_(p)
-    params = [p for m in mods for p in m.parameters()]
+    params = [p for m in mods for p in m.parameters() if p.requires_grad]
     f_seg, f_sal = torch.randn(2, 16, 5, 4), torch.randn(2, 16, 5, 4)
     results = []
     for fn in (cross_task, plain):

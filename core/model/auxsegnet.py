@@ -5,8 +5,8 @@
     seg:  relu(seg_conv1 d6) -> relu(seg_conv2 d12) -> [affinity] -> relu(seg_conv3 d18) -> seg_conv4 1x1
     sal:  the same with sal_conv*, 1 output channel
     affinity "none":       no attention modules
-             "seg":        seg_att NonLocal on F_seg_in; A = A_seg refines the predictions
-             "cross_task": seg_att + sal_att + SA fusion (cross_att) + seg_g/seg_W/sal_g/sal_W; A = A_CT
+             "seg":        seg_att affinity A_seg; F_seg += seg_W(A_seg seg_g(F_seg)); A = A_seg refines
+             "cross_task": the same for sal (sal_att, sal_g, sal_W) + SA fusion (cross_att); A = A_CT refines
     constraints: which predictions A refines (seg_ref, sal_ref) - Table 4's rows.
 
 Module names follow the official checkpoint (fc8, seg_conv1..4, sal_conv1..4, seg_att, sal_att, seg_g,
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .affinity import NonLocal, cross_task, make_sa_fusion, refine_with_affinity
+from .affinity import NonLocal, cross_task, make_sa_fusion, propagate_features, refine_with_affinity
 from .backbone import ResNet38
 
 BRANCHES = ("seg", "cls", "sal")
@@ -148,9 +148,9 @@ class AuxSegNet(nn.Module):
             setattr(self, f"{task}_conv4", nn.Conv2d(D, out, 1, bias=False))
         if self.affinity in ("seg", "cross_task"):
             self.seg_att = NonLocal(D)
+            self.seg_g, self.seg_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
         if self.affinity == "cross_task":
             self.sal_att = NonLocal(D)
-            self.seg_g, self.seg_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
             self.sal_g, self.sal_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
             self.cross_att = make_sa_fusion()
         self.reset_head_parameters()
@@ -159,15 +159,20 @@ class AuxSegNet(nn.Module):
              "sal_conv4", "seg_att", "sal_att", "seg_g", "seg_W", "sal_g", "sal_W", "cross_att")
 
     def reset_head_parameters(self):
-        """Xavier-uniform weights and zero biases for every head conv; NonLocal W_z BN starts at 0."""
+        """As the official code: Xavier-uniform weights and zero biases for fc8 and the seg / sal convs;
+        PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``, cross_att)."""
         for name in self.HEADS:
             m = getattr(self, name, None)
             if isinstance(m, NonLocal):
                 m.reset_parameters()
             elif m is not None:
                 for conv in m.modules():
-                    if isinstance(conv, nn.Conv2d):
+                    if not isinstance(conv, nn.Conv2d):
+                        continue
+                    if name == "fc8" or "_conv" in name:
                         _xavier(conv)
+                    else:
+                        conv.reset_parameters()
 
     def _task_features(self, task, feat):
         f = F.relu(getattr(self, f"{task}_conv1")(feat))
@@ -187,7 +192,8 @@ class AuxSegNet(nn.Module):
         f_sal = self._task_features("sal", feat) if "sal" in self.branches else None
         A = None
         if self.affinity == "seg":
-            f_seg, A = self.seg_att(f_seg)
+            A = self.seg_att(f_seg)
+            f_seg = propagate_features(f_seg, A, self.seg_g, self.seg_W)
         elif self.affinity == "cross_task":
             f_seg, f_sal, A = cross_task(f_seg, f_sal, self.seg_att, self.sal_att, self.cross_att,
                                          self.seg_g, self.seg_W, self.sal_g, self.sal_W)
