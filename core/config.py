@@ -171,7 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "labels.sal_threshold": 0.3,
         "labels.sal_binarize": 0.3,
         # Eq. 1's CRF with the authors' VOC parameters shrinks the soft averaged map on 96 px images:
-        # stage-1 recall 40.5 % with it vs 57.4 % without (initial 45.7 %); see README "Known limits".
+        # stage-1 recall 41.2 % with it vs 58.0 % without (initial 45.7 %, seed 0); see README "Known limits".
         "labels.sal_crf": False,
     },
     # PASCAL VOC with the paper's network and schedule; meant for a GPU (data.root must be set).
