@@ -16,10 +16,9 @@ import torch
 
 from core.config import make_config
 from core.evaluate import evaluate
-from core.model import AuxSegNet
 from core.parallel import make_pool
 from core.train import resolve_device, train_stage
-from core.trial import load_data, make_labels, network_cues, run_trial
+from core.trial import build_net, load_data, make_labels, network_cues, run_trial
 
 
 class Subset:
@@ -58,9 +57,7 @@ def main() -> None:
           f"width {cfg.model.width}, crop {cfg.train.crop}, {args.images} images per measurement")
 
     torch.manual_seed(0)
-    net = AuxSegNet(ds.num_classes, cfg.model.width, cfg.model.branches, cfg.model.affinity, cfg.model.constraints,
-                    dropout=cfg.model.dropout, block_dropout=cfg.model.block_dropout,
-                    dilations=cfg.model.dilations, head_channels=cfg.model.head_channels).to(device)
+    net = build_net(cfg, ds.num_classes).to(device)
     # Labels to train on: a CAM-free stand-in (the image's saliency fused with its classes) is enough for timing.
     seg = [np.where(tr.saliency(i) > 0.5, int(np.argmax(tr.labels(i))) + 1, 0).astype(np.uint8) for i in range(len(tr))]
     sal = [(tr.saliency(i) > 0.5).astype(np.uint8) for i in range(len(tr))]

@@ -92,6 +92,20 @@ def load_data(cfg: Config) -> tuple[VOCDataset, VOCDataset]:
     return train, val
 
 
+def build_classifier(cfg: Config, num_classes: int) -> Classifier:
+    """The warm-up classifier the config describes (the one place that maps model.* to it)."""
+    m = cfg.model
+    return Classifier(num_classes=num_classes, width=m.width, dropout=m.dropout, block_dropout=m.block_dropout)
+
+
+def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
+    """The AuxSegNet the config describes (the one place that maps model.* to its constructor)."""
+    m = cfg.model
+    return AuxSegNet(num_classes=num_classes, width=m.width, branches=m.branches, affinity=m.affinity,
+                     constraints=m.constraints, dropout=m.dropout, block_dropout=m.block_dropout,
+                     dilations=m.dilations, head_channels=m.head_channels)
+
+
 def _cam_at(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(C-1, h, w) ReLU CAM -> normalised per class by its spatial max, upsampled to the image."""
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
@@ -118,8 +132,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
 
     def fill(tmp: Path) -> None:
         torch.manual_seed(cfg.seed)
-        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
-                         block_dropout=cfg.model.block_dropout)
+        clf = build_classifier(cfg, ds.num_classes)
         if cfg.model.init_weights:
             load_backbone(cfg.model.init_weights, into=clf)
         clf = to_device(clf, cfg, device)
@@ -230,12 +243,8 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         # Same stream of randomness for the stages whether the warm-up was computed or loaded.
         torch.manual_seed(cfg.seed + 1)
         rng = np.random.default_rng([cfg.seed, 1])
-        net = AuxSegNet(num_classes=ds.num_classes, width=cfg.model.width, branches=cfg.model.branches,
-                        affinity=cfg.model.affinity, constraints=cfg.model.constraints,
-                        dropout=cfg.model.dropout, block_dropout=cfg.model.block_dropout,
-                        dilations=cfg.model.dilations, head_channels=cfg.model.head_channels)
-        clf = Classifier(num_classes=ds.num_classes, width=cfg.model.width, dropout=cfg.model.dropout,
-                         block_dropout=cfg.model.block_dropout)
+        net = build_net(cfg, ds.num_classes)
+        clf = build_classifier(cfg, ds.num_classes)
         clf.load_state_dict(clf_state)
         net.load_from_classifier(clf)
         net = to_device(net, cfg, device)
