@@ -318,8 +318,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.stages < 1:
         raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
-    if t.crop % 8:
-        raise ConfigError(f"train.crop must be a multiple of 8 (output stride), got {t.crop}")
+    if t.crop < 8:  # any size >= one output-stride cell works: the paper's 321 gives 41x41 maps
+        raise ConfigError(f"train.crop must be >= 8 (the output stride), got {t.crop}")
     if t.optimizer not in ("sgd", "adam"):
         raise ConfigError(f"train.optimizer: {t.optimizer!r} is not one of ['sgd', 'adam']")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.cache import atomic_dir
-from core.config import make_config
+from core.config import ConfigError, make_config
 from core.data import ensure_generated
 from core.trial import run_trial
 
@@ -132,6 +132,17 @@ def test_missing_voc_folder_is_one_line_error(tmp_path):
                         f"data.root={tmp_path / 'nope'}", "data.saliency=sr", "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
+    # the README's VOC route: the paper's 321 crop (41x41 maps) must pass validation
+    assert make_config("paper", ["data.root=/voc", "data.saliency=sr"]).train.crop == 321
+    with pytest.raises(ConfigError, match="train.crop"):
+        make_config("paper", ["data.root=/voc", "data.saliency=sr", "train.crop=4"])
+    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "paper", "--set", "data.saliency=sr",
+                        f"data.root={tmp_path / 'novoc'}", "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "novoc" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
 def test_init_weights_errors_are_one_line(runs, tmp_path):
