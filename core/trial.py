@@ -79,7 +79,9 @@ def resolve_data_root(cfg: Config) -> Path:
     return root
 
 
-def load_data(cfg: Config) -> tuple[VOCDataset, VOCDataset]:
+def load_data(cfg: Config, validate: bool = True) -> tuple[VOCDataset, VOCDataset]:
+    """Train and val splits; ``validate=False`` checks only the layout, split lists and saliency source
+    (no image is read), which is what a scheduler checks before it starts any trial."""
     root = resolve_data_root(cfg)
     sal = cfg.data.saliency or (DEFAULT_SALIENCY if cfg.data.name == "synthetic" else "")
     if not sal:
@@ -87,8 +89,9 @@ def load_data(cfg: Config) -> tuple[VOCDataset, VOCDataset]:
     nc = cfg.data.num_classes or None
     train = VOCDataset(root, cfg.data.train_split, saliency=sal, num_classes=nc)
     val = VOCDataset(root, cfg.data.val_split, saliency=None, num_classes=train.num_classes)
-    train.validate()
-    val.validate()
+    if validate:
+        train.validate()
+        val.validate()
     return train, val
 
 

@@ -19,7 +19,8 @@ import statistics
 import sys
 from typing import Any
 
-from core.config import ConfigError, parse_overrides
+from core.config import ConfigError, make_config, parse_overrides
+from core.data import DataError
 from studies.spec import Plan, Spec, SpecError, load_spec
 
 
@@ -30,6 +31,19 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
         raise UsageError(f"studies.run: {message} (see --help)")
+
+
+def check_user_data(plan: Plan) -> None:
+    """A user's VOC folder is checked once per distinct data setting before any trial is scheduled, so a
+    wrong path is one line and exit 2, not every trial failing. The embedded benchmark is generated."""
+    from core.trial import load_data
+
+    seen = set()
+    for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
+        cfg = make_config(plan.preset, ov)
+        if cfg.data.name == "voc" and cfg.data not in seen:
+            seen.add(cfg.data)
+            load_data(cfg, validate=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(plan)
             return 0
+        check_user_data(plan)
         from sqlalchemy.exc import ArgumentError
 
         from studies.store import Store
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             store = Store(url)
         except ArgumentError as e:
             raise UsageError(f"--storage: {str(e).splitlines()[0]}") from None
-    except (UsageError, SpecError, ConfigError) as e:
+    except (UsageError, SpecError, ConfigError, DataError) as e:
         print(str(e), file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from core.config import ConfigError, make_config
+from core.config import PRESETS, ConfigError, make_config
 
 TOP_KEYS = {"storage", "base", "studies"}
 BASE_KEYS = {"preset", "set"}
@@ -249,18 +249,18 @@ class Spec:
         ctx = _Ctx(self.path, study.raw.get("__lines__", {}))
         base = {**self.base_set, **study.set}
         allcli = {**(extra or {}), **cli}
-        try:
-            make_config(preset, {})
-        except ConfigError as e:
-            raise SpecError(f"--preset: {e}") from None
-        try:
-            make_config(preset, base)
-        except ConfigError as e:
-            raise ctx.err(("studies", name, "set"), str(e)) from None
+        if preset not in PRESETS:
+            raise SpecError(f"--preset: unknown preset {preset!r} (expected one of {list(PRESETS)})")
         try:
             make_config(preset, {**base, **allcli})
         except ConfigError as e:
-            raise SpecError(f"--set: {e}") from None
+            # Blame the source: a preset may be incomplete on its own (paper needs data.root from --set),
+            # so judge the preset together with --set, and the study's set on top of both.
+            try:
+                make_config(preset, allcli)
+            except ConfigError:
+                raise SpecError(f"{'--set' if cli else '--preset'}: {e}") from None
+            raise ctx.err(("studies", name, "set"), str(e)) from None
         points: list[GridPoint] = []
         if study.kind == "ablation":
             n = 0
@@ -275,7 +275,7 @@ class Spec:
                         make_config(preset, ov)
                     except ConfigError as e:
                         try:  # the row alone, or only with its variant?
-                            make_config(preset, {**base, **row.set})
+                            make_config(preset, {**base, **row.set, "seed": seed, **allcli})
                         except ConfigError:
                             where = ("studies", name, "rows", ri, "set")
                         raise ctx.err(where, str(e)) from None

@@ -225,6 +225,21 @@ def test_unknown_study_and_bad_cli(tmp_path, capsys):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
 
 
+def test_paper_preset_on_a_missing_voc_folder_is_one_line_before_any_trial(tmp_path, capsys):
+    from studies.run import main
+
+    y, _ = write_study(tmp_path)
+    voc = ["--preset", "paper", "--set", f"data.root={tmp_path / 'novoc'}", "data.saliency=sr"]
+    # the paper preset needs data.root from --set: the plan must judge them together
+    assert main(["g", "--study-file", str(y), *voc, "--dry-run"]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, ["g", "--study-file", str(y), *voc], tmp_path)
+    assert "novoc" in err and "not found" in err
+    assert not (tmp_path / "studies.db").exists(), "nothing may run on a missing data folder"
+    err = one_line_error(capsys, ["g", "--study-file", str(y), "--preset", "paper", "--dry-run"], tmp_path)
+    assert err.startswith("--preset:") and "data.root" in err
+
+
 # --------------------------------------------------------------------------------- end to end
 def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
     import optuna
