@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,30 @@ class TrialResult:
     seconds: float = 0.0
     timings: dict = dataclasses.field(default_factory=dict)
     dataset: dict | None = None
+    environment: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result's numbers depend on beyond config and seed: bit-identical results need the same
+    torch build, CPU (or GPU) kernels and intra-op thread count."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "device": device.type, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return env
 
 
 def runs_dir() -> Path:
@@ -221,13 +243,15 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
     result = TrialResult(status="complete", error=None, config=cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
+    result.environment = environment(device)
     if cfg.model.init_weights and not Path(cfg.model.init_weights).is_file():
         raise FileNotFoundError(f"model.init_weights: no such checkpoint file {cfg.model.init_weights}")
 
     t = time.time()
     ds, val = load_data(cfg)
     result.dataset = {"root": str(ds.root), "n_train": len(ds), "n_val": len(val),
-                      "num_classes": ds.num_classes, "saliency": str(ds.saliency_name)}
+                      "num_classes": ds.num_classes, "saliency": str(ds.saliency_name),
+                      "class_names": list(ds.class_names)}
     timings["data"] = time.time() - t
 
     pool = make_pool(cfg.train.workers)
