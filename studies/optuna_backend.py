@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from core.config import make_config
+from studies.quality import COLLAPSED_MEANING, result_collapsed
 from studies.spec import Plan
 from studies.store import Store, code_version, pid_alive, retry_locked
 
@@ -98,6 +99,7 @@ class Outcome:
     error: str | None = None
     harness_id: int | None = None
     result: dict | None = field(default=None, repr=False)
+    collapsed: bool = False  # IoU 0 on every foreground class (studies.quality); set where result is dropped
 
 
 _STORES: dict[str, Store] = {}
@@ -220,7 +222,8 @@ def trial_attrs(job: Job, out: Outcome) -> dict[str, Any]:
     r = out.result or {}
     last = (r.get("stages") or [{}])[-1] if r else {}
     attrs: dict[str, Any] = {"status": out.status, "error": out.error, "harness_trial_id": out.harness_id,
-                             "row": job.row, "variant": job.variant, "seed": job.seed, "host": socket.gethostname()}
+                             "row": job.row, "variant": job.variant, "seed": job.seed, "host": socket.gethostname(),
+                             "collapsed": result_collapsed(r)}
     if r:
         attrs.update({
             "final_miou": finite(dig(r, "final.miou")), "miou_post": finite(dig(r, "final.miou_post")),
@@ -266,7 +269,8 @@ def run_optuna_job(job: Job) -> Outcome:
     except Exception as e:  # config/store trouble outside the trial itself: still close the Optuna trial
         out = Outcome(job.number, "failed", None, one_line(e))
     tell(study, job, out)
-    return Outcome(out.number, out.status, out.value, out.error, out.harness_id)  # result stays in the DB
+    return Outcome(out.number, out.status, out.value, out.error, out.harness_id,  # result stays in the DB
+                   collapsed=result_collapsed(out.result))
 
 
 # ------------------------------------------------------------------------------- resume / faults
@@ -387,6 +391,7 @@ def run_study(plan: Plan, url: str, workers: int = 1, n_trials: int | None = Non
         outcomes.append(out)
         v = "" if out.value is None else f" {plan.study.metric}={out.value:.4f}"
         extra = f" ({out.error})" if out.error else ""
+        extra += f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else ""
         label = job.row + (f"/{job.variant}" if job.variant else "")
         log(f"[studies] trial #{job.number} {label} seed {job.seed}: {out.status}{v}{extra}")
 

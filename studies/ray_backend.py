@@ -33,6 +33,7 @@ from studies.optuna_backend import (
     recover,
     tell,
 )
+from studies.quality import COLLAPSED_MEANING, result_collapsed
 from studies.spec import Plan
 from studies.store import code_version, is_sqlite, retry_locked
 
@@ -106,6 +107,7 @@ class HarnessSearch(OptunaSearch):
         if hid is not None:  # the user attrs read the stored result
             t = [x for x in self.h_store.trials(self.h_plan.study.name) if x["id"] == hid]
             out.result = t[0]["result"] if t else None
+            out.collapsed = result_collapsed(out.result)
         try:
             tell(self._ot_study, job, out)
         except Exception as e:
@@ -114,7 +116,8 @@ class HarnessSearch(OptunaSearch):
         v = "" if out.value is None else f" {self.h_plan.study.metric}={out.value:.4f}"
         label = job.row + (f"/{job.variant}" if job.variant else "")
         self.h_log(f"[studies] trial #{job.number} {label} seed {job.seed}: {out.status}{v}"
-                   + (f" ({out.error})" if out.error else ""))
+                   + (f" ({out.error})" if out.error else "")
+                   + (f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else ""))
 
 
 

@@ -111,8 +111,10 @@ def _fmt(v: Any) -> str:
 
 
 def summary(plan: Plan, store) -> str:
-    """row, variant, n, mean +- std of the metric (percent), failed/pruned counts: all trials in the store."""
+    """row, variant, n, mean +- std of the metric (percent), failed/pruned/collapsed counts: all trials in the
+    store. Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
     from studies.optuna_backend import dig, finite
+    from studies.quality import result_collapsed
 
     s = plan.study
     groups: dict[tuple, list] = {}
@@ -123,6 +125,8 @@ def summary(plan: Plan, store) -> str:
             v = finite(dig(t["result"], s.metric))
             if v is not None:
                 groups.setdefault(key, []).append(v)
+            if result_collapsed(t["result"]):
+                other.setdefault(key, []).append("collapsed")
         elif t["status"] != "running":
             other.setdefault(key, []).append(t["status"])
     if plan.is_grid:
