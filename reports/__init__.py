@@ -1,5 +1,7 @@
-"""Study reports: markdown tables in the paper's layout (Tables 3-6, Fig. 6) and seaborn figures,
-built from the results store. `build_report(name, storage_url, out_dir)` or `python -m reports NAME`."""
+"""Study reports: markdown tables in the paper's layout (Tables 3-6, Fig. 6) with paired-by-seed Δ against
+the baseline (reports.paired), the metric per seed, per-class IoU (reports.per_class), collapsed trials
+flagged (studies.quality), and seaborn figures, built from the results store.
+`build_report(name, storage_url, out_dir)` or `python -m reports NAME`."""
 
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ DEFAULT_OUT = "runs/reports"
 def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | Path = DEFAULT_OUT) -> Path:
     """Write out_dir/NAME.md (and NAME_*.png beside it) for study NAME; return the markdown path.
     Raises ReportError for a missing/empty store or an unknown study."""
-    from . import figures, tables
+    from . import figures, per_class, tables
 
     study = load_study(name, storage_url)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     spec = study.spec
+    tuning = spec.get("kind") == "tuning"
     md = [f"# Study report: {name}", "", tables.provenance(study), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
@@ -31,11 +34,16 @@ def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | P
             md.extend([f"## {title}", "", body, ""])
         md.extend(f"![{caption}]({f})\n" for caption, f in figs if f)
 
+    def with_seeds(table: str) -> str:
+        seeds = tables.per_seed_table(study)
+        return table + (f"\n\n{seeds}" if seeds else "")
+
+    section("Warnings", tables.collapsed_warnings(study))
     bars = (
-        "metric per configuration: mean ± std over seeds, one dot per seed",
-        None if spec.get("kind") == "tuning" else figures.metric_bars(study, out, f"{stem}_metric.png"),
+        "metric per configuration: mean ± std over seeds, one line per seed",
+        None if tuning else figures.metric_bars(study, out, f"{stem}_metric.png"),
     )
-    if spec.get("kind") == "tuning":
+    if tuning:
         section(
             "Best trials",
             tables.tuning_tables(study),
@@ -43,12 +51,24 @@ def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | P
             ("metric vs each parameter", figures.param_scatter(study, out, f"{stem}_params.png")),
         )
     elif spec.get("variants") or study.trials["variant"].ne("").any():
-        section("Results (Table 6 layout)", tables.variants_table(study), bars)
+        section("Results (Table 6 layout)", with_seeds(tables.variants_table(study)), bars)
     elif spec.get("paper_table") == 5 or spec.get("paper_stages"):
-        section("Results per stage (Table 5 layout)", tables.stages_table(study), bars)
+        section("Results per stage (Table 5 layout)", with_seeds(tables.stages_table(study)), bars)
     else:
         table = f" (Table {spec['paper_table']} layout)" if spec.get("paper_table") else ""
-        section(f"Results{table}", tables.ablation_table(study), bars)
+        section(f"Results{table}", with_seeds(tables.ablation_table(study)), bars)
+    if not tuning:
+        frame = per_class.per_class_frame(study)
+        section(
+            "Per-class IoU (val, last stage)",
+            per_class.per_class_table(frame),
+            (
+                "per-class IoU (%), mean over seeds",
+                figures.per_class_heatmap(
+                    frame, out, f"{stem}_per_class.png", f"{name}: per-class IoU (%), mean over seeds"
+                ),
+            ),
+        )
     section("The paper's reference rows", tables.paper_reference(study))
     section(
         "Pseudo-label quality (Fig. 6 quantities)",

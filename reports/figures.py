@@ -30,35 +30,78 @@ def _group(df: pd.DataFrame) -> pd.Series:
 
 
 def metric_bars(study: Study, out_dir: Path, filename: str) -> str | None:
-    """Per-row bar (mean, error bar = std over seeds) with one point per seed; hue = variant if any."""
+    """Per-row bar (mean, error bar = std over seeds); each seed's values joined across rows by a thin line
+    (one line per seed, so paired differences are visible); collapsed trials crossed out; hue = variant if any."""
     d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
     if d.empty:
         return None
     order = [r for r in study.row_order() if r in set(d["row"])]
+    variants = [v for v in study.variant_order() if v in set(d["variant"])]
     hue = "variant" if d["variant"].ne("").any() else None
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(order) + 1), 4.2))
-    sns.barplot(data=d, x="row", y="pct", order=order, hue=hue, errorbar="sd", alpha=0.6, capsize=0.15, ax=ax)
-    sns.stripplot(
+    sns.barplot(
         data=d,
         x="row",
         y="pct",
         order=order,
         hue=hue,
-        dodge=hue is not None,
-        legend=False,
-        palette=["black"] * d["variant"].nunique() if hue else None,
-        color=None if hue else "black",
-        size=5,
+        hue_order=variants if hue else None,
+        errorbar="sd",
+        alpha=0.45,
+        capsize=0.15,
         ax=ax,
     )
+    width = 0.8 / len(variants)  # seaborn's dodge: bars of one category share 0.8 of its slot
+    seeds = sorted(d["seed"].unique())
+    for color, seed in zip(sns.color_palette("dark", len(seeds)), seeds):
+        for j, v in enumerate(variants):
+            s = d[(d["seed"] == seed) & (d["variant"] == v)].groupby("row")["pct"].mean()
+            x = [i + (-0.4 + width * (j + 0.5) if hue else 0.0) for i in range(len(order))]
+            ax.plot(
+                x,
+                [s.get(r, float("nan")) for r in order],
+                marker="o",
+                markersize=4.5,
+                linewidth=0.9,
+                alpha=0.85,
+                color=color,
+                label=f"seed {seed}" if j == 0 else None,
+            )
+    bad = d[d["collapsed"]]
+    if not bad.empty:
+        xs = [
+            order.index(t.row) + (-0.4 + width * (variants.index(t.variant) + 0.5) if hue else 0.0)
+            for t in bad.itertuples()
+        ]
+        ax.scatter(xs, bad["pct"], marker="x", s=70, color="red", zorder=5, label="collapsed")
+    ax.legend(fontsize="small", ncol=2 if len(seeds) > 4 else 1)
     lo, hi = d["pct"].min(), d["pct"].max()
     ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 5)), hi + 0.15 * (hi - lo + 5))
-    ax.set(
-        xlabel="",
-        ylabel=metric_label(study.metric),
-        title=f"{study.name}: {study.metric} (bars: mean ± std; dots: seeds)",
-    )
+    ax.set(xlabel="", ylabel=metric_label(study.metric))
+    ax.set_title(f"{study.name}: {study.metric}\n(bars: mean ± std; lines: one seed each)", fontsize="medium")
     ax.tick_params(axis="x", labelrotation=15 if len(order) > 3 else 0)
+    return _save(fig, out_dir, filename)
+
+
+def per_class_heatmap(frame: pd.DataFrame | None, out_dir: Path, filename: str, title: str) -> str | None:
+    """Classes x configurations heat map of the per-class IoU (%), mean over seeds (reports.per_class)."""
+    if frame is None or frame.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(frame.columns) + 2.5), 0.32 * len(frame) + 1.6))
+    sns.heatmap(
+        100 * frame,
+        annot=True,
+        fmt=".1f",
+        cmap="viridis",
+        vmin=0,
+        vmax=100,
+        linewidths=0.5,
+        cbar_kws={"label": "IoU (%)"},
+        annot_kws={"size": 7},
+        ax=ax,
+    )
+    ax.set(xlabel="", ylabel="", title=title)
+    ax.tick_params(axis="x", labelrotation=20 if len(frame.columns) > 3 else 0)
     return _save(fig, out_dir, filename)
 
 

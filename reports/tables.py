@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import sqlalchemy as sa
+
+from studies.quality import COLLAPSED_MEANING, is_collapsed, last_stage_iou
+
+from .paired import better_cell, delta_cell, paired_delta
 
 PAPER_COL = "Paper (VOC val)"
 NOTE = (
@@ -25,6 +30,16 @@ NOTE = (
 )
 PAPER_NOTE = NOTE.format(col=PAPER_COL, split="val")
 PGT = ("precision", "recall", "miou")
+REPRO_NOTE = (
+    "Metrics are bit-identical only for the same machine (CPU model and kernel level), torch build and thread "
+    "count; compare across machines with the paired Δ, not raw values."
+)
+PAIRED_NOTE = (
+    "*Δ of means: mean of the row − mean of the baseline row, each over its own complete seeds. Δ paired: mean "
+    "over seeds of (row − baseline row, same seed), seeds where both trials are complete, in percent points; "
+    "[95% CI] = mean ± t(0.975, n−1)·sd/√n (Student t, needs n ≥ 2). seeds better: paired seeds where the row "
+    "beats the baseline ({direction}).*"
+)
 
 
 class ReportError(Exception):
@@ -38,7 +53,8 @@ class Study:
     spec: dict
     preset: str | None
     created_at: object
-    trials: pd.DataFrame  # one row per trial; `value` = spec metric, `result`/`params`/`config` parsed
+    trials: pd.DataFrame  # one row per trial; `value` = spec metric, `result`/`params`/`config` parsed,
+    # `per_class_iou` = the last stage's val per-class IoU, `collapsed` = studies.quality.is_collapsed of it
     stages: pd.DataFrame  # one row per (trial, stage), joined with the trial's row/variant/seed/status
 
     @property
@@ -46,8 +62,18 @@ class Study:
         return self.spec.get("metric") or "final.miou"
 
     @property
+    def direction(self) -> str:
+        return self.spec.get("direction") or "maximize"
+
+    @property
     def complete(self) -> pd.DataFrame:
         return self.trials[self.trials.status == "complete"]
+
+    def variant_order(self) -> list[str]:
+        """The spec's variant labels, then any others found; [""] for a study without variants."""
+        labels = [v["label"] for v in self.spec.get("variants") or [] if isinstance(v, dict) and "label" in v]
+        found = [v for v in self.trials["variant"].unique() if v not in labels]
+        return labels + sorted(found) or [""]
 
     def row_order(self) -> list[str]:
         labels = [r["label"] for r in self.spec.get("rows") or [] if "label" in r]
@@ -135,6 +161,18 @@ def load_study(name: str, url: str) -> Study:
         _num(dotted(r, study.metric)) if r else _num(row.get(column))
         for r, (_, row) in zip(trials["result"], trials.iterrows())
     ]
+    # Collapse is decided here, from the stored stages, so stores written before the flag existed get it too.
+    last = stages.sort_values("stage").groupby("trial_id").tail(1)
+    last_iou = dict(zip(last["trial_id"], last["per_class_iou_json"].map(_json)))
+    trials["per_class_iou"] = pd.Series(
+        [
+            last_iou.get(i) if last_iou.get(i) is not None else last_stage_iou(r)
+            for i, r in zip(trials["id"], trials["result"])
+        ],
+        index=trials.index,
+        dtype=object,
+    )
+    trials["collapsed"] = trials["per_class_iou"].map(is_collapsed).astype(bool)
     return study
 
 
@@ -198,6 +236,24 @@ def n_cell(study: Study, label: str, variant: str | None = None) -> str:
     return f"{n}" + (f" ({other})" if other else "")
 
 
+def seed_values(df: pd.DataFrame, column: str = "value") -> dict[int, float]:
+    """seed -> the column's value over these trials (the mean if a seed ran twice); missing values skipped."""
+    d = df[df[column].notna()]
+    return {int(k): float(v) for k, v in d.groupby("seed")[column].mean().items()}
+
+
+def config_cell(study: Study, label: str) -> str:
+    """The row's label, plus '⚠ collapsed (k/n seeds)' when k of its n complete trials collapsed
+    (per variant, 'baseline: k/n seeds', in a study with variants)."""
+    done = study.complete[study.complete["row"] == label]
+    parts = []
+    for v in study.variant_order():
+        g = done[done["variant"] == v]
+        if g["collapsed"].any():
+            parts.append(f"{v + ': ' if v else ''}{int(g['collapsed'].sum())}/{len(g)} seeds")
+    return label + (f" ⚠ collapsed ({'; '.join(parts)})" if parts else "")
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def provenance(study: Study, out_url_hint: str | None = None) -> str:
     t, spec = study.trials, study.spec
@@ -207,8 +263,11 @@ def provenance(study: Study, out_url_hint: str | None = None) -> str:
     # The resolved root (result.dataset) names the generated benchmark folder when data.root was empty.
     roots = {(r.get("dataset") or {}).get("root") for r in t["result"].dropna()} - {None}
     data = sorted(
-        {f"{dotted(c, 'data.name')} at {dotted(c, 'data.root') or ', '.join(sorted(roots)) or '(generated)'}"
-         for c in cfgs if dotted(c, "data.name")}
+        {
+            f"{dotted(c, 'data.name')} at {dotted(c, 'data.root') or ', '.join(sorted(roots)) or '(generated)'}"
+            for c in cfgs
+            if dotted(c, "data.name")
+        }
     )
     sizes = sorted(
         {
@@ -238,6 +297,8 @@ def provenance(study: Study, out_url_hint: str | None = None) -> str:
             f"- **Compute:** {seconds / 3600:.2f} h total trial time ({seconds:.0f} s); "
             f"warm-up cached in {int(cached.sum())}/{len(t)} trials"
         ),
+        f"- **Environment:** {environments(study)}",
+        f"- *{REPRO_NOTE}*",
         (
             f"- **Study created:** {str(study.created_at)[:19]}; **report generated:** "
             f"{pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC')}"
@@ -250,8 +311,28 @@ def provenance(study: Study, out_url_hint: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _environment(e) -> str:
+    if not isinstance(e, dict) or not e:
+        return "– (not recorded)"
+    cap = f" ({e['cpu_capability']})" if e.get("cpu_capability") else ""
+    gpu = f", GPU {e['gpu']}" if e.get("gpu") else ""
+    python = f", Python {e['python']}" if e.get("python") else ""
+    cpu = f"CPU {e.get('cpu') or '?'}{cap}{gpu}{python}"
+    return f"torch {e.get('torch') or '?'}, {e.get('threads', '?')} threads, {cpu}"
+
+
+def environments(study: Study) -> str:
+    """The distinct (torch, threads, CPU / GPU) combinations of the trials' results, with counts;
+    results from before result.environment existed count as '– (not recorded)'."""
+    counts = Counter(
+        _environment(r.get("environment")) for r in study.trials["result"] if isinstance(r, dict)
+    )
+    return "; ".join(f"{k} ({n} trial{'' if n == 1 else 's'})" for k, n in counts.most_common()) or "–"
+
+
 def ablation_table(study: Study) -> str:
-    """Tables 3/4 layout: one row per configuration, check-mark columns, mean ± std, n, Δ, paper."""
+    """Tables 3/4 layout: one row per configuration, check-mark columns, mean ± std, n, Δ of means, paired Δ
+    against the baseline row (95% CI) and seeds better, paper."""
     rows, done = study.row_order(), study.complete
     checks = list(
         dict.fromkeys(
@@ -265,17 +346,28 @@ def ablation_table(study: Study) -> str:
     has_paper = any(isinstance(p, (int, float)) for p in papers.values())
     base = study.spec.get("baseline")
     base_mean = stats(done[done["row"] == base]["value"])[0] if base else math.nan
-    header = ["Config", *checks, metric_label(study.metric), "n", f"Δ vs {base or 'baseline'}"]
+    base_seeds = seed_values(done[done["row"] == base])
+    header = ["Config", *checks, metric_label(study.metric), "n", f"Δ of means vs {base or 'baseline'}"]
+    header += ["Δ paired (95% CI)", "seeds better"] if base else []
     body = []
     for r in rows:
         cols = study.row_spec(r).get("columns") or {}
         values = done[done["row"] == r]["value"]
-        delta = "(baseline)" if r == base else signed(stats(values)[0] - base_mean)
-        body.append([r, *(check(cols.get(k)) for k in checks), mean_std(values), n_cell(study, r), delta])
+        body.append(
+            [config_cell(study, r), *(check(cols.get(k)) for k in checks), mean_std(values), n_cell(study, r)]
+        )
+        if r == base:
+            body[-1] += ["(baseline)"] * 3
+        else:
+            body[-1].append(signed(stats(values)[0] - base_mean))
+            if base:
+                p = paired_delta(seed_values(done[done["row"] == r]), base_seeds, study.direction)
+                body[-1] += [delta_cell(p), better_cell(p)]
         if has_paper:
             p = papers[r]
             body[-1].append(paper(p) if isinstance(p, (int, float)) else "–")
     text = markdown(header + ([PAPER_COL] if has_paper else []), body)
+    text += ("\n\n" + PAIRED_NOTE.format(direction=study.direction)) if base else ""
     return text + ("\n\n" + PAPER_NOTE if has_paper else "")
 
 
@@ -301,7 +393,11 @@ def stages_table(study: Study) -> str:
     body, papers = [], []
     for r in study.row_order():
         body.append(
-            [r, *(mean_std(g[(g["row"] == r) & (g["stage"] == s)][column]) for s in stages), n_cell(study, r)]
+            [
+                config_cell(study, r),
+                *(mean_std(g[(g["row"] == r) & (g["stage"] == s)][column]) for s in stages),
+                n_cell(study, r),
+            ]
         )
         if ref := stage_paper(study, r):
             papers.append(
@@ -346,34 +442,46 @@ def paper_reference(study: Study) -> str | None:
 
 def variants_table(study: Study) -> str:
     """Table 6 layout: Baseline (baseline variant final.miou), Final* (full variant final.miou),
-    Δ = Final* − Baseline, Final (full variant final.miou_post, post-processed)."""
+    Δ = Final* − Baseline (of means, and paired by seed with its 95% CI and seeds better), Final (full variant
+    final.miou_post, post-processed), and Final* paired by seed against the baseline row's Final*.
+    The columns are mIoU, so "better" means higher whatever the study's direction."""
     done = study.complete.copy()
     done["miou"] = [_num(dotted(r, "final.miou")) for r in done["result"]]
     done["post"] = [_num(dotted(r, "final.miou_post")) for r in done["result"]]
-    labels = [v["label"] for v in study.spec.get("variants") or []] or sorted(
-        study.trials["variant"].unique()
-    )
+    labels = study.variant_order()
     base_v = "baseline" if "baseline" in labels else labels[0]
     full_v = "full" if "full" in labels else labels[-1]
+    base_row = study.spec.get("baseline")
     has_paper = any(isinstance(study.row_spec(r).get("paper"), dict) for r in study.row_order())
-    header = ["Config", "Baseline", "Final*", "Δ", "Final", f"n ({base_v}/{full_v})"]
+    header = ["Config", "Baseline", "Final*", "Δ of means", "Δ paired (95% CI)", "seeds better", "Final"]
+    header.append(f"n ({base_v}/{full_v})")
+    if base_row:
+        header += [f"Final* Δ paired vs {base_row} (95% CI)", f"seeds better vs {base_row}"]
+    base_full = seed_values(done[(done["row"] == base_row) & (done["variant"] == full_v)], "miou")
     body = []
     for r in study.row_order():
         b, f = (
             done[(done["row"] == r) & (done["variant"] == base_v)],
             done[(done["row"] == r) & (done["variant"] == full_v)],
         )
-        delta = stats(f["miou"])[0] - stats(b["miou"])[0]
+        within = paired_delta(seed_values(f, "miou"), seed_values(b, "miou"))
         body.append(
             [
-                r,
+                config_cell(study, r),
                 mean_std(b["miou"]),
                 mean_std(f["miou"]),
-                signed(delta),
+                signed(stats(f["miou"])[0] - stats(b["miou"])[0]),
+                delta_cell(within),
+                better_cell(within),
                 mean_std(f["post"]),
                 f"{n_cell(study, r, base_v)} / {n_cell(study, r, full_v)}",
             ]
         )
+        if base_row and r == base_row:
+            body[-1] += ["(baseline)"] * 2
+        elif base_row:
+            vs = paired_delta(seed_values(f, "miou"), base_full)
+            body[-1] += [delta_cell(vs), better_cell(vs)]
         if has_paper:
             p = study.row_spec(r).get("paper")
             p = p if isinstance(p, dict) else {}
@@ -384,7 +492,15 @@ def variants_table(study: Study) -> str:
     text = markdown(header + ([f"{PAPER_COL} B / F* / Δ / F"] if has_paper else []), body)
     text += (
         "\n\n*\\* without post-processing. Final = full variant with post-processing (`final.miou_post`; "
-        "– when post-processing was off).*"
+        "– when post-processing was off). Δ = Final* − Baseline within the row: of the means, and paired by seed "
+        "(mean of the per-seed differences in percent points, [95% CI] = mean ± t(0.975, n−1)·sd/√n, seeds "
+        "better = seeds where Final* > Baseline)."
+        + (
+            f" Final* Δ paired vs {base_row}: this row's Final* − {base_row}'s Final*, same seed."
+            if base_row
+            else ""
+        )
+        + "*"
     )
     return text + ("\n\n" + PAPER_NOTE if has_paper else "")
 
@@ -508,4 +624,62 @@ def failures(study: Study) -> str | None:
             ]
             for t in f.itertuples()
         ],
+    )
+
+
+def groups(study: Study) -> list[tuple[str, str]]:
+    """(row, variant) in the report's order: rows as in the spec, variants as in the spec."""
+    return [(r, v) for r in study.row_order() for v in study.variant_order()]
+
+
+def group_label(row: str, variant: str) -> str:
+    return row + (f" [{variant}]" if variant else "")
+
+
+def per_seed_table(study: Study) -> str | None:
+    """The metric of every (row, variant) and seed, percent: the numbers behind the means and paired Δ."""
+    seeds = sorted(int(s) for s in study.trials["seed"].dropna().unique())
+    if not seeds:
+        return None
+    done = study.complete[study.complete["value"].notna()]
+    variants = study.variant_order() != [""]
+    header = ["Config", *(["Variant"] if variants else []), *(f"seed {s}" for s in seeds)]
+    body = []
+    for row, variant in groups(study):
+        g = done[(done["row"] == row) & (done["variant"] == variant)]
+        cells = []
+        for s in seeds:
+            t = g[g["seed"] == s]
+            cells.append("–" if t.empty else pct(t["value"].mean()) + (" ⚠" if t["collapsed"].any() else ""))
+        body.append([row, *([variant] if variants else []), *cells])
+    return (
+        f"**{metric_label(study.metric)} per seed** (`{study.metric}`; – = no complete trial, ⚠ = collapsed):\n\n"
+        + markdown(header, body)
+    )
+
+
+def collapsed_warnings(study: Study) -> str | None:
+    """The complete trials that collapsed (studies.quality.is_collapsed on the last stage's per-class IoU)."""
+    c = study.complete[study.complete["collapsed"]]
+    if c.empty:
+        return None
+    table = markdown(
+        ["Trial", "Config", "Variant", "Seed", metric_label(study.metric), "What it means"],
+        [
+            [
+                int(t.optuna_number) if pd.notna(t.optuna_number) else "–",
+                t.row,
+                t.variant or "",
+                t.seed,
+                pct(t.value),
+                COLLAPSED_MEANING,
+            ]
+            for t in c.itertuples()
+        ],
+    )
+    return (
+        f"**⚠ {len(c)} collapsed trial{'' if len(c) == 1 else 's'}** (marked ⚠ in the tables): the network "
+        "gets IoU 0 on every foreground class of the val set after its last stage. They are kept in the means "
+        "and paired Δ below, so a marked row may be a failed run rather than a worse configuration.\n\n"
+        + table
     )

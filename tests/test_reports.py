@@ -18,10 +18,11 @@ from studies.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38)):
-    """A result.json with the given final mIoU and stages [(val_miou, (p, r, m)), ...]."""
+def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38), iou=None, env=None, names=None):
+    """A result.json with the given final mIoU and stages [(val_miou, (p, r, m)), ...]; iou = the last
+    stage's per-class IoU (default [v, v]), env = result.environment, names = dataset.class_names."""
     stages = stages or [(final, init)]
-    return {
+    res = {
         "status": "complete",
         "error": None,
         "config": {"seed": 0, "data": {"name": "synthetic", "root": "/data/synth", "preset": "smoke"}},
@@ -29,7 +30,11 @@ def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38)):
         "stages": [
             {
                 "stage": s,
-                "val": {"miou": v, "miou_post": None, "per_class_iou": [v, v]},
+                "val": {
+                    "miou": v,
+                    "miou_post": None,
+                    "per_class_iou": iou if iou is not None and s == len(stages) - 1 else [v, v],
+                },
                 "pgt": dict(zip(("precision", "recall", "miou"), p)),
                 "seconds": 1.0,
             }
@@ -47,6 +52,11 @@ def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38)):
             "saliency": "spectral",
         },
     }
+    if env is not None:
+        res["environment"] = env
+    if names is not None:
+        res["dataset"]["class_names"] = names
+    return res
 
 
 def add(store, study, number, row, seed, res=None, status="complete", variant=None, params=None):
@@ -69,12 +79,21 @@ def add(store, study, number, row, seed, res=None, status="complete", variant=No
     return tid
 
 
-def table_row(md: str, first_cell: str) -> list[str]:
+def table_rows(md: str, first_cell: str) -> list[list[str]]:
+    """Every markdown table row whose first cell is first_cell, in order."""
+    rows = []
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no table row {first_cell!r} in:\n{md}")
+            rows.append(cells)
+    return rows
+
+
+def table_row(md: str, first_cell: str) -> list[str]:
+    rows = table_rows(md, first_cell)
+    if not rows:
+        raise AssertionError(f"no table row {first_cell!r} in:\n{md}")
+    return rows[0]
 
 
 def pngs_ok(md: str, out: Path, n_min: int):
@@ -134,10 +153,22 @@ def test_ablation_table_checkmarks_paper_and_partial(store, url, tmp_path):
         "Aff.",
         "mIoU (%)",
         "n",
-        "Δ vs Baseline",
+        "Δ of means vs Baseline",
     ]
-    assert table_row(md, "Config")[-1] == "Paper (VOC val)"
-    assert table_row(md, "Baseline") == ["Baseline", "✓", "", "", "", "52.0 ± 2.0", "3", "(baseline)", "56.9"]
+    assert table_row(md, "Config")[8:] == ["Δ paired (95% CI)", "seeds better", "Paper (VOC val)"]
+    assert table_row(md, "Baseline") == [
+        "Baseline",
+        "✓",
+        "",
+        "",
+        "",
+        "52.0 ± 2.0",
+        "3",
+        "(baseline)",
+        "(baseline)",
+        "(baseline)",
+        "56.9",
+    ]
     assert table_row(md, "w/ seg., cls.") == [
         "w/ seg., cls.",
         "✓",
@@ -147,17 +178,32 @@ def test_ablation_table_checkmarks_paper_and_partial(store, url, tmp_path):
         "56.0 ± 1.0",
         "3",
         "+4.0",
+        "+4.0 [+1.5, +6.5]",  # diffs 5, 4, 3: 4.0 ± t(0.975, 2) · 1.0 / √3 = 4.0 ± 2.48
+        "3/3",
         "57.6",
     ]
     r = table_row(md, "w/ seg., sal.")
-    assert r[5:] == ["61.0 ± 1.4", "2/3 (incomplete; 1 running)", "+9.0", "59.8"]
+    assert r[5:] == [
+        "61.0 ± 1.4",
+        "2/3 (incomplete; 1 running)",
+        "+9.0",
+        "+10.0 [+10.0, +10.0]",
+        "2/2",
+        "59.8",
+    ]
     r = table_row(md, "w/ seg., cls., sal.")
     assert r[1:5] == ["✓", "✓", "✓", "CT"] and r[5:] == [
         "65.0 ± –",
         "1/3 (incomplete; 1 failed)",
         "+13.0",
+        "+15.0 (n = 1, no CI)",  # paired with seed 0 only: 65 − 50, where the means differ by 13
+        "1/1",
         "–",
     ]
+    # the per-seed table below the main one
+    assert table_rows(md, "Config")[1] == ["Config", "seed 0", "seed 1", "seed 2"]
+    assert table_rows(md, "Baseline")[1] == ["Baseline", "50.0", "52.0", "54.0"]
+    assert table_rows(md, "w/ seg., sal.")[1] == ["w/ seg., sal.", "60.0", "62.0", "–"]
     assert "not a result of this harness" in md
     # provenance
     assert "11 (9 complete / 1 failed / 0 pruned / 1 running)" in md and "abc123" in md
@@ -250,24 +296,46 @@ def test_saliency_variants_table(store, url, tmp_path):
             add(store, "saliency", next(n), row, seed, result(base[seed]), variant="baseline")
             add(store, "saliency", next(n), row, seed, result(full[seed], post[seed]), variant="full")
     md = build_report("saliency", url, tmp_path).read_text()
-    assert table_row(md, "Config")[:6] == ["Config", "Baseline", "Final*", "Δ", "Final", "n (baseline/full)"]
+    assert table_row(md, "Config")[:10] == [
+        "Config",
+        "Baseline",
+        "Final*",
+        "Δ of means",
+        "Δ paired (95% CI)",
+        "seeds better",
+        "Final",
+        "n (baseline/full)",
+        "Final* Δ paired vs spectral (95% CI)",
+        "seeds better vs spectral",
+    ]
+    # t(0.975, 1) = 12.71: two seeds give wide intervals, e.g. diffs 10, 12 -> 11.0 ± 12.71 · 1.41 / √2
     assert table_row(md, "spectral") == [
         "spectral",
         "41.0 ± 1.4",
         "52.0 ± 2.8",
         "+11.0",
+        "+11.0 [-1.7, +23.7]",
+        "2/2",
         "56.0 ± 1.4",
         "2 / 2",
+        "(baseline)",
+        "(baseline)",
         "53.0 / 63.7 / 10.7 / 66.5",
     ]
     assert table_row(md, "ft")[1:] == [
         "45.0 ± 0.0",
         "51.0 ± 1.4",
         "+6.0",
+        "+6.0 [-6.7, +18.7]",
+        "2/2",
         "59.0 ± 1.4",
         "2 / 2",
+        "-1.0 [-39.1, +37.1]",  # Final* vs spectral's Final*, same seed: 52 − 50, 50 − 54
+        "1/2",
         "– / – / – / –",
     ]
+    assert table_rows(md, "Config")[1] == ["Config", "Variant", "seed 0", "seed 1"]
+    assert table_rows(md, "ft")[1:3] == [["ft", "baseline", "45.0", "45.0"], ["ft", "full", "52.0", "50.0"]]
     assert table_row(md, "Paper's configuration") == [
         "Paper's configuration",
         "Baseline",
@@ -359,3 +427,187 @@ def test_unknown_study_empty_store_and_cli(store, url, tmp_path):
     )  # no trials yet: still a report
     md = (tmp_path / "o" / "bare.md").read_text()
     assert table_row(md, "a")[1:3] == ["–", "0/2 (incomplete)"]
+
+
+# ----------------------------------------------------------------------------------- paired statistics
+def test_paired_delta_against_a_hand_computation():
+    from reports.paired import better_cell, delta_cell, paired_delta
+
+    base = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.80}  # seed 3 has no partner, seed 4 no baseline: both skipped
+    row = {0: 0.51, 1: 0.62, 2: 0.73, 4: 0.99}
+    p = paired_delta(row, base)
+    half = 4.302652729911275 * 0.01 / 3**0.5  # t.ppf(0.975, 2) · sd(0.01, 0.02, 0.03) / √3 = 0.02484
+    assert (p.n, p.better) == (3, 3)
+    assert p.mean == pytest.approx(0.02) and (p.hi - p.mean) == pytest.approx(half)
+    assert (p.lo, p.hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert delta_cell(p) == "+2.0 [-0.5, +4.5]" and better_cell(p) == "3/3"
+    nan = paired_delta({0: 0.5, 1: float("nan"), 2: None}, {0: 0.4, 1: 0.4, 2: 0.4})
+    assert (nan.n, delta_cell(nan), better_cell(nan)) == (1, "+10.0 (n = 1, no CI)", "1/1")
+    none = paired_delta({0: 0.5}, {1: 0.5})
+    assert (none.n, delta_cell(none), better_cell(none)) == (0, "– (no paired seeds)", "–")
+
+
+def test_paired_delta_seeds_better_respects_direction():
+    from reports.paired import better_cell, paired_delta
+
+    row, base = {0: 0.30, 1: 0.50, 2: 0.40}, {0: 0.40, 1: 0.45, 2: 0.40}  # lower, higher, tie
+    assert better_cell(paired_delta(row, base)) == "1/3"
+    assert better_cell(paired_delta(row, base, direction="minimize")) == "1/3"
+    assert paired_delta({0: 0.1, 1: 0.2}, {0: 0.3, 1: 0.4}, direction="minimize").better == 2
+    assert paired_delta({0: 0.1, 1: 0.2}, {0: 0.3, 1: 0.4}).better == 0
+
+
+def test_minimize_study_counts_lower_as_better(store, url, tmp_path):
+    spec = {"kind": "ablation", "seeds": [0, 1], "baseline": "a", "direction": "minimize",
+            "rows": [{"label": "a"}, {"label": "b"}]}  # fmt: skip
+    store.upsert_study("lower", spec, "smoke")
+    for i, (row, seed, v) in enumerate([("a", 0, 0.5), ("a", 1, 0.5), ("b", 0, 0.4), ("b", 1, 0.6)]):
+        add(store, "lower", i, row, seed, result(v))
+    md = build_report("lower", url, tmp_path).read_text()
+    assert table_row(md, "b")[-2:] == ["+0.0 [-127.1, +127.1]", "1/2"]
+    assert "(minimize)" in md
+
+
+def test_one_seed_study_still_reports(store, url, tmp_path):
+    spec = {"kind": "ablation", "seeds": [0], "baseline": "a", "rows": [{"label": "a"}, {"label": "b"}]}
+    store.upsert_study("oneseed", spec, "smoke")
+    add(store, "oneseed", 0, "a", 0, result(0.40))
+    add(store, "oneseed", 1, "b", 0, result(0.45))
+    md = build_report("oneseed", url, tmp_path).read_text()
+    assert table_row(md, "a")[1:] == ["40.0 ± –", "1", "(baseline)", "(baseline)", "(baseline)"]
+    assert table_row(md, "b")[1:] == ["45.0 ± –", "1", "+5.0", "+5.0 (n = 1, no CI)", "1/1"]
+    pngs_ok(md, tmp_path, 2)  # metric bars + per-class heat map
+
+
+# ----------------------------------------------------------------------------------- collapsed trials
+def test_is_collapsed_edge_cases():
+    from studies.quality import is_collapsed, result_collapsed
+
+    nan = float("nan")
+    assert is_collapsed([0.9, 0.0, 0.0])
+    assert is_collapsed([0.9, 0.0, None, nan, 0])  # absent classes skipped, the present ones all 0
+    assert is_collapsed([0.0, 0.0])  # background IoU does not matter
+    assert not is_collapsed([0.9, 0.0, 0.01])
+    assert not is_collapsed([0.9, None, nan])  # no foreground value: cannot decide
+    assert not is_collapsed([0.9]) and not is_collapsed([]) and not is_collapsed(None)
+    assert result_collapsed(
+        result(0.05, stages=[(0.3, (0.8, 0.4, 0.38)), (0.05, (0.8, 0.4, 0.38))], iou=[0.9, 0])
+    )
+    # the last stage decides: collapsed early, recovered later
+    early = result(0.3, stages=[(0.0, (0.8, 0.4, 0.38)), (0.3, (0.8, 0.4, 0.38))])
+    early["stages"][0]["val"]["per_class_iou"] = [0.9, 0.0]
+    assert not result_collapsed(early) and not result_collapsed(None) and not result_collapsed({"stages": []})
+
+
+@pytest.fixture(scope="module")
+def collapse(store):
+    """Study 'collapse': rows A (baseline) and B, 3 seeds, 4 classes without names; B seed 1 (trial 4) has
+    IoU 0 on every foreground class present in val."""
+    spec = {"kind": "ablation", "seeds": [0, 1, 2], "baseline": "A", "paper_table": 4,
+            "rows": [{"label": "A"}, {"label": "B"}]}  # fmt: skip
+    store.upsert_study("collapse", spec, "smoke")
+    for seed in range(3):
+        add(store, "collapse", seed, "A", seed, result(0.40 + 0.01 * seed, iou=[0.8, 0.3, 0.1, None]))
+        iou = [0.7, 0.0, None, 0.0] if seed == 1 else [0.8, 0.4, 0.2, float("nan")]
+        add(store, "collapse", 3 + seed, "B", seed, result(0.17 if seed == 1 else 0.45, iou=iou))
+    return "collapse"
+
+
+def test_collapsed_trial_marked_and_listed(collapse, url, tmp_path, monkeypatch):
+    from reports import figures
+
+    drawn, real_save = {}, figures._save
+
+    def save(fig, out_dir, filename):
+        drawn[filename] = fig
+        return real_save(fig, out_dir, filename)
+
+    monkeypatch.setattr(figures, "_save", save)
+    md = build_report("collapse", url, tmp_path).read_text()
+    assert table_row(md, "A")[0] == "A"
+    assert table_row(md, "B ⚠ collapsed (1/3 seeds)")[1:3] == ["35.7 ± 16.2", "3"]
+    assert md.index("## Warnings") < md.index("## Results (Table 4 layout)")
+    warn = table_row(md, "4")  # the Warnings table: trial number, row, variant, seed, metric, meaning
+    assert warn == [
+        "4",
+        "B",
+        "",
+        "1",
+        "17.0",
+        "predicts background everywhere on val (IoU 0 on every foreground class)",
+    ]
+    assert "1 collapsed trial**" in md
+    assert table_rows(md, "B")[0] == ["B", "45.0", "17.0 ⚠", "45.0"]  # per-seed table
+    # the figure joins each seed's dots across rows and crosses out the collapsed one
+    ax = drawn["collapse_metric.png"].axes[0]
+    assert {line.get_label() for line in ax.get_lines()} >= {"seed 0", "seed 1", "seed 2"}
+    assert "collapsed" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
+    from types import SimpleNamespace
+
+    from studies.optuna_backend import Job, Outcome, trial_attrs
+    from studies.run import summary
+
+    plan = SimpleNamespace(
+        is_grid=True,
+        study=SimpleNamespace(name="collapse", metric="final.miou", rows=[SimpleNamespace(label="A"),
+                              SimpleNamespace(label="B")], variants=(), direction="maximize"),
+    )  # fmt: skip
+    lines = summary(plan, store).splitlines()
+    assert lines[3].startswith("B ") and lines[3].endswith("1 collapsed") and "collapsed" not in lines[2]
+    job = Job("collapse", url, "smoke", 4, "B", None, 1, {}, {}, "final.miou", "val.miou", "abc123")
+    bad = result(0.17, iou=[0.7, 0.0, None])
+    assert trial_attrs(job, Outcome(4, "complete", 0.17, result=bad))["collapsed"] is True
+    assert trial_attrs(job, Outcome(4, "complete", 0.45, result=result(0.45)))["collapsed"] is False
+    assert trial_attrs(job, Outcome(4, "failed", None, "boom"))["collapsed"] is False
+
+
+# ----------------------------------------------------------------------------- per-class IoU, provenance
+def test_per_class_table_and_heat_map(store, url, tmp_path):
+    names = ["background", "cat", "dog"]
+    spec = {"kind": "ablation", "seeds": [0, 1], "baseline": "a", "rows": [{"label": "a"}, {"label": "b"}]}
+    store.upsert_study("classes", spec, "smoke")
+    add(store, "classes", 0, "a", 0, result(0.5, iou=[0.90, 0.40, None], names=names))
+    add(store, "classes", 1, "a", 1, result(0.5, iou=[0.80, 0.20, None], names=names))
+    add(store, "classes", 2, "b", 0, result(0.6, iou=[0.90, 0.50, 0.30], names=names))
+    add(store, "classes", 3, "b", 1, result(0.6, iou=[0.70, 0.60, float("nan")], names=names))
+    md = build_report("classes", url, tmp_path).read_text()
+    assert table_row(md, "Class") == ["Class", "a", "b"]
+    assert table_row(md, "background") == ["background", "85.0", "80.0"]
+    assert table_row(md, "cat") == ["cat", "30.0", "55.0"]
+    assert table_row(md, "dog") == ["dog", "–", "30.0"]  # absent from val in every seed of a
+    assert "![per-class IoU (%), mean over seeds](classes_per_class.png)" in md
+    assert (tmp_path / "classes_per_class.png").stat().st_size > 1000
+
+
+def test_per_class_names_fallback(collapse, store, url):
+    from reports.per_class import per_class_frame
+    from reports.tables import load_study
+
+    frame = per_class_frame(load_study("collapse", url))  # 4 classes, no dataset.class_names
+    assert list(frame.index) == ["background", "class 1", "class 2", "class 3"]
+    store.upsert_study("voc21", {"kind": "ablation", "seeds": [0], "rows": [{"label": "a"}]}, "smoke")
+    add(store, "voc21", 0, "a", 0, result(0.5, iou=[0.5] * 21))
+    frame = per_class_frame(load_study("voc21", url))
+    assert list(frame.index)[:3] == ["background", "aeroplane", "bicycle"] and frame.index[-1] == "tvmonitor"
+
+
+def test_provenance_environment(store, url, tmp_path):
+    env = {"torch": "2.13.0+cpu", "python": "3.11.7", "threads": 2, "device": "cpu",
+           "cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512", "gpu": None}  # fmt: skip
+    gpu = {**env, "torch": "2.13.0+cu126", "threads": 16, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
+    store.upsert_study("env", {"kind": "ablation", "seeds": [0, 1, 2, 3], "rows": [{"label": "a"}]}, "smoke")
+    for seed, e in enumerate([env, env, gpu, None]):
+        add(store, "env", seed, "a", seed, result(0.5, env=e))
+    md = build_report("env", url, tmp_path).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- **Environment:**"))
+    assert line == (
+        "- **Environment:** torch 2.13.0+cpu, 2 threads, CPU Intel(R) Xeon(R) Processor (AVX512), "
+        "Python 3.11.7 (2 trials); torch 2.13.0+cu126, 16 threads, CPU Intel(R) Xeon(R) Processor (AVX512), "
+        "GPU NVIDIA H100 80GB HBM3, Python 3.11.7 (1 trial); – (not recorded) (1 trial)"
+    )
+    assert "Metrics are bit-identical only for the same machine (CPU model and kernel level)" in md
+    old = build_report("tasks", url, tmp_path).read_text()  # a store written before result.environment
+    assert "- **Environment:** – (not recorded) (9 trials)" in old
