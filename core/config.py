@@ -44,7 +44,9 @@ class ModelConfig:
     branches: tuple[str, ...] = ("seg", "cls", "sal")
     affinity: str = "cross_task"
     constraints: tuple[str, ...] = ("seg", "sal")
-    init_weights: str = ""  # path to a converted ImageNet ResNet38 checkpoint ("" -> random init)
+    # "" -> random init; "synthetic" -> core/weights' backbone pretrained at this width (core.pretrain);
+    # else a path: a converted ImageNet ResNet38 checkpoint (width 1.0) or a core.pretrain checkpoint.
+    init_weights: str = ""
     dropout: float = 0.5  # Dropout2d before GAP in the cls branch
     block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
     dilations: tuple[int, ...] = (6, 12, 18)  # head atrous rates (paper); scale them down with the feature map

@@ -32,6 +32,7 @@ from core.labels import update_labels_one
 from core.metrics import pgt_summary
 from core.model import AuxSegNet, Classifier, load_backbone, refine_with_affinity
 from core.parallel import bounded_map, make_pool
+from core.pretrain import check_init_weights, resolve_init_weights, weights_fingerprint
 from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
@@ -80,7 +81,7 @@ def cpu_model() -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     """What a result's numbers depend on beyond config and seed: bit-identical results need the same
     torch build, CPU (or GPU) kernels and intra-op thread count."""
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    env = {"torch": str(torch.__version__), "python": platform.python_version(), "threads": torch.get_num_threads(),
            "device": device.type, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     return env
@@ -151,15 +152,18 @@ def compute_cams(clf, ds: VOCDataset, device: torch.device) -> list[torch.Tensor
 def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[dict, list, bool, float]:
     """Classification warm-up and initial CAMs, from runs/cache/<key>/ when another trial made them."""
     # The data set's own fingerprint joins the config fields: the same data.root can hold new data.
-    key = f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{ds.fingerprint()}-{device.type}"
+    # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
+    weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
+    key = (f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
+           f"-{device.type}")
     folder = runs_dir() / "cache" / key
     t0 = time.time()
 
     def fill(tmp: Path) -> None:
         torch.manual_seed(cfg.seed)
         clf = build_classifier(cfg, ds.num_classes)
-        if cfg.model.init_weights:
-            load_backbone(cfg.model.init_weights, into=clf)
+        if weights is not None:
+            load_backbone(weights, into=clf)
         clf = to_device(clf, cfg, device)
         train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
@@ -244,8 +248,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
     result.environment = environment(device)
-    if cfg.model.init_weights and not Path(cfg.model.init_weights).is_file():
-        raise FileNotFoundError(f"model.init_weights: no such checkpoint file {cfg.model.init_weights}")
+    check_init_weights(cfg.model.init_weights, cfg.model.width)
 
     t = time.time()
     ds, val = load_data(cfg)

@@ -34,13 +34,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def check_user_data(plan: Plan) -> None:
-    """A user's VOC folder is checked once per distinct data setting before any trial is scheduled, so a
-    wrong path is one line and exit 2, not every trial failing. The embedded benchmark is generated."""
+    """A user's VOC folder and the initial weights are checked once per distinct setting before any trial
+    is scheduled, so a wrong path is one line and exit 2, not every trial failing. The embedded benchmark
+    is generated."""
+    from core.pretrain import check_init_weights
     from core.trial import load_data
 
-    seen = set()
+    seen: set = set()
     for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
         cfg = make_config(plan.preset, ov)
+        if (cfg.model.init_weights, cfg.model.width) not in seen:
+            seen.add((cfg.model.init_weights, cfg.model.width))
+            check_init_weights(cfg.model.init_weights, cfg.model.width)
         if cfg.data.name == "voc" and cfg.data not in seen:
             seen.add(cfg.data)
             load_data(cfg, validate=False)
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             store = Store(url)
         except ArgumentError as e:
             raise UsageError(f"--storage: {str(e).splitlines()[0]}") from None
-    except (UsageError, SpecError, ConfigError, DataError) as e:
+    except (UsageError, SpecError, ConfigError, DataError) as e:  # PretrainedError is a ConfigError
         print(str(e), file=sys.stderr)
         return 2
     except SystemExit as e:  # --help

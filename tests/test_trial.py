@@ -6,11 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from core.cache import atomic_dir
 from core.config import ConfigError, make_config
-from core.data import ensure_generated
+from core.data import VOCDataset, ensure_generated
+from core.metrics import confusion, miou
+from core.model import Classifier, ResNet38, load_backbone
+from core.pretrain import FORMAT
 from core.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +58,12 @@ def test_full_smoke_trial(runs):
     assert d["config"]["model"]["affinity"] == "cross_task"
     assert d["dataset"]["n_train"] > 0 and d["dataset"]["num_classes"] == 21
     assert {"warmup", "initial_labels", "train", "eval", "label_update"} <= set(d["timings"])
+    # The smoke preset must learn something, so that a regression in learning fails the tests.
+    val = VOCDataset(d["dataset"]["root"], "val")
+    conf = sum(confusion(np.zeros_like(val.mask(i)), val.mask(i), 21) for i in range(len(val)))
+    all_background = miou(conf)[0]
+    assert d["final"]["miou"] >= all_background + 0.05, (d["final"]["miou"], all_background)
+    assert d["environment"]["threads"] >= 1 and d["environment"]["torch"] == torch.__version__
 
 
 def test_same_seed_same_metrics_and_cache_reuse(runs):
@@ -147,12 +158,52 @@ def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
 
 def test_init_weights_errors_are_one_line(runs, tmp_path):
     env = dict(os.environ, AUXSEG_RUNS=str(runs))
-    for value, needle in ((tmp_path / "missing.pth", "missing.pth"), (None, "width-1.0")):
-        if value is None:  # an existing file, but the smoke preset's narrow backbone cannot take ImageNet weights
-            value = tmp_path / "w.pth"
-            value.write_bytes(b"")
+    empty = tmp_path / "w.pth"
+    empty.write_bytes(b"")
+    wide = tmp_path / "wide.pt"  # a core.pretrain checkpoint of another width than the smoke preset's
+    torch.save({"state_dict": ResNet38(0.125).state_dict(), "meta": {"format": FORMAT, "width": 0.125}}, wide)
+    cases = ((tmp_path / "missing.pth", ["missing.pth"]), (empty, ["w.pth", "cannot read"]),
+             (wide, ["wide.pt", "pretrained at width 0.125", "python -m core.pretrain --width 0.0625"]))
+    for value, needles in cases:
         p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", *TINY,
                             f"model.init_weights={value}", "--out", str(tmp_path / "o")],
                            cwd=ROOT, env=env, capture_output=True, text=True)
         assert p.returncode == 2, p.stderr
-        assert needle in p.stderr and p.stderr.strip().count("\n") == 0
+        assert all(n in p.stderr for n in needles), p.stderr
+        assert p.stderr.strip().count("\n") == 0
+
+
+def test_pretrained_checkpoint_errors_name_the_rebuild_command(tmp_path, monkeypatch):
+    import core.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(pretrain.PretrainedError, match=r"no pretrained checkpoint .*resnet38_synthetic_w0\.0625\.pt; "
+                       r"rebuild it with: python -m core\.pretrain --width 0\.0625 --size 64 --out "):
+        pretrain.check_init_weights("synthetic", 0.0625)
+    pretrain.pretrained_path(0.0625).write_bytes(b"not a checkpoint")  # a corrupt file
+    with pytest.raises(pretrain.PretrainedError, match=r"cannot read .*; rebuild it with: python -m core\.pretrain"):
+        pretrain.check_init_weights("synthetic", 0.0625)
+    sd = ResNet38(0.0625).state_dict()
+    sd.pop("b3.conv_branch1.weight")  # a truncated but readable checkpoint
+    torch.save({"state_dict": sd, "meta": {"format": pretrain.FORMAT, "width": 0.0625, "size": 64}},
+               pretrain.pretrained_path(0.0625))
+    with pytest.raises(pretrain.PretrainedError, match=r"missing backbone tensor 'b3\.conv_branch1\.weight'.*rebuild"):
+        pretrain.check_init_weights("synthetic", 0.0625)
+    assert pretrain.check_init_weights("", 0.0625) is None
+
+
+def test_pretrain_cli_writes_a_loadable_backbone(tmp_path):
+    out = tmp_path / "bb.pt"
+    p = subprocess.run([sys.executable, "-m", "core.pretrain", "--width", "0.0625", "--size", "32", "--images", "32",
+                        "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "sha256" in p.stdout and out.is_file()
+    from core.pretrain import check_init_weights, read_meta
+
+    meta = read_meta(out)
+    assert meta["width"] == 0.0625 and meta["classes"] == 84 and meta["images"] == 32
+    assert check_init_weights(str(out), 0.0625) == out
+    clf = Classifier(num_classes=21, width=0.0625)
+    load_backbone(str(out), into=clf)
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    torch.testing.assert_close(clf.backbone.b7.conv_branch2b2.weight, saved["b7.conv_branch2b2.weight"])

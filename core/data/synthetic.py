@@ -83,8 +83,12 @@ _CUE_COLOURS = np.array([[0.05, 0.80, 0.90],   # cyan
                          [0.15, 0.25, 0.95],   # blue
                          [0.97, 0.97, 0.97],   # white
                          [0.04, 0.04, 0.06]])  # black
-_CLASS_COLOURS = ([(a, a) for a in range(6)] + [(a, b) for a in range(6) for b in range(a + 1, 6)])[:20]
+_COLOUR_PAIRS = [(a, a) for a in range(6)] + [(a, b) for a in range(6) for b in range(a + 1, 6)]  # 21
+_CLASS_COLOURS = _COLOUR_PAIRS[:20]
 _N_PATTERNS = 4
+# A cue table maps class c (1..len) to (colour a, colour b, pattern or None = drawn at random). The
+# benchmark's table is the 20 colour pairs with random patterns; `core.pretrain` uses its own, larger one.
+BENCHMARK_CUES: tuple[tuple[int, int, int | None], ...] = tuple((a, b, None) for a, b in _CLASS_COLOURS)
 
 
 def voc_palette() -> list[int]:
@@ -192,8 +196,9 @@ def _choose_cue(rng, vis: np.ndarray, frac: float, yy, xx) -> np.ndarray:
     return cue.reshape(vis.shape)
 
 
-def render_image(rng: np.random.Generator, p: dict):
-    """One sample: (image float HxWx3 in [0,1], seg uint8, fg bool, info dict)."""
+def render_image(rng: np.random.Generator, p: dict, cues=BENCHMARK_CUES):
+    """One sample: (image float HxWx3 in [0,1], seg uint8, fg bool, info dict); class c is drawn with
+    ``cues[c - 1]`` (the benchmark's 20 classes unless another cue table is given)."""
     size = p["size"]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     img = _background(rng, p, yy, xx)
@@ -215,7 +220,7 @@ def render_image(rng: np.random.Generator, p: dict):
         if classes and rng.random() < p["same_class_p"]:
             cls = int(classes[rng.integers(len(classes))])
         else:
-            cls = int(rng.integers(1, 21))
+            cls = int(rng.integers(1, len(cues) + 1))
         shapes.append(m)
         classes.append(cls)
     inst = np.zeros((size, size), np.int32)          # later objects occlude earlier ones
@@ -233,8 +238,11 @@ def render_image(rng: np.random.Generator, p: dict):
         _paint_body(rng, img, vis, size, yy, xx)
         cue = _choose_cue(rng, vis, rng.uniform(*p["cue_frac"]), yy, xx)
         cue_fracs.append(float(cue.sum() / vis.sum()))
-        ca, cb = (_CUE_COLOURS[k] * rng.uniform(0.85, 1.0) for k in _CLASS_COLOURS[cls - 1])
-        on = _cue_pattern(int(rng.integers(_N_PATTERNS)), yy, xx, tuple(int(v) for v in rng.integers(0, 8, 2)))
+        colour_a, colour_b, pattern = cues[cls - 1]
+        ca, cb = (_CUE_COLOURS[k] * rng.uniform(0.85, 1.0) for k in (colour_a, colour_b))
+        drawn = int(rng.integers(_N_PATTERNS))  # drawn even when fixed, so every table uses one rng stream
+        on = _cue_pattern(drawn if pattern is None else pattern, yy, xx,
+                          tuple(int(v) for v in rng.integers(0, 8, 2)))
         pat = np.where(on[..., None], ca[None, None, :], cb[None, None, :])
         img[cue] = pat[cue]
 

@@ -10,7 +10,7 @@ from .auxsegnet import (
                         head_width,
                         normalize_cam,
 )
-from .backbone import ResNet38, load_backbone
+from .backbone import ResNet38, backbone_state_dict_from, load_backbone
 
-__all__ = ["AFFINITIES", "BRANCHES", "CONSTRAINTS", "AuxSegNet", "Classifier", "NonLocal", "ResNet38", "check_config",
+__all__ = ["AFFINITIES", "BRANCHES", "CONSTRAINTS", "AuxSegNet", "Classifier", "NonLocal", "ResNet38", "backbone_state_dict_from", "check_config",
            "cross_task", "cross_task_affinity", "head_width", "load_backbone", "normalize_cam", "refine_with_affinity"]

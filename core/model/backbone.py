@@ -207,7 +207,8 @@ def backbone_state_dict_from(source, expected: Mapping[str, torch.Tensor]) -> di
 
 
 def load_backbone(source, into: nn.Module | None = None) -> ResNet38:
-    """Strictly load a converted ImageNet ResNet38 checkpoint (path or state dict) into a width-1.0 backbone.
+    """Strictly load a ResNet38 checkpoint (path or state dict) in the converted-ImageNet format: ImageNet
+    weights into a width-1.0 backbone, or a `core.pretrain` checkpoint into a backbone of its width.
 
     ``into`` may be a ResNet38, or any module with a ``.backbone`` ResNet38 (AuxSegNet, Classifier); when
     omitted, a new width-1.0 ResNet38 is built. Prefixes like "module." / "backbone." are stripped and
@@ -217,9 +218,6 @@ def load_backbone(source, into: nn.Module | None = None) -> ResNet38:
     backbone = ResNet38(1.0) if into is None else (into if isinstance(into, ResNet38) else into.backbone)
     if not isinstance(backbone, ResNet38):
         raise ValueError(f"load_backbone: {type(into).__name__} has no ResNet38 backbone")  # noqa: TRY004
-    if backbone.width != 1.0:
-        raise ValueError(f"load_backbone needs a width-1.0 backbone (ImageNet checkpoint), got width "
-                         f"{backbone.width}")
     sd = backbone_state_dict_from(source, backbone.state_dict())
     backbone.load_state_dict(sd, strict=True)
     return backbone
