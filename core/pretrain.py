@@ -57,16 +57,25 @@ def pretrained_path(width: float) -> Path:
     return WEIGHTS_DIR / f"resnet38_synthetic_w{width:g}.pt"
 
 
+def _shown(path: Path | str) -> str:
+    """A path relative to the working directory when it lies below it (commands to copy and paste)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def rebuild_command(width: float, out: Path | str | None = None, size: int | None = None) -> str:
     size = size or (64 if width < 0.1 else 96)
     return (f"python -m core.pretrain --width {width:g} --size {size} "
-            f"--out {shlex.quote(str(out or pretrained_path(width)))}")
+            f"--out {shlex.quote(_shown(out or pretrained_path(width)))}")
 
 
 def resolve_init_weights(init_weights: str, width: float) -> Path | None:
-    """`model.init_weights`: "" -> None (random init), "synthetic" -> the pretrained checkpoint for this
-    width, anything else -> that path."""
-    if not init_weights:
+    """`model.init_weights`: "" or "none" -> None (random init; "none" says so explicitly, which a VOC run
+    at width 1.0 requires), "synthetic" -> the pretrained checkpoint for this width, anything else -> that
+    path."""
+    if not init_weights or init_weights == "none":
         return None
     if init_weights == "synthetic":
         return pretrained_path(width)

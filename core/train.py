@@ -27,7 +27,8 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on a GPU (default on); the CPU path runs in fp32 so results are reproducible."""
+    """bf16 autocast on a GPU when train.amp (an opt-in speed-up for the paper preset, which trains in fp32
+    as the authors); the CPU path runs in fp32 so results are reproducible."""
     if device.type == "cuda" and cfg.train.amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -44,13 +45,24 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
-def make_optimizer(net, lr: float, head_lr_mult: float, cfg: Config) -> torch.optim.Optimizer:
-    groups = net.param_groups(lr, head_lr_mult=head_lr_mult, weight_decay=cfg.train.weight_decay)
+def make_optimizer(net, lr: float, head_lr_mult: float, cfg: Config,
+                   fusion_lr_mult: float | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum train.momentum) or Adam over the net's parameter groups (frozen parameters are not in
+    them); ``fusion_lr_mult`` puts AuxSegNet's cross_att at its own multiple of lr."""
+    extra = {} if fusion_lr_mult is None else {"fusion_lr_mult": fusion_lr_mult}
+    groups = net.param_groups(lr, head_lr_mult=head_lr_mult, weight_decay=cfg.train.weight_decay, **extra)
     for g in groups:
         g["initial_lr"] = g["lr"]
     if cfg.train.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
+
+
+def stage_optimizer(net, cfg: Config) -> torch.optim.Optimizer:
+    """The stage-training optimiser: backbone at train.lr, heads at train.head_lr_mult x, cross_att at
+    train.fusion_lr_mult x (0: with the heads)."""
+    t = cfg.train
+    return make_optimizer(net, t.lr, t.head_lr_mult, cfg, fusion_lr_mult=t.fusion_lr_mult or t.head_lr_mult)
 
 
 def set_poly(opt: torch.optim.Optimizer, step: int, total: int, power: float) -> None:
@@ -115,7 +127,7 @@ def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: 
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
-    opt = make_optimizer(net, cfg.train.lr, cfg.train.head_lr_mult, cfg)
+    opt = stage_optimizer(net, cfg)
     weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
 
     def extra(i: int) -> dict:

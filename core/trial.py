@@ -45,6 +45,15 @@ WARMUP_KEYS = [
     "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
     "train.weight_decay", "train.poly_power", "train.warmup_head_lr_mult",
 ]
+# Keys added after these: they join the hash only when they differ from the default, so the cache entries
+# made before them stay valid.
+WARMUP_KEYS_IF_SET = {"model.freeze_bn": False}
+
+
+def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
+    """The config fields the warm-up and initial CAMs depend on for this config (train.amp only on a GPU)."""
+    keys = WARMUP_KEYS + [k for k, default in WARMUP_KEYS_IF_SET.items() if cfg.get(k) != default]
+    return keys + (["train.amp"] if device.type == "cuda" else [])
 
 Report = Callable[[int, dict], None]
 
@@ -121,7 +130,8 @@ def load_data(cfg: Config, validate: bool = True) -> tuple[VOCDataset, VOCDatase
 def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     """The warm-up classifier the config describes (the one place that maps model.* to it)."""
     m = cfg.model
-    return Classifier(num_classes=num_classes, width=m.width, dropout=m.dropout, block_dropout=m.block_dropout)
+    return Classifier(num_classes=num_classes, width=m.width, dropout=m.dropout, block_dropout=m.block_dropout,
+                      freeze_bn=m.freeze_bn)
 
 
 def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
@@ -129,12 +139,13 @@ def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
     m = cfg.model
     return AuxSegNet(num_classes=num_classes, width=m.width, branches=m.branches, affinity=m.affinity,
                      constraints=m.constraints, dropout=m.dropout, block_dropout=m.block_dropout,
-                     dilations=m.dilations, head_channels=m.head_channels)
+                     dilations=m.dilations, head_channels=m.head_channels, freeze_bn=m.freeze_bn)
 
 
-def _cam_at(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(C-1, h, w) ReLU CAM -> normalised per class by its spatial max, upsampled to the image."""
-    cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
+def _cam_at(cam: torch.Tensor, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
+    """(C-1, h, w) ReLU CAM -> normalised per class by its spatial max (if asked), upsampled to the image."""
+    if normalize:
+        cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
     return F.interpolate(cam[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
 
 
@@ -154,7 +165,8 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     # The data set's own fingerprint joins the config fields: the same data.root can hold new data.
     # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
-    key = (f"v{CACHE_VERSION}-{cfg.fingerprint(WARMUP_KEYS)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
+    keys = warmup_keys(cfg, device)
+    key = (f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
            f"-{device.type}")
     folder = runs_dir() / "cache" / key
     t0 = time.time()
@@ -168,7 +180,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
         train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
         torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
-        (tmp / "meta.json").write_text(json.dumps({"key_fields": {k: cfg.get(k) for k in WARMUP_KEYS},
+        (tmp / "meta.json").write_text(json.dumps({"key_fields": {k: cfg.get(k) for k in keys},
                                                    "seconds": time.time() - t0}, default=list))
 
     hit = atomic_dir(folder, fill)
@@ -208,7 +220,9 @@ def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], 
                  device: torch.device):
     """Per image: the CAM refined by the learned affinity (Eq. 6-7 applied to CAMs) and the refined saliency.
 
-    CAMs come from this stage's cls branch when it exists, else from the warm-up classifier. Both cues
+    CAMs come from this stage's cls branch when it exists, else from the warm-up classifier; they are
+    max-normalised before the affinity product and, with labels.refined_cam_renorm, again after it (the
+    authors' code only before). Without an affinity the CAM is normalised once. Both cues
     are kept at feature resolution and returned as per-image callables that upsample on demand, so a
     VOC-sized train set never holds full-resolution maps for every image at once.
     """
@@ -216,6 +230,7 @@ def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], 
     has_cls = "cls" in cfg.model.branches
     cams: list[torch.Tensor] = []
     sal_logits: list[torch.Tensor | None] = []
+    refined = False
     for i in tqdm(range(len(ds)), desc="cues", leave=False, disable=None):
         x = torch.from_numpy(normalize(ds.image(i)))[None].to(device)
         with autocast(cfg, device):
@@ -224,13 +239,16 @@ def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], 
         if "affinity" in out:
             cam = cam / cam.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
             cam = refine_with_affinity(cam[None], out["affinity"].float())[0]
+            refined = True
         cams.append(cam.cpu())
         logit = out.get("sal_ref", out.get("sal"))
         sal_logits.append(None if logit is None else logit.float().cpu())
 
+    renorm = cfg.labels.refined_cam_renorm or not refined
+
     def cam_at(i: int) -> np.ndarray:
-        # Averaging over affinities lowers the peaks; the thresholds are defined on max-normalised CAMs.
-        return _cam_at(cams[i], ds.image(i).shape[:2])
+        # Averaging over affinities lowers the peaks; renorm puts them back at 1 before cam_threshold.
+        return _cam_at(cams[i], ds.image(i).shape[:2], normalize=renorm)
 
     def sal_at(i: int) -> np.ndarray | None:
         if sal_logits[i] is None:
@@ -256,6 +274,9 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
                       "num_classes": ds.num_classes, "saliency": str(ds.saliency_name),
                       "class_names": list(ds.class_names)}
     timings["data"] = time.time() - t
+    if cfg.model.init_weights == "none":
+        print(f"warning: model.init_weights=none: the width-{cfg.model.width:g} backbone starts from random "
+              f"weights (the paper fine-tunes ImageNet ones)", file=sys.stderr)
 
     pool = make_pool(cfg.train.workers)
     try:

@@ -401,3 +401,71 @@ def test_fused_cross_task_matches_plain_maths_values_and_grads():
         torch.testing.assert_close(a, b)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ paper preset: as the released code trains
+def _paper_cfg(*extra):
+    return make_config("paper", ["data.root=/voc", "data.saliency=sr", f"model.width={W}", *extra])
+
+
+def test_frozen_bn_and_conv1a_survive_a_training_step():
+    from core.train import stage_optimizer
+    from core.trial import build_classifier, build_net
+
+    cfg = _paper_cfg()
+    assert cfg.model.freeze_bn
+    torch.manual_seed(0)
+    net = build_net(cfg, 21).train()
+    bb = net.backbone
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    opt = stage_optimizer(net, cfg)
+    loss, _ = auxsegnet_loss(net(torch.randn(2, 3, 32, 32)), _targets(2, 32, 32), {"cls": 1, "sal": 1, "seg": 1})
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = bb.state_dict()
+    bns = [n for n, m in bb.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 30 and all(not bb.get_submodule(n).training for n in bns)
+    for n in bns:
+        for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(before[f"{n}.{t}"], after[f"{n}.{t}"]), f"{n}.{t} changed"
+    assert torch.equal(before["conv1a.weight"], after["conv1a.weight"]) and bb.conv1a.weight.grad is None
+    assert not torch.equal(before["b2.conv_branch2a.weight"], after["b2.conv_branch2a.weight"]), "no step taken"
+    clf = build_classifier(cfg, 21).train()  # the warm-up net freezes the same tensors
+    assert not clf.backbone.bn7.training and not clf.backbone.conv1a.weight.requires_grad
+
+
+def test_paper_preset_optimiser_groups_follow_the_released_code():
+    from core.train import stage_optimizer
+    from core.trial import build_net
+
+    cfg = _paper_cfg()
+    net = build_net(cfg, 21)
+    opt = stage_optimizer(net, cfg)
+    assert isinstance(opt, torch.optim.SGD) and cfg.train.lr == pytest.approx(7e-4)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in group_of
+            continue
+        g = group_of[id(p)]
+        # released rule: 10x for names containing seg, sal or fc8; everything else (cross_att) at 1x
+        tenx = not name.startswith("backbone.") and any(s in name for s in ("seg", "sal", "fc8"))
+        assert name.startswith(("backbone.", "cross_att.")) or tenx, name
+        assert g["lr"] == pytest.approx(cfg.train.lr * (10 if tenx else 1)), name
+        assert g["momentum"] == 0.0 and g["weight_decay"] == 0.0
+    assert any(g["name"] == "fusion" for g in opt.param_groups)
+    frozen = {n for n, p in net.backbone.named_parameters() if not p.requires_grad}
+    assert "conv1a.weight" in frozen
+    assert all(n == "conv1a.weight" or ".bn" in n or n.startswith("bn") for n in frozen)
+    # the paper-text alternative is one --set away
+    alt = _paper_cfg("train.momentum=0.9", "train.weight_decay=1e-5", "train.fusion_lr_mult=0")
+    opt = stage_optimizer(build_net(alt, 21), alt)
+    # BN frozen and convs without bias: no decay-free backbone group
+    assert {g["name"] for g in opt.param_groups} == {"backbone", "head", "head_no_decay"}
+    by = {g["name"]: g for g in opt.param_groups}
+    assert by["head"]["lr"] == pytest.approx(7e-3) and by["head"]["momentum"] == 0.9
+    assert by["backbone"]["weight_decay"] == 1e-5
+    # the CPU presets keep cross_att with the heads and BN training
+    d = make_config("default")
+    assert (d.model.freeze_bn, d.train.fusion_lr_mult, d.labels.refined_cam_renorm) == (False, 0.0, True)

@@ -229,7 +229,7 @@ def test_paper_preset_on_a_missing_voc_folder_is_one_line_before_any_trial(tmp_p
     from studies.run import main
 
     y, _ = write_study(tmp_path)
-    voc = ["--preset", "paper", "--set", f"data.root={tmp_path / 'novoc'}", "data.saliency=sr"]
+    voc = ["--preset", "paper", "--set", f"data.root={tmp_path / 'novoc'}", "data.saliency=sr", "model.init_weights=none"]
     # the paper preset needs data.root from --set: the plan must judge them together
     assert main(["g", "--study-file", str(y), *voc, "--dry-run"]) == 0
     capsys.readouterr()

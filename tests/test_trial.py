@@ -147,11 +147,12 @@ def test_missing_voc_folder_is_one_line_error(tmp_path):
 
 def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
     # the README's VOC route: the paper's 321 crop (41x41 maps) must pass validation
-    assert make_config("paper", ["data.root=/voc", "data.saliency=sr"]).train.crop == 321
+    voc = ["data.root=/voc", "data.saliency=sr", "model.init_weights=none"]
+    assert make_config("paper", voc).train.crop == 321
     with pytest.raises(ConfigError, match="train.crop"):
-        make_config("paper", ["data.root=/voc", "data.saliency=sr", "train.crop=4"])
+        make_config("paper", [*voc, "train.crop=4"])
     p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "paper", "--set", "data.saliency=sr",
-                        f"data.root={tmp_path / 'novoc'}", "--out", str(tmp_path / "o")],
+                        f"data.root={tmp_path / 'novoc'}", "model.init_weights=none", "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "novoc" in p.stderr and p.stderr.strip().count("\n") == 0
 

@@ -41,21 +41,29 @@ def _xavier(m: nn.Conv2d):
         nn.init.zeros_(m.bias)
 
 
-def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay):
+def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay, fusion_prefixes=(),
+                  fusion_lr_mult=None):
     """Backbone at lr, heads at head_lr_mult * lr; weight decay on conv weights only (biases and BN affine
-    parameters, i.e. every tensor with < 2 dims, are not decayed). Frozen parameters are left out."""
+    parameters, i.e. every tensor with < 2 dims, are not decayed). Frozen parameters are left out.
+
+    Modules under ``fusion_prefixes`` get their own groups ("fusion", "fusion_no_decay") at
+    fusion_lr_mult * lr when that is given and differs from head_lr_mult; otherwise they count as heads.
+    """
+    split = fusion_lr_mult is not None and fusion_lr_mult != head_lr_mult
+    mult = {"backbone": 1.0, "head": head_lr_mult, "fusion": fusion_lr_mult}
     groups = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        head = name.split(".")[0] in head_prefixes
+        top = name.split(".")[0]
+        role = "fusion" if split and top in fusion_prefixes else "head" if top in head_prefixes else "backbone"
         decay = p.ndim > 1
-        key = ("head" if head else "backbone") + ("" if decay else "_no_decay")
+        key = role + ("" if decay else "_no_decay")
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "lr": lr * (head_lr_mult if head else 1.0),
+            groups[key] = {"name": key, "params": [], "lr": lr * mult[role],
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(p)
-    order = ["backbone", "backbone_no_decay", "head", "head_no_decay"]
+    order = ["backbone", "backbone_no_decay", "head", "head_no_decay", "fusion", "fusion_no_decay"]
     return [groups[k] for k in order if k in groups]
 
 
@@ -214,10 +222,13 @@ class AuxSegNet(nn.Module):
         cam = F.relu(F.conv2d(self.backbone(x), self.fc8.weight))
         return normalize_cam(cam) if normalize else cam
 
-    def param_groups(self, lr, head_lr_mult=10.0, weight_decay=1e-5):
+    def param_groups(self, lr, head_lr_mult=10.0, weight_decay=1e-5, fusion_lr_mult=None):
         """Optimiser groups: backbone at lr, every head (fc8, seg*, sal*, attention, cross_att) at
-        head_lr_mult * lr; weight decay on conv weights only (no decay on biases / BN affine)."""
-        return _param_groups(self.named_parameters(), set(self.HEADS), lr, head_lr_mult, weight_decay)
+        head_lr_mult * lr; weight decay on conv weights only (no decay on biases / BN affine). With
+        ``fusion_lr_mult`` (e.g. 1.0, as the authors' code: its 10x goes to names containing seg, sal or
+        fc8), cross_att gets its own groups at fusion_lr_mult * lr."""
+        return _param_groups(self.named_parameters(), set(self.HEADS), lr, head_lr_mult, weight_decay,
+                             fusion_prefixes={"cross_att"}, fusion_lr_mult=fusion_lr_mult)
 
     @torch.no_grad()
     def load_from_classifier(self, clf: Classifier):

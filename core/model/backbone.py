@@ -87,9 +87,9 @@ class ResNet38(nn.Module):
     Args:
         width: channel multiplier (1.0 = the paper's network, 105.07M parameters).
         block_dropout: keep the original Dropout2d(0.3) in b6 and Dropout2d(0.5) in b7 (train mode only).
-        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters, as AffinityNet-family
-            code does when fine-tuning from ImageNet with batch 4. Off by default (training from scratch
-            at small widths needs BN statistics).
+        freeze_bn: keep every BatchNorm in eval mode with frozen affine parameters and freeze conv1a, as
+            the authors' code does when fine-tuning from ImageNet with batch 4. Off by default (training
+            from scratch at small widths needs BN statistics).
     """
 
     def __init__(self, width: float = 1.0, block_dropout: bool = True, freeze_bn: bool = False):
@@ -121,6 +121,7 @@ class ResNet38(nn.Module):
         self.blocks = ["b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4"] + [f"b4_{i}" for i in range(1, 6)] + [
             "b5", "b5_1", "b5_2", "b6", "b7"]
         if freeze_bn:
+            self.conv1a.weight.requires_grad_(False)
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.weight.requires_grad_(False)

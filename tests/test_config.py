@@ -1,0 +1,100 @@
+"""Config rules and the paper preset's settings as the authors' released code trains (issue 12)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import ConfigError, make_config
+from core.pretrain import check_init_weights, resolve_init_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+VOC = ["data.root=/voc", "data.saliency=sr"]
+
+
+def test_paper_preset_trains_as_the_released_code():
+    c = make_config("paper", [*VOC, "model.init_weights=/w/resnet38.pth"])
+    assert c.model.freeze_bn and c.train.optimizer == "sgd"
+    assert (c.train.momentum, c.train.weight_decay, c.train.fusion_lr_mult) == (0.0, 0.0, 1.0)
+    assert not c.train.amp and not c.labels.refined_cam_renorm
+    for preset in ("smoke", "default"):  # the CPU presets keep the earlier behaviour
+        d = make_config(preset)
+        assert not d.model.freeze_bn and d.train.fusion_lr_mult == 0.0 and d.labels.refined_cam_renorm
+    with pytest.raises(ConfigError, match="train.fusion_lr_mult"):
+        make_config("smoke", ["train.fusion_lr_mult=-1"])
+
+
+def test_voc_at_full_width_needs_init_weights_or_an_explicit_none(tmp_path):
+    with pytest.raises(ConfigError, match="model.init_weights") as e:
+        make_config("paper", VOC)
+    assert "\n" not in str(e.value) and "model.init_weights=none" in str(e.value)
+    assert make_config("paper", [*VOC, "model.init_weights=none"]).model.init_weights == "none"
+    make_config("paper", [*VOC, "model.width=0.125"])  # a narrow VOC net may start from scratch
+    make_config("smoke", ["model.width=1.0"])  # only VOC asks for ImageNet weights
+    assert resolve_init_weights("none", 1.0) is None and check_init_weights("none", 1.0) is None
+    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "paper", "--set", *VOC,
+                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and "model.init_weights" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_init_weights_none_warns_once_when_the_trial_starts(monkeypatch, capsys):
+    from core import trial
+
+    class Data:
+        root, num_classes, saliency_name, class_names = "/d", 21, "sr", ["bg"] * 21
+
+        def __len__(self):
+            return 1
+
+    class Stop(Exception):
+        pass
+
+    def stop(workers):
+        raise Stop
+
+    monkeypatch.setattr(trial, "load_data", lambda cfg: (Data(), Data()))
+    monkeypatch.setattr(trial, "make_pool", stop)
+    with pytest.raises(Stop):
+        trial.run_trial(make_config("smoke", ["model.init_weights=none"]))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: model.init_weights=none") and err.count("\n") == 0
+
+
+class _Images:
+    def __init__(self, n=2, size=32):
+        rng = np.random.default_rng(0)
+        self.images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def image(self, i):
+        return self.images[i]
+
+
+def test_refined_cam_renorm_reaches_network_cues():
+    from core.trial import build_net, network_cues
+
+    ds, cpu = _Images(), torch.device("cpu")
+    maps = {}
+    for renorm in (True, False):
+        cfg = make_config("smoke", [f"labels.refined_cam_renorm={str(renorm).lower()}"])
+        torch.manual_seed(0)
+        net = build_net(cfg, 21)
+        cam_at, _ = network_cues(net, ds, None, cfg, cpu)
+        maps[renorm] = [cam_at(i) for i in range(len(ds))]
+    for on, off in zip(maps[True], maps[False]):
+        live = on.reshape(len(on), -1).max(1) > 0
+        assert live.any()
+        # the same maps up to a per-class scale: the second max-normalisation is the only difference
+        scale = off.reshape(len(off), -1).max(1)[live] / on.reshape(len(on), -1).max(1)[live]
+        np.testing.assert_allclose(off[live], on[live] * scale[:, None, None], rtol=1e-4, atol=1e-6)
+        assert scale.max() <= 1 + 1e-5 and scale.min() < 0.999  # A_CT averaging lowered the peaks
+    # without an affinity there is no refined CAM: it is normalised once either way
+    cfg = make_config("smoke", ["model.affinity=none", "model.constraints=", "labels.refined_cam_renorm=false"])
+    torch.manual_seed(0)
+    cam_at, _ = network_cues(build_net(cfg, 21), ds, None, cfg, cpu)
+    cam = cam_at(0)
+    assert cam.max() > 0.9 and cam.max() <= 1.0 + 1e-5
