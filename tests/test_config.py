@@ -98,3 +98,15 @@ def test_refined_cam_renorm_reaches_network_cues():
     cam_at, _ = network_cues(build_net(cfg, 21), ds, None, cfg, cpu)
     cam = cam_at(0)
     assert cam.max() > 0.9 and cam.max() <= 1.0 + 1e-5
+
+
+def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
+    from core.trial import WARMUP_KEYS, warmup_keys
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    smoke = make_config("smoke")
+    assert warmup_keys(smoke, cpu) == WARMUP_KEYS  # entries cached before model.freeze_bn stay valid
+    assert "model.freeze_bn" in warmup_keys(make_config("smoke", ["model.freeze_bn=true"]), cpu)
+    assert "train.amp" in warmup_keys(smoke, gpu)  # bf16 and fp32 warm-ups differ on a GPU
+    scratch = make_config("smoke", ["model.init_weights=none"])  # random init either way, but its own entry
+    assert scratch.fingerprint(warmup_keys(scratch, cpu)) != smoke.fingerprint(warmup_keys(smoke, cpu))
