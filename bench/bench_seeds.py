@@ -34,7 +34,7 @@ FULL = ["model.branches=seg,cls,sal", "model.affinity=cross_task", "model.constr
 
 def run_one(preset: str, overrides: list[str], env: dict[str, str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "core.trial", "--preset", preset, "--set", *overrides, "--out", str(out)]
-    p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    p = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False)
     if p.returncode != 0 and not (out / "result.json").exists():
         raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip().splitlines()[-1:]}")
     return json.loads((out / "result.json").read_text())

@@ -44,8 +44,9 @@ class ModelConfig:
     branches: tuple[str, ...] = ("seg", "cls", "sal")
     affinity: str = "cross_task"
     constraints: tuple[str, ...] = ("seg", "sal")
-    # "" -> random init; "synthetic" -> core/weights' backbone pretrained at this width (core.pretrain);
-    # else a path: a converted ImageNet ResNet38 checkpoint (width 1.0) or a core.pretrain checkpoint.
+    # "" (unset) or "none" (explicit) -> random init; "synthetic" -> core/weights' backbone pretrained at
+    # this width (core.pretrain); else a path: a converted ImageNet ResNet38 checkpoint (width 1.0) or a
+    # core.pretrain checkpoint.
     init_weights: str = ""
     dropout: float = 0.5  # Dropout2d before GAP in the cls branch
     block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
@@ -137,20 +138,25 @@ class Config:
 
 # Presets: overrides on top of the paper/author defaults above.
 PRESETS: dict[str, dict[str, Any]] = {
-    # A full trial in about a minute on 2 CPU cores: for tests.
+    # A full trial in under a minute on 2 CPU cores, for tests, that learns: with the pretrained backbone,
+    # 64-channel heads and 8 epochs per stage on 160 images (data preset smoke), final val mIoU 13.2 vs 4.1
+    # for predicting background everywhere (tests/test_trial.py asserts a 5-point margin). With 16-channel
+    # heads it stayed at 8.5; with 24 training images and 2 epochs per stage, at all-background.
     "smoke": {
         "data.preset": "smoke",
         "model.width": 0.0625,
+        "model.init_weights": "synthetic",  # core/weights/resnet38_synthetic_w0.0625.pt (core.pretrain)
         "model.dropout": 0.0,
         "model.block_dropout": False,
         "model.dilations": (1, 2, 3),
         "train.warmup_epochs": 4,
         "train.optimizer": "adam",
         "train.warmup_lr": 0.001,
-        "train.stage_epochs": 2,
+        "model.head_channels": 64,
+        "train.stage_epochs": 8,
         "train.stages": 2,
         "train.batch_size": 8,
-        "train.lr": 0.0001,
+        "train.lr": 0.0003,
         "train.warmup_head_lr_mult": 1.0,
         "train.crop": 64,
         "eval.scales": (0.75, 1.0),
@@ -159,6 +165,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "data.preset": "default",
         "model.width": 0.125,
+        # Every trial starts from core/weights/resnet38_synthetic_w0.125.pt (core.pretrain), the benchmark's
+        # stand-in for ImageNet weights (full model, stage-0 val mIoU over seeds 0/1/2: README "Results").
+        "model.init_weights": "synthetic",
         "model.dropout": 0.0,
         "model.block_dropout": False,
         "model.dilations": (2, 4, 6),  # 12x12 maps: rate 18 would read only zero padding

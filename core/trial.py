@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -96,6 +97,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def numerics_fingerprint(device: torch.device) -> str:
+    """Cache-key part for what makes float results differ at equal config and seed: a warm-up trained with
+    other kernels or another thread count would make a trial differ from the same trial run cold."""
+    env = environment(device)
+    parts = [env["torch"], env["device"], env["gpu"] or env["cpu_capability"], str(env["threads"])]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
 def runs_dir() -> Path:
     return Path(os.environ.get("AUXSEG_RUNS", "runs"))
 
@@ -167,7 +176,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
     keys = warmup_keys(cfg, device)
     key = (f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
-           f"-{device.type}")
+           f"-{numerics_fingerprint(device)}")
     folder = runs_dir() / "cache" / key
     t0 = time.time()
 

@@ -70,7 +70,7 @@ _COMMON = {
 }
 
 PRESETS: dict[str, dict] = {
-    "smoke": dict(_COMMON, size=64, n_train=24, n_val=12),
+    "smoke": dict(_COMMON, size=64, n_train=160, n_val=40),
     "default": dict(_COMMON, size=96, n_train=400, n_val=150),
 }
 
