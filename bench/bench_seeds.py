@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from scipy import stats
-
 from core.config import ConfigError, make_config
+from reports.paired import delta_cell, paired_delta
 
 FULL = ["model.branches=seg,cls,sal", "model.affinity=cross_task", "model.constraints=seg,sal"]
 
@@ -38,15 +37,6 @@ def run_one(preset: str, overrides: list[str], env: dict[str, str], out: Path) -
     if p.returncode != 0 and not (out / "result.json").exists():
         raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip().splitlines()[-1:]}")
     return json.loads((out / "result.json").read_text())
-
-
-def paired(base: list[float], other: list[float]) -> str:
-    d = [b - a for a, b in zip(base, other)]
-    m = statistics.fmean(d)
-    if len(d) < 2:
-        return f"{100 * m:+.1f} (n = 1, no CI)"
-    h = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
-    return f"{100 * m:+.1f} [{100 * (m - h):+.1f}, {100 * (m + h):+.1f}]"
 
 
 def main() -> int:
@@ -92,7 +82,8 @@ def main() -> int:
     print(f"\n{'variant':<12} {'mean':>6} +- {'std':<5}  per seed {a.seeds}  paired delta vs {base} [95% CI]")
     for label, vals in values.items():
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        delta = "(baseline)" if label == base else paired(values[base], vals)
+        delta = "(baseline)" if label == base else delta_cell(paired_delta(dict(enumerate(vals)),
+                                                                           dict(enumerate(values[base]))))
         print(f"{label:<12} {100 * statistics.fmean(vals):6.1f} +- {100 * sd:<5.1f}  "
               f"{' '.join(f'{100 * v:.1f}' for v in vals)}  {delta}")
     return 0

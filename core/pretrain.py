@@ -53,10 +53,12 @@ CUE_SETS = {
 }
 
 
-def default_cues(width: float) -> str:
-    return "pairs" if width < 0.1 else "pairs-patterns"
 # SeedSequence([seed, PRETRAIN_STREAM, i]): the benchmark uses [seed, 0 | 1 (train | val), i].
 PRETRAIN_STREAM = 1000
+
+
+def default_cues(width: float) -> str:
+    return "pairs" if width < 0.1 else "pairs-patterns"
 
 
 class PretrainedError(ConfigError):
@@ -93,47 +95,54 @@ def resolve_init_weights(init_weights: str, width: float) -> Path | None:
     return Path(init_weights).expanduser()
 
 
+def _meta(ckpt) -> dict | None:
+    """A checkpoint's "meta" dict when this module wrote it, else None (e.g. ImageNet weights)."""
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 def read_meta(path: Path) -> dict | None:
     """The checkpoint's "meta" dict when it was written by this module, else None (e.g. ImageNet weights)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_backbone names the problem
+        return _meta(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # noqa: BLE001 - check_init_weights names the problem
         return None
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def check_init_weights(init_weights: str, width: float) -> Path | None:
     """Resolve `model.init_weights` and check it fits a backbone of this width, before any training.
 
     Raises PretrainedError (one line: file, what is wrong, and for our pretrained checkpoints the command
-    that rebuilds it). Returns the resolved path (None for random init).
+    that rebuilds it). Returns the resolved path (None for random init). Reads the file once.
     """
     from core.model import ResNet38, backbone_state_dict_from
 
     path = resolve_init_weights(init_weights, width)
     if path is None:
         return None
-    ours = init_weights == "synthetic"
-    hint = f"; rebuild it with: {rebuild_command(width, path)}" if ours else ""
+    ours = init_weights == "synthetic" or path.parent == WEIGHTS_DIR
     if not path.is_file():
-        what = "no pretrained checkpoint" if ours else "no such checkpoint file"
+        hint = f"; rebuild it with: {rebuild_command(width, path)}" if ours else ""
+        what = "no pretrained checkpoint" if init_weights == "synthetic" else "no such checkpoint file"
         raise PretrainedError(f"model.init_weights={init_weights}: {what} {path}{hint}")
-    meta = read_meta(path)
-    if meta is not None:
-        hint = f"; rebuild it with: {rebuild_command(width, path, meta.get('size'))}"
-        if float(meta.get("width", -1)) != float(width):
-            raise PretrainedError(f"model.init_weights: {path} was pretrained at width {meta.get('width')}, "
-                                  f"but model.width is {width:g}{hint}")
     try:
-        backbone_state_dict_from(path, ResNet38(width, block_dropout=False).state_dict())
-    except (ValueError, FileNotFoundError) as e:
-        raise PretrainedError(f"model.init_weights: {path}: {e}{hint or _hint_if_ours(path, width)}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        ckpt, error = None, f"cannot read it ({type(e).__name__})"
+    meta = _meta(ckpt)
+    hint = f"; rebuild it with: {rebuild_command(width, path, meta and meta.get('size'))}" if ours or meta else ""
+    if ckpt is None:
+        raise PretrainedError(f"model.init_weights: {path}: {error}{hint}")
+    if not isinstance(ckpt, dict):
+        raise PretrainedError(f"model.init_weights: {path} holds a {type(ckpt).__name__}, not a state dict{hint}")
+    if meta is not None and float(meta.get("width", -1)) != float(width):  # a checkpoint for this width instead
+        raise PretrainedError(f"model.init_weights: {path} was pretrained at width {meta.get('width')}, "
+                              f"but model.width is {width:g}; build one with: {rebuild_command(width)}")
+    try:
+        backbone_state_dict_from(ckpt, ResNet38(width, block_dropout=False).state_dict())
+    except ValueError as e:
+        raise PretrainedError(f"model.init_weights: {path}: {e}{hint}") from None
     return path
-
-
-def _hint_if_ours(path: Path, width: float) -> str:
-    return f"; rebuild it with: {rebuild_command(width, path)}" if path.parent == WEIGHTS_DIR else ""
 
 
 def weights_fingerprint(path: Path | None) -> str:

@@ -44,17 +44,13 @@ WARMUP_KEYS = [
     "model.width", "model.init_weights", "model.dropout", "model.block_dropout", "train.warmup_epochs",
     "train.warmup_lr", "train.optimizer",
     "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
-    "train.weight_decay", "train.poly_power", "train.warmup_head_lr_mult",
+    "train.weight_decay", "train.poly_power", "train.warmup_head_lr_mult", "model.freeze_bn",
 ]
-# Keys added after these: they join the hash only when they differ from the default, so the cache entries
-# made before them stay valid.
-WARMUP_KEYS_IF_SET = {"model.freeze_bn": False}
 
 
 def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     """The config fields the warm-up and initial CAMs depend on for this config (train.amp only on a GPU)."""
-    keys = WARMUP_KEYS + [k for k, default in WARMUP_KEYS_IF_SET.items() if cfg.get(k) != default]
-    return keys + (["train.amp"] if device.type == "cuda" else [])
+    return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
 
 Report = Callable[[int, dict], None]
 

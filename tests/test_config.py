@@ -105,7 +105,7 @@ def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     smoke = make_config("smoke")
-    assert warmup_keys(smoke, cpu) == WARMUP_KEYS  # entries cached before model.freeze_bn stay valid
+    assert warmup_keys(smoke, cpu) == WARMUP_KEYS  # train.amp does nothing on the CPU
     assert "model.freeze_bn" in warmup_keys(make_config("smoke", ["model.freeze_bn=true"]), cpu)
     assert "train.amp" in warmup_keys(smoke, gpu)  # bf16 and fp32 warm-ups differ on a GPU
     scratch = make_config("smoke", ["model.init_weights=none"])  # random init either way, but its own entry
