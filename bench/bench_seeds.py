@@ -3,14 +3,14 @@
     python -m bench.bench_seeds [--preset default] [--seeds 0 1 2]
         [--variant LABEL KEY=VALUE ...] ... [--env LABEL VAR=VALUE ...] [--set KEY=VALUE ...]
 
-Runs the full model (all branches, cross-task affinity, both constraints) for one stage without
-post-processing, over the seeds, once per variant. The first variant is the baseline; with no
+Runs the full model (all branches, cross-task affinity, both constraints) for one stage (--stages N:
+N stages, the last one's val mIoU is the metric) without post-processing, over the seeds, once per variant. The first variant is the baseline; with no
 --variant given the baselines are "scratch" (model.init_weights="", the pre-pretraining setting) and
 "pretrained" (the preset as it is). Each trial runs in its own process (`python -m core.trial`), so
 --env can change what a trial's process sees, e.g. `--env avx2 ATEN_CPU_CAPABILITY=avx2` runs the
 preset with another CPU kernel level: the closest this machine gets to running on another machine.
 
-Prints per seed the stage-0 val mIoU of every variant, mean +- std per variant, and per variant the
+Prints per seed the last stage's val mIoU of every variant, mean +- std per variant, and per variant the
 paired differences to the baseline with a Student-t 95% interval.
 """
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> int:
                     help="a labelled set of config overrides (repeatable; the first is the baseline)")
     ap.add_argument("--env", nargs="+", action="append", default=[], metavar=("LABEL", "VAR=VALUE"),
                     help="a labelled variant that runs the preset with these environment variables")
+    ap.add_argument("--stages", type=int, default=1,
+                    help="stages per trial; the metric is the last stage's val mIoU (default 1: stage 0)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                     help="overrides for every variant")
     a = ap.parse_args()
@@ -54,7 +56,7 @@ def main() -> int:
     variants += [(e[0], [], dict(kv.split("=", 1) for kv in e[1:])) for e in a.env]
     if not variants:
         variants = [("scratch", ["model.init_weights="], {}), ("pretrained", [], {})]
-    common = [*a.overrides, *FULL, "train.stages=1", "eval.post=false"]
+    common = [*a.overrides, *FULL, f"train.stages={a.stages}", "eval.post=false"]
     try:  # a bad override is one line, before any trial spends minutes
         for _, ov, _ in variants:
             make_config(a.preset, [*common, *ov])
@@ -70,10 +72,10 @@ def main() -> int:
                 if r["status"] != "complete":
                     print(f"seed {seed} {label}: {r['status']}: {r['error']}")
                     return 1
-                v = r["stages"][0]["val"]["miou"]
+                v = r["stages"][-1]["val"]["miou"]
                 values[label].append(v)
                 e = r.get("environment") or {}
-                print(f"seed {seed} {label:<12} stage-0 val mIoU {100 * v:5.1f}  initial pgt P/R "
+                print(f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
                       f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
                       f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} {r['warmup']['seconds']:.0f}s  "
                       f"trial {time.time() - t0:.0f}s  [{e.get('cpu_capability')}, {e.get('threads')} threads]",
