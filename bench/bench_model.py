@@ -8,6 +8,7 @@ float32 maps the maths keeps for backward) next to a measurement of the bytes th
 saves for backward (torch.autograd.graph.saved_tensors_hooks, deduplicated by storage), for our fused
 implementation and for a straightforward one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,15 @@ from core.losses import auxsegnet_loss
 from core.model import AuxSegNet
 from core.model.affinity import NonLocal, cross_task, make_sa_fusion, propagate
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 def _targets(b, h, w, classes=21):
-    return {"labels": torch.randint(0, 2, (b, classes - 1)).float(), "seg": torch.randint(0, classes, (b, h, w)),
-            "sal": torch.randint(0, 2, (b, h, w))}
+    return {
+        "labels": torch.randint(0, 2, (b, classes - 1)).float(),
+        "seg": torch.randint(0, classes, (b, h, w)),
+        "sal": torch.randint(0, 2, (b, h, w)),
+    }
 
 
 def throughput(width, size, batch, iters, warmup):
@@ -89,8 +93,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one timed iteration at width 1.0, no warm-up")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device cpu")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device cpu"
+    )
 
     print("\n== forward + backward throughput (AuxSegNet, all branches, cross_task, both constraints) ==")
     small_ips, small_s = throughput(0.125, 96, 8, iters=2 if args.quick else 5, warmup=1)
@@ -100,25 +106,35 @@ def main(argv=None):
     print(f"ratio (width 0.125 @96 / width 1.0 @321): {small_ips / full_ips:.0f}x")
 
     print("\n== HW x HW affinity memory (float32, kept for backward) ==")
-    print("analytic: seg affinity keeps 1 map (A_seg); cross_task keeps 7 maps "
-          "([A_seg, A_sal] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); a plain implementation keeps 9")
+    print(
+        "analytic: seg affinity keeps 1 map (A_seg); cross_task keeps 7 maps "
+        "([A_seg, A_sal] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); a plain implementation keeps 9"
+    )
     print("measured: bytes of distinct storages saved by autograd for the affinity module alone (D=128)")
-    print(f"{'crop':>5} {'grid':>6} {'HW':>5} {'batch':>5} {'1 map':>9} | {'seg: calc':>9} {'meas':>9} | "
-          f"{'cross: calc':>11} {'meas':>9} | {'plain: calc':>11} {'meas':>9}")
+    print(
+        f"{'crop':>5} {'grid':>6} {'HW':>5} {'batch':>5} {'1 map':>9} | {'seg: calc':>9} {'meas':>9} | "
+        f"{'cross: calc':>11} {'meas':>9} | {'plain: calc':>11} {'meas':>9}"
+    )
     for crop in (321, 512):
         for batch in (1, 4):
             if args.quick and batch == 4 and crop == 512:
                 side = 64
                 hw, amap = side * side, 4 * (side * side) ** 2 * 4
-                print(f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | {amap / MiB:9.1f} "
-                      f"{'-':>9} | {7 * amap / MiB:11.1f} {'-':>9} | {9 * amap / MiB:11.1f} {'-':>9}  (MiB)")
+                print(
+                    f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | {amap / MiB:9.1f} "
+                    f"{'-':>9} | {7 * amap / MiB:11.1f} {'-':>9} | {9 * amap / MiB:11.1f} {'-':>9}  (MiB)"
+                )
                 continue
             side, hw, amap, s, c, n = affinity_memory(crop, batch)
-            print(f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | {amap / MiB:9.1f} "
-                  f"{s / MiB:9.1f} | {7 * amap / MiB:11.1f} {c / MiB:9.1f} | {9 * amap / MiB:11.1f} "
-                  f"{n / MiB:9.1f}  (MiB)")
-    print("(measured includes the small HW x D feature tensors; transients on top: the Q K^T logits before "
-          "the softmax (2 maps) and map-sized gradients in backward)")
+            print(
+                f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | {amap / MiB:9.1f} "
+                f"{s / MiB:9.1f} | {7 * amap / MiB:11.1f} {c / MiB:9.1f} | {9 * amap / MiB:11.1f} "
+                f"{n / MiB:9.1f}  (MiB)"
+            )
+    print(
+        "(measured includes the small HW x D feature tensors; transients on top: the Q K^T logits before "
+        "the softmax (2 maps) and map-sized gradients in backward)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ preset with another CPU kernel level: the closest this machine gets to running o
 Prints per seed the last stage's val mIoU of every variant, mean +- std per variant, and per variant the
 paired differences to the baseline with a Student-t 95% interval.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,36 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_seeds", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar=("LABEL", "KEY=VALUE"),
-                    help="a labelled set of config overrides (repeatable; the first is the baseline)")
-    ap.add_argument("--env", nargs="+", action="append", default=[], metavar=("LABEL", "VAR=VALUE"),
-                    help="a labelled variant that runs the preset with these environment variables")
-    ap.add_argument("--stages", type=int, default=1,
-                    help="stages per trial; the metric is the last stage's val mIoU (default 1: stage 0)")
-    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="overrides for every variant")
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL", "KEY=VALUE"),
+        help="a labelled set of config overrides (repeatable; the first is the baseline)",
+    )
+    ap.add_argument(
+        "--env",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL", "VAR=VALUE"),
+        help="a labelled variant that runs the preset with these environment variables",
+    )
+    ap.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="stages per trial; the metric is the last stage's val mIoU (default 1: stage 0)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for every variant",
+    )
     a = ap.parse_args()
     variants: list[tuple[str, list[str], dict[str, str]]] = [(v[0], v[1:], {}) for v in a.variant]
     variants += [(e[0], [], dict(kv.split("=", 1) for kv in e[1:])) for e in a.env]
@@ -75,19 +98,26 @@ def main() -> int:
                 v = r["stages"][-1]["val"]["miou"]
                 values[label].append(v)
                 e = r.get("environment") or {}
-                print(f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
-                      f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
-                      f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} {r['warmup']['seconds']:.0f}s  "
-                      f"trial {time.time() - t0:.0f}s  [{e.get('cpu_capability')}, {e.get('threads')} threads]",
-                      flush=True)
+                print(
+                    f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
+                    f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
+                    f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} {r['warmup']['seconds']:.0f}s  "
+                    f"trial {time.time() - t0:.0f}s  [{e.get('cpu_capability')}, {e.get('threads')} threads]",
+                    flush=True,
+                )
     base = variants[0][0]
     print(f"\n{'variant':<12} {'mean':>6} +- {'std':<5}  per seed {a.seeds}  paired delta vs {base} [95% CI]")
     for label, vals in values.items():
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        delta = "(baseline)" if label == base else delta_cell(paired_delta(dict(enumerate(vals)),
-                                                                           dict(enumerate(values[base]))))
-        print(f"{label:<12} {100 * statistics.fmean(vals):6.1f} +- {100 * sd:<5.1f}  "
-              f"{' '.join(f'{100 * v:.1f}' for v in vals)}  {delta}")
+        delta = (
+            "(baseline)"
+            if label == base
+            else delta_cell(paired_delta(dict(enumerate(vals)), dict(enumerate(values[base]))))
+        )
+        print(
+            f"{label:<12} {100 * statistics.fmean(vals):6.1f} +- {100 * sd:<5.1f}  "
+            f"{' '.join(f'{100 * v:.1f}' for v in vals)}  {delta}"
+        )
     return 0
 
 

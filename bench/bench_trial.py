@@ -5,6 +5,7 @@
 Prints train images/s, label-update images/s with 1 process and with the pool (ratio), evaluation
 images/s with and without post-processing (ratio), then runs one complete trial and prints its phases.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,18 @@ def main() -> None:
     device = resolve_device(cfg)
     ds, val = load_data(cfg)
     tr, va = Subset(ds, args.images), Subset(val, args.images)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, device {device}, preset {args.preset}, "
-          f"width {cfg.model.width}, crop {cfg.train.crop}, {args.images} images per measurement")
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores, device {device}, preset {args.preset}, "
+        f"width {cfg.model.width}, crop {cfg.train.crop}, {args.images} images per measurement"
+    )
 
     torch.manual_seed(0)
     net = build_net(cfg, ds.num_classes).to(device)
     # Labels to train on: a CAM-free stand-in (the image's saliency fused with its classes) is enough for timing.
-    seg = [np.where(tr.saliency(i) > 0.5, int(np.argmax(tr.labels(i))) + 1, 0).astype(np.uint8) for i in range(len(tr))]
+    seg = [
+        np.where(tr.saliency(i) > 0.5, int(np.argmax(tr.labels(i))) + 1, 0).astype(np.uint8)
+        for i in range(len(tr))
+    ]
     sal = [(tr.saliency(i) > 0.5).astype(np.uint8) for i in range(len(tr))]
     rng = np.random.default_rng(0)
     _, t = timed(lambda: train_stage(net, tr, seg, sal, cfg, device, rng, 0))
@@ -73,8 +79,10 @@ def main() -> None:
         if pool is not None:
             pool.shutdown()
         rates[workers] = len(tr) / t
-        print(f"label update (Eq. 1 CRF + fusion), {workers} process{'es' if workers > 1 else ''}: "
-              f"{rates[workers]:8.1f} images/s")
+        print(
+            f"label update (Eq. 1 CRF + fusion), {workers} process{'es' if workers > 1 else ''}: "
+            f"{rates[workers]:8.1f} images/s"
+        )
     if len(rates) == 2:
         one, many = rates.values()
         print(f"  pool / 1 process: {many / one:.2f}x (pool start-up included)")
@@ -88,8 +96,10 @@ def main() -> None:
     if pool is not None:
         pool.shutdown()
     print(f"eval without post-processing:          {len(va) / t_plain:8.1f} images/s")
-    print(f"eval with post ({len(cfg.eval.scales)} scales x flip + CRF): {len(va) / t_post:8.1f} images/s "
-          f"({t_post / t_plain:.1f}x the time; includes the plain pass)")
+    print(
+        f"eval with post ({len(cfg.eval.scales)} scales x flip + CRF): {len(va) / t_post:8.1f} images/s "
+        f"({t_post / t_plain:.1f}x the time; includes the plain pass)"
+    )
 
     if not args.skip_trial:
         res = run_trial(make_config(args.preset))

@@ -4,6 +4,7 @@ runs/cache/<key>/ is complete iff it exists: it is filled in a temporary sibling
 into place in one step, so a killed run never leaves a half-written artifact that a later run trusts.
 A per-key file lock makes concurrent trials with the same key wait for one computation.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@
 
 Every error is a one-line `ConfigError` naming the key and what was expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,11 @@ class ModelConfig:
     init_weights: str = ""
     dropout: float = 0.5  # Dropout2d before GAP in the cls branch
     block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
-    dilations: tuple[int, ...] = (6, 12, 18)  # head atrous rates (paper); scale them down with the feature map
+    dilations: tuple[int, ...] = (
+        6,
+        12,
+        18,
+    )  # head atrous rates (paper); scale them down with the feature map
     head_channels: int = 0  # seg / sal head width D; 0 -> 128 * width (authors' 128 at full width)
     # Backbone BatchNorm in eval mode with frozen affine parameters, and conv1a frozen, as the authors' code
     # (BN statistics stay the pretrained ones). Off here: a backbone trained from scratch needs BN to learn.
@@ -271,7 +276,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def valid_keys() -> list[str]:
     out = []
     for f in fields(Config):
-        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+        if (
+            dataclasses.is_dataclass(f.default_factory)
+            if f.default_factory is not dataclasses.MISSING
+            else False
+        ):
             out += [f"{f.name}.{g.name}" for g in fields(f.default_factory)]
         else:
             out.append(f.name)
@@ -316,7 +325,9 @@ def validate(cfg: Config) -> Config:
     m = cfg.model
     bad = [b for b in m.branches if b not in BRANCHES]
     if bad:
-        raise ConfigError(f"model.branches: unknown branch {bad[0]!r} (expected a subset of {list(BRANCHES)})")
+        raise ConfigError(
+            f"model.branches: unknown branch {bad[0]!r} (expected a subset of {list(BRANCHES)})"
+        )
     if "seg" not in m.branches:
         raise ConfigError("model.branches must include 'seg' (the primary task)")
     if len(set(m.branches)) != len(m.branches):
@@ -325,7 +336,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.affinity: {m.affinity!r} is not one of {list(AFFINITIES)}")
     bad = [c for c in m.constraints if c not in CONSTRAINTS]
     if bad:
-        raise ConfigError(f"model.constraints: unknown constraint {bad[0]!r} (expected a subset of {list(CONSTRAINTS)})")
+        raise ConfigError(
+            f"model.constraints: unknown constraint {bad[0]!r} (expected a subset of {list(CONSTRAINTS)})"
+        )
     if m.affinity == "cross_task" and "sal" not in m.branches:
         raise ConfigError("model.affinity=cross_task needs the 'sal' branch in model.branches")
     if m.affinity == "none" and m.constraints:
@@ -345,8 +358,10 @@ def validate(cfg: Config) -> Config:
     if cfg.data.name == "voc" and not cfg.data.root:
         raise ConfigError("data.root must name your VOC-layout folder when data.name=voc")
     if cfg.data.name == "voc" and m.width == 1.0 and not m.init_weights:
-        raise ConfigError("model.init_weights must name the converted ImageNet ResNet38 checkpoint for "
-                          "data.name=voc at model.width=1.0 (model.init_weights=none trains from scratch)")
+        raise ConfigError(
+            "model.init_weights must name the converted ImageNet ResNet38 checkpoint for "
+            "data.name=voc at model.width=1.0 (model.init_weights=none trains from scratch)"
+        )
     t = cfg.train
     for key in ("warmup_epochs", "stage_epochs", "batch_size", "crop"):
         if getattr(t, key) < (0 if key == "warmup_epochs" else 1):
@@ -360,12 +375,16 @@ def validate(cfg: Config) -> Config:
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: {t.device!r} is not one of ['auto', 'cpu', 'cuda']")
     if not 0 < t.scale_min <= t.scale_max:
-        raise ConfigError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
+        raise ConfigError(
+            f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}"
+        )
     for key in ("lr", "warmup_lr"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
     if t.fusion_lr_mult < 0:
-        raise ConfigError(f"train.fusion_lr_mult must be >= 0 (0: train.head_lr_mult), got {t.fusion_lr_mult}")
+        raise ConfigError(
+            f"train.fusion_lr_mult must be >= 0 (0: train.head_lr_mult), got {t.fusion_lr_mult}"
+        )
     for key in ("cls", "sal", "seg"):
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")

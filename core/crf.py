@@ -4,6 +4,7 @@ Only numpy and pydensecrf are imported here so that label-update worker processe
 Pairwise spatial widths are the authors' (tuned on VOC images, about 500 px on the long side); they
 are scaled by the image's long side / 500 so a 96 px synthetic image gets the same relative smoothing.
 """
+
 from __future__ import annotations
 
 import numpy as np

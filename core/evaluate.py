@@ -1,4 +1,5 @@
 """Evaluation on val: mIoU without and with post-processing (multi-scale + flip + dense CRF)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ def segment_logits(out: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probs(net, img: np.ndarray, device: torch.device, scales=(1.0,), flip: bool = False,
-                  amp_ctx=None) -> np.ndarray:
+def predict_probs(
+    net, img: np.ndarray, device: torch.device, scales=(1.0,), flip: bool = False, amp_ctx=None
+) -> np.ndarray:
     """Class probabilities (C, H, W) averaged over scales (and horizontal flips)."""
     h, w = img.shape[:2]
     x0 = torch.from_numpy(normalize(img))[None].to(device)
@@ -40,8 +42,16 @@ def predict_probs(net, img: np.ndarray, device: torch.device, scales=(1.0,), fli
     return (acc / len(scales)).cpu().numpy()
 
 
-def evaluate(net, ds: VOCDataset, cfg: Config, device: torch.device, post: bool, pool=None,
-             amp_ctx=None, desc: str = "eval") -> dict:
+def evaluate(
+    net,
+    ds: VOCDataset,
+    cfg: Config,
+    device: torch.device,
+    post: bool,
+    pool=None,
+    amp_ctx=None,
+    desc: str = "eval",
+) -> dict:
     """{miou, miou_post (None unless post), per_class_iou} on ds (its ground-truth masks).
 
     Network passes run here; the CRF of each image runs in the pool while the next image is predicted.

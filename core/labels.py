@@ -1,4 +1,5 @@
 """Pseudo labels: CAM + saliency fusion and the Eq. 1 saliency update (numpy only: runs in worker processes)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,9 @@ from core.crf import crf_saliency
 from core.metrics import IGNORE, confusion
 
 
-def fuse_cam_saliency(cam: np.ndarray, labels: np.ndarray, sal: np.ndarray,
-                      cam_threshold: float, sal_threshold: float) -> np.ndarray:
+def fuse_cam_saliency(
+    cam: np.ndarray, labels: np.ndarray, sal: np.ndarray, cam_threshold: float, sal_threshold: float
+) -> np.ndarray:
     """Segmentation pseudo label by hard thresholds (authors' fusion).
 
     cam: (C-1, H, W) in [0, 1]; labels: (C-1,) image-level multi-hot; sal: (H, W) in [0, 1].
@@ -26,7 +28,9 @@ def fuse_cam_saliency(cam: np.ndarray, labels: np.ndarray, sal: np.ndarray,
     return out
 
 
-def update_saliency(pred_sal: np.ndarray, pt_sal: np.ndarray, img: np.ndarray, use_crf: bool = True) -> np.ndarray:
+def update_saliency(
+    pred_sal: np.ndarray, pt_sal: np.ndarray, img: np.ndarray, use_crf: bool = True
+) -> np.ndarray:
     """Eq. 1: PGT_sal^s = CRF_d((P_ref_sal^{s-1} + Pt_sal) / 2)."""
     avg = 0.5 * (pred_sal + pt_sal)
     return crf_saliency(img, avg) if use_crf else avg

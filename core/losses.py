@@ -5,6 +5,7 @@ Dense predictions (feature resolution) and their affinity-refined versions are u
 over non-ignored pixels (label 255) and return 0, not NaN, when every pixel is ignored. Only terms whose
 outputs are present are computed: an absent branch or constraint contributes no term at all.
 """
+
 from __future__ import annotations
 
 import torch

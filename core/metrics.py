@@ -1,4 +1,5 @@
 """Segmentation metrics on confusion matrices (numpy only, so worker processes can use them)."""
+
 from __future__ import annotations
 
 import numpy as np

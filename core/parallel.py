@@ -1,4 +1,5 @@
 """A process pool for per-image CRF work, with a bounded number of images in flight."""
+
 from __future__ import annotations
 
 import multiprocessing as mp

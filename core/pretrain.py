@@ -18,6 +18,7 @@ benchmark image, mask or saliency map is read. Multi-label classification, as fo
 The checkpoint holds {"state_dict": backbone tensors (the converted-ImageNet names), "meta": {...}}
 and loads through the same `load_backbone` path as a user's ImageNet checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,10 @@ def _shown(path: Path | str) -> str:
 
 def rebuild_command(width: float, out: Path | str | None = None, size: int | None = None) -> str:
     size = size or (64 if width < 0.1 else 96)
-    return (f"python -m core.pretrain --width {width:g} --size {size} "
-            f"--out {shlex.quote(_shown(out or pretrained_path(width)))}")
+    return (
+        f"python -m core.pretrain --width {width:g} --size {size} "
+        f"--out {shlex.quote(_shown(out or pretrained_path(width)))}"
+    )
 
 
 def resolve_init_weights(init_weights: str, width: float) -> Path | None:
@@ -130,14 +133,24 @@ def check_init_weights(init_weights: str, width: float) -> Path | None:
     except Exception as e:  # noqa: BLE001 - one line for the user
         ckpt, error = None, f"cannot read it ({type(e).__name__})"
     meta = _meta(ckpt)
-    hint = f"; rebuild it with: {rebuild_command(width, path, meta and meta.get('size'))}" if ours or meta else ""
+    hint = (
+        f"; rebuild it with: {rebuild_command(width, path, meta and meta.get('size'))}"
+        if ours or meta
+        else ""
+    )
     if ckpt is None:
         raise PretrainedError(f"model.init_weights: {path}: {error}{hint}")
     if not isinstance(ckpt, dict):
-        raise PretrainedError(f"model.init_weights: {path} holds a {type(ckpt).__name__}, not a state dict{hint}")
-    if meta is not None and float(meta.get("width", -1)) != float(width):  # a checkpoint for this width instead
-        raise PretrainedError(f"model.init_weights: {path} was pretrained at width {meta.get('width')}, "
-                              f"but model.width is {width:g}; build one with: {rebuild_command(width)}")
+        raise PretrainedError(
+            f"model.init_weights: {path} holds a {type(ckpt).__name__}, not a state dict{hint}"
+        )
+    if meta is not None and float(meta.get("width", -1)) != float(
+        width
+    ):  # a checkpoint for this width instead
+        raise PretrainedError(
+            f"model.init_weights: {path} was pretrained at width {meta.get('width')}, "
+            f"but model.width is {width:g}; build one with: {rebuild_command(width)}"
+        )
     try:
         backbone_state_dict_from(ckpt, ResNet38(width, block_dropout=False).state_dict())
     except ValueError as e:
@@ -162,7 +175,9 @@ def sha256_file(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- training
-def render_set(n: int, size: int, seed: int, cues: tuple, desc: str = "render") -> tuple[np.ndarray, np.ndarray]:
+def render_set(
+    n: int, size: int, seed: int, cues: tuple, desc: str = "render"
+) -> tuple[np.ndarray, np.ndarray]:
     """n images (uint8 N x size x size x 3, JPEG q95 like the benchmark) and multi-hot labels (N x classes)."""
     p = dict(PRESETS["default"], size=size)
     imgs = np.empty((n, size, size, 3), np.uint8)
@@ -171,7 +186,9 @@ def render_set(n: int, size: int, seed: int, cues: tuple, desc: str = "render") 
         rng = np.random.default_rng(np.random.SeedSequence([seed, PRETRAIN_STREAM, i]))
         img, _, _, info = render_image(rng, p, cues=cues)
         buf = io.BytesIO()
-        Image.fromarray((img * 255 + 0.5).astype(np.uint8)).save(buf, format="JPEG", quality=p["jpeg_quality"])
+        Image.fromarray((img * 255 + 0.5).astype(np.uint8)).save(
+            buf, format="JPEG", quality=p["jpeg_quality"]
+        )
         imgs[i] = np.asarray(Image.open(buf).convert("RGB"))
         labels[i, [c - 1 for c in info["classes"]]] = 1
     return imgs, labels
@@ -183,18 +200,32 @@ def evaluate_labels(clf: Classifier, imgs: np.ndarray, labels: np.ndarray, bf16:
     clf.eval()
     preds = []
     for s in range(0, len(imgs), 64):
-        x = torch.from_numpy(np.stack([normalize(im) for im in imgs[s:s + 64]]))
+        x = torch.from_numpy(np.stack([normalize(im) for im in imgs[s : s + 64]]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             preds.append((clf(x).float() > 0).numpy())
     pred = np.concatenate(preds)
     tp = float((pred & (labels > 0)).sum())
     prec, rec = tp / max(pred.sum(), 1), tp / max(labels.sum(), 1)
-    return {"precision": float(prec), "recall": float(rec), "f1": float(2 * prec * rec / max(prec + rec, 1e-12))}
+    return {
+        "precision": float(prec),
+        "recall": float(rec),
+        "f1": float(2 * prec * rec / max(prec + rec, 1e-12)),
+    }
 
 
-def pretrain(width: float, out: Path, size: int = 96, images: int = 8000, epochs: int = 8, seed: int = 1,
-             batch_size: int = 16, lr: float = 1e-3, bf16: bool = True, val_images: int = 800,
-             cues: str | None = None) -> dict:
+def pretrain(
+    width: float,
+    out: Path,
+    size: int = 96,
+    images: int = 8000,
+    epochs: int = 8,
+    seed: int = 1,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    bf16: bool = True,
+    val_images: int = 800,
+    cues: str | None = None,
+) -> dict:
     """Train ResNet38 at `width` on the procedural pretraining set and write the backbone to `out`."""
     from core.trial import cpu_model
 
@@ -203,7 +234,9 @@ def pretrain(width: float, out: Path, size: int = 96, images: int = 8000, epochs
     cues = cues or default_cues(width)
     table = CUE_SETS[cues]
     train_x, train_y = render_set(images, size, seed, table, "render train")
-    val_x, val_y = render_set(val_images, size, seed + 1, table, "render val")  # another seed: held-out images
+    val_x, val_y = render_set(
+        val_images, size, seed + 1, table, "render val"
+    )  # another seed: held-out images
     t_render = time.time() - t0
     clf = Classifier(num_classes=len(table) + 1, width=width, dropout=0.0, block_dropout=False)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
@@ -216,9 +249,15 @@ def pretrain(width: float, out: Path, size: int = 96, images: int = 8000, epochs
         clf.train()
         order = rng.permutation(images)
         for b in range(per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            x = torch.from_numpy(np.stack([paired_random_transform({"image": train_x[i]}, size, (0.7, 1.3), True,
-                                                                   rng)["image"] for i in idx]))
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x = torch.from_numpy(
+                np.stack(
+                    [
+                        paired_random_transform({"image": train_x[i]}, size, (0.7, 1.3), True, rng)["image"]
+                        for i in idx
+                    ]
+                )
+            )
             for g in opt.param_groups:
                 g["lr"] = lr * (1 - step / total) ** 0.9
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -237,15 +276,32 @@ def pretrain(width: float, out: Path, size: int = 96, images: int = 8000, epochs
     val = evaluate_labels(clf, val_x, val_y, bf16)
     seconds = time.time() - t0
     meta = {
-        "format": FORMAT, "width": float(width), "size": size, "images": images, "val_images": val_images,
-        "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr, "precision": "bf16" if bf16 else "fp32",
-        "cues": cues, "classes": len(table), "val": val, "final_loss": float(np.mean(losses[-50:])),
-        "seconds": round(seconds, 1), "render_seconds": round(t_render, 1), "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(), "cpu": cpu_model(),
-        "command": rebuild_command(width, out, size) + f" --images {images} --epochs {epochs} --seed {seed} --cues {cues}",
+        "format": FORMAT,
+        "width": float(width),
+        "size": size,
+        "images": images,
+        "val_images": val_images,
+        "epochs": epochs,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "precision": "bf16" if bf16 else "fp32",
+        "cues": cues,
+        "classes": len(table),
+        "val": val,
+        "final_loss": float(np.mean(losses[-50:])),
+        "seconds": round(seconds, 1),
+        "render_seconds": round(t_render, 1),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "command": rebuild_command(width, out, size)
+        + f" --images {images} --epochs {epochs} --seed {seed} --cues {cues}",
     }
-    state = {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
-             for k, v in clf.backbone.state_dict().items()}
+    state = {
+        k: v.detach().float().clone() if v.is_floating_point() else v.clone()
+        for k, v in clf.backbone.state_dict().items()
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     torch.save({"state_dict": state, "meta": meta}, tmp)
@@ -255,14 +311,20 @@ def pretrain(width: float, out: Path, size: int = 96, images: int = 8000, epochs
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.pretrain", description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=float, required=True, help="model.width of the preset (0.125 default, 0.0625 smoke)")
+    ap.add_argument(
+        "--width", type=float, required=True, help="model.width of the preset (0.125 default, 0.0625 smoke)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="checkpoint path (default core/weights/...)")
     ap.add_argument("--size", type=int, default=96, help="image side in px (the preset's image size)")
     ap.add_argument("--images", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--cues", choices=sorted(CUE_SETS), default=None,
-                    help="label space (default: pairs below width 0.1, else pairs-patterns)")
+    ap.add_argument(
+        "--cues",
+        choices=sorted(CUE_SETS),
+        default=None,
+        help="label space (default: pairs below width 0.1, else pairs-patterns)",
+    )
     ap.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
     a = ap.parse_args(argv)
     out = a.out or pretrained_path(a.width)
@@ -270,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = pretrain(a.width, out, a.size, a.images, a.epochs, a.seed, bf16=not a.fp32, cues=a.cues)
     v = meta["val"]
     print(json.dumps(meta, indent=1))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(out)}) in {meta['seconds']:.0f}s; "
-          f"held-out labels P {100 * v['precision']:.1f} R {100 * v['recall']:.1f} F1 {100 * v['f1']:.1f}")
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(out)}) in {meta['seconds']:.0f}s; "
+        f"held-out labels P {100 * v['precision']:.1f} R {100 * v['recall']:.1f} F1 {100 * v['f1']:.1f}"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Training loops: the classification warm-up and one multi-task stage. Plain SGD + poly decay."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,9 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / max(total, 1)) ** power
 
 
-def make_optimizer(net, lr: float, head_lr_mult: float, cfg: Config,
-                   fusion_lr_mult: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    net, lr: float, head_lr_mult: float, cfg: Config, fusion_lr_mult: float | None = None
+) -> torch.optim.Optimizer:
     """SGD (momentum train.momentum) or Adam over the net's parameter groups (frozen parameters are not in
     them); ``fusion_lr_mult`` puts AuxSegNet's cross_att at its own multiple of lr."""
     extra = {} if fusion_lr_mult is None else {"fusion_lr_mult": fusion_lr_mult}
@@ -70,12 +72,14 @@ def set_poly(opt: torch.optim.Optimizer, step: int, total: int, power: float) ->
         g["lr"] = poly_lr(g["initial_lr"], step, total, power)
 
 
-def batches(ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callable[[int], dict] | None = None):
+def batches(
+    ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callable[[int], dict] | None = None
+):
     """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform."""
     order = rng.permutation(len(ds))
     bs = cfg.train.batch_size
     for s in range(0, len(order), bs):
-        idx = order[s:s + bs]
+        idx = order[s : s + bs]
         if len(idx) == 1 and s > 0:  # BatchNorm needs more than one sample
             break
         samples = []
@@ -83,8 +87,11 @@ def batches(ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callab
             sample = {"image": ds.image(i)}
             if extra is not None:
                 sample.update(extra(i))
-            samples.append(paired_random_transform(sample, cfg.train.crop, (cfg.train.scale_min, cfg.train.scale_max),
-                                                   True, rng))
+            samples.append(
+                paired_random_transform(
+                    sample, cfg.train.crop, (cfg.train.scale_min, cfg.train.scale_max), True, rng
+                )
+            )
         out = {k: torch.from_numpy(np.stack([smp[k] for smp in samples])) for k in samples[0]}
         out["labels"] = torch.from_numpy(np.stack([ds.labels(i) for i in idx]))
         yield out
@@ -121,8 +128,16 @@ def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np
     bar.close()
 
 
-def train_stage(net, ds: VOCDataset, seg_labels: list[np.ndarray], sal_targets: list[np.ndarray] | None,
-                cfg: Config, device: torch.device, rng: np.random.Generator, stage: int) -> dict[str, float]:
+def train_stage(
+    net,
+    ds: VOCDataset,
+    seg_labels: list[np.ndarray],
+    sal_targets: list[np.ndarray] | None,
+    cfg: Config,
+    device: torch.device,
+    rng: np.random.Generator,
+    stage: int,
+) -> dict[str, float]:
     """One stage of multi-task training on the current pseudo labels; returns mean loss terms."""
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)

@@ -7,6 +7,7 @@ warm-up (cached) -> CAMs -> initial pseudo labels -> for each stage: train, eval
 `report(stage, metrics)` may raise (a scheduler pruning the trial): the exception propagates unchanged
 after the worker pool is shut down. A NaN/inf loss returns a failed TrialResult with the reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,36 @@ from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train
 CACHE_VERSION = 3
 # Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
 WARMUP_KEYS = [
-    "seed", "data.name", "data.root", "data.preset", "data.seed", "data.train_split", "data.num_classes",
-    "model.width", "model.init_weights", "model.dropout", "model.block_dropout", "train.warmup_epochs",
-    "train.warmup_lr", "train.optimizer",
-    "train.batch_size", "train.crop", "train.scale_min", "train.scale_max", "train.momentum",
-    "train.weight_decay", "train.poly_power", "train.warmup_head_lr_mult", "model.freeze_bn",
+    "seed",
+    "data.name",
+    "data.root",
+    "data.preset",
+    "data.seed",
+    "data.train_split",
+    "data.num_classes",
+    "model.width",
+    "model.init_weights",
+    "model.dropout",
+    "model.block_dropout",
+    "train.warmup_epochs",
+    "train.warmup_lr",
+    "train.optimizer",
+    "train.batch_size",
+    "train.crop",
+    "train.scale_min",
+    "train.scale_max",
+    "train.momentum",
+    "train.weight_decay",
+    "train.poly_power",
+    "train.warmup_head_lr_mult",
+    "model.freeze_bn",
 ]
 
 
 def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     """The config fields the warm-up and initial CAMs depend on for this config (train.amp only on a GPU)."""
     return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
+
 
 Report = Callable[[int, dict], None]
 
@@ -87,9 +107,15 @@ def cpu_model() -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     """What a result's numbers depend on beyond config and seed: bit-identical results need the same
     torch build, CPU (or GPU) kernels and intra-op thread count."""
-    env = {"torch": str(torch.__version__), "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "device": device.type, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    env = {
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
     return env
 
 
@@ -135,16 +161,30 @@ def load_data(cfg: Config, validate: bool = True) -> tuple[VOCDataset, VOCDatase
 def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     """The warm-up classifier the config describes (the one place that maps model.* to it)."""
     m = cfg.model
-    return Classifier(num_classes=num_classes, width=m.width, dropout=m.dropout, block_dropout=m.block_dropout,
-                      freeze_bn=m.freeze_bn)
+    return Classifier(
+        num_classes=num_classes,
+        width=m.width,
+        dropout=m.dropout,
+        block_dropout=m.block_dropout,
+        freeze_bn=m.freeze_bn,
+    )
 
 
 def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
     """The AuxSegNet the config describes (the one place that maps model.* to its constructor)."""
     m = cfg.model
-    return AuxSegNet(num_classes=num_classes, width=m.width, branches=m.branches, affinity=m.affinity,
-                     constraints=m.constraints, dropout=m.dropout, block_dropout=m.block_dropout,
-                     dilations=m.dilations, head_channels=m.head_channels, freeze_bn=m.freeze_bn)
+    return AuxSegNet(
+        num_classes=num_classes,
+        width=m.width,
+        branches=m.branches,
+        affinity=m.affinity,
+        constraints=m.constraints,
+        dropout=m.dropout,
+        block_dropout=m.block_dropout,
+        dilations=m.dilations,
+        head_channels=m.head_channels,
+        freeze_bn=m.freeze_bn,
+    )
 
 
 def _cam_at(cam: torch.Tensor, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
@@ -171,8 +211,10 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
     keys = warmup_keys(cfg, device)
-    key = (f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
-           f"-{numerics_fingerprint(device)}")
+    key = (
+        f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
+        f"-{numerics_fingerprint(device)}"
+    )
     folder = runs_dir() / "cache" / key
     t0 = time.time()
 
@@ -185,8 +227,11 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
         train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
         torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
-        (tmp / "meta.json").write_text(json.dumps({"key_fields": {k: cfg.get(k) for k in keys},
-                                                   "seconds": time.time() - t0}, default=list))
+        (tmp / "meta.json").write_text(
+            json.dumps(
+                {"key_fields": {k: cfg.get(k) for k in keys}, "seconds": time.time() - t0}, default=list
+            )
+        )
 
     hit = atomic_dir(folder, fill)
     state = torch.load(folder / "classifier.pt", weights_only=True)
@@ -195,25 +240,43 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     return state, cams, hit, seconds
 
 
-def label_jobs(ds: VOCDataset, cams: Callable[[int], np.ndarray], cfg: Config,
-               pred_sal: Callable[[int], np.ndarray | None]):
+def label_jobs(
+    ds: VOCDataset,
+    cams: Callable[[int], np.ndarray],
+    cfg: Config,
+    pred_sal: Callable[[int], np.ndarray | None],
+):
     for i in range(len(ds)):
         yield {
-            "img": ds.image(i), "cam": cams(i), "labels": ds.labels(i),
-            "pt_sal": ds.saliency(i), "pred_sal": pred_sal(i), "gt": ds.mask(i),
-            "num_classes": ds.num_classes, "cam_threshold": cfg.labels.cam_threshold,
-            "sal_threshold": cfg.labels.sal_threshold, "sal_crf": cfg.labels.sal_crf,
+            "img": ds.image(i),
+            "cam": cams(i),
+            "labels": ds.labels(i),
+            "pt_sal": ds.saliency(i),
+            "pred_sal": pred_sal(i),
+            "gt": ds.mask(i),
+            "num_classes": ds.num_classes,
+            "cam_threshold": cfg.labels.cam_threshold,
+            "sal_threshold": cfg.labels.sal_threshold,
+            "sal_crf": cfg.labels.sal_crf,
             "sal_binarize": cfg.labels.sal_binarize,
         }
 
 
-def make_labels(ds: VOCDataset, cfg: Config, cams: Callable[[int], np.ndarray],
-                pred_sal: Callable[[int], np.ndarray | None], pool, desc: str):
+def make_labels(
+    ds: VOCDataset,
+    cfg: Config,
+    cams: Callable[[int], np.ndarray],
+    pred_sal: Callable[[int], np.ndarray | None],
+    pool,
+    desc: str,
+):
     """Run the per-image label update over the pool; returns seg labels, saliency targets, pgt metrics."""
     segs, targets = [], []
     conf = None
     jobs = label_jobs(ds, cams, cfg, pred_sal)
-    for res in tqdm(bounded_map(pool, update_labels_one, jobs), total=len(ds), desc=desc, leave=False, disable=None):
+    for res in tqdm(
+        bounded_map(pool, update_labels_one, jobs), total=len(ds), desc=desc, leave=False, disable=None
+    ):
         segs.append(res["seg"])
         targets.append(res["sal_target"])
         conf = res["conf"] if conf is None else conf + res["conf"]
@@ -221,8 +284,9 @@ def make_labels(ds: VOCDataset, cfg: Config, cams: Callable[[int], np.ndarray],
 
 
 @torch.no_grad()
-def network_cues(net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], cfg: Config,
-                 device: torch.device):
+def network_cues(
+    net: AuxSegNet, ds: VOCDataset, warm_cams: list[torch.Tensor], cfg: Config, device: torch.device
+):
     """Per image: the CAM refined by the learned affinity (Eq. 6-7 applied to CAMs) and the refined saliency.
 
     CAMs come from this stage's cls branch when it exists, else from the warm-up classifier; they are
@@ -275,13 +339,21 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
 
     t = time.time()
     ds, val = load_data(cfg)
-    result.dataset = {"root": str(ds.root), "n_train": len(ds), "n_val": len(val),
-                      "num_classes": ds.num_classes, "saliency": str(ds.saliency_name),
-                      "class_names": list(ds.class_names)}
+    result.dataset = {
+        "root": str(ds.root),
+        "n_train": len(ds),
+        "n_val": len(val),
+        "num_classes": ds.num_classes,
+        "saliency": str(ds.saliency_name),
+        "class_names": list(ds.class_names),
+    }
     timings["data"] = time.time() - t
     if cfg.model.init_weights == "none":
-        print(f"warning: model.init_weights=none: the width-{cfg.model.width:g} backbone starts from random "
-              f"weights (the paper fine-tunes ImageNet ones)", file=sys.stderr)
+        print(
+            f"warning: model.init_weights=none: the width-{cfg.model.width:g} backbone starts from random "
+            f"weights (the paper fine-tunes ImageNet ones)",
+            file=sys.stderr,
+        )
 
     pool = make_pool(cfg.train.workers)
     try:
@@ -291,8 +363,14 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         timings["warmup"] = time.time() - t
 
         t = time.time()
-        segs, sal_targets, pgt = make_labels(ds, cfg, lambda i: _cam_at(warm_cams[i], ds.image(i).shape[:2]),
-                                             lambda i: None, pool, "initial labels")
+        segs, sal_targets, pgt = make_labels(
+            ds,
+            cfg,
+            lambda i: _cam_at(warm_cams[i], ds.image(i).shape[:2]),
+            lambda i: None,
+            pool,
+            "initial labels",
+        )
         result.initial_pgt = pgt
         timings["initial_labels"] = time.time() - t
 
@@ -304,7 +382,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         clf.load_state_dict(clf_state)
         net.load_from_classifier(clf)
         net = to_device(net, cfg, device)
-        amp = (lambda: autocast(cfg, device))
+        amp = lambda: autocast(cfg, device)
         has_sal = "sal" in cfg.model.branches
         for s in range(cfg.train.stages):
             t_stage = time.time()
@@ -323,11 +401,13 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             if not last:
                 t = time.time()
                 cams, pred_sal = network_cues(net, ds, warm_cams, cfg, device)
-                segs, sal_targets, pgt = make_labels(ds, cfg, cams, pred_sal, pool,
-                                                           f"labels {s + 1}")
+                segs, sal_targets, pgt = make_labels(ds, cfg, cams, pred_sal, pool, f"labels {s + 1}")
                 timings["label_update"] = timings.get("label_update", 0.0) + time.time() - t
                 result.stages[-1]["seconds"] = time.time() - t_stage
-        result.final = {"miou": result.stages[-1]["val"]["miou"], "miou_post": result.stages[-1]["val"]["miou_post"]}
+        result.final = {
+            "miou": result.stages[-1]["val"]["miou"],
+            "miou_post": result.stages[-1]["val"]["miou_post"],
+        }
     except NonFiniteLoss as e:
         result.status, result.error = "failed", str(e)
     finally:
@@ -341,25 +421,37 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
 def summary(res: TrialResult) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     m = res.config["model"]
-    lines = [f"trial {res.status}" + (f": {res.error}" if res.error else ""),
-             f"model: branches={'+'.join(m['branches'])} affinity={m['affinity']} "
-             f"constraints={'+'.join(m['constraints']) or '-'} width={m['width']}"]
+    lines = [
+        f"trial {res.status}" + (f": {res.error}" if res.error else ""),
+        f"model: branches={'+'.join(m['branches'])} affinity={m['affinity']} "
+        f"constraints={'+'.join(m['constraints']) or '-'} width={m['width']}",
+    ]
     if res.dataset:
         d = res.dataset
-        lines.append(f"data: {d['root']} ({d['n_train']} train / {d['n_val']} val, {d['num_classes']} classes, "
-                     f"saliency {d['saliency']})")
+        lines.append(
+            f"data: {d['root']} ({d['n_train']} train / {d['n_val']} val, {d['num_classes']} classes, "
+            f"saliency {d['saliency']})"
+        )
     if res.warmup:
-        lines.append(f"warm-up: {'cache hit' if res.warmup['cached'] else 'trained'} ({res.warmup['seconds']:.1f}s)")
+        lines.append(
+            f"warm-up: {'cache hit' if res.warmup['cached'] else 'trained'} ({res.warmup['seconds']:.1f}s)"
+        )
     if res.initial_pgt:
         p = res.initial_pgt
-        lines.append(f"initial pseudo labels: precision {pct(p['precision'])} recall {pct(p['recall'])} "
-                     f"mIoU {pct(p['miou'])}")
+        lines.append(
+            f"initial pseudo labels: precision {pct(p['precision'])} recall {pct(p['recall'])} "
+            f"mIoU {pct(p['miou'])}"
+        )
     lines.append("stage  val mIoU  mIoU post  pgt P / R / mIoU  seconds")
     for st in res.stages:
         v, p = st["val"], st["pgt"]
-        lines.append(f"{st['stage']:>5}  {pct(v['miou']):>8}  {pct(v['miou_post']):>9}  "
-                     f"{pct(p['precision'])} / {pct(p['recall'])} / {pct(p['miou'])}  {st['seconds']:7.1f}")
-    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()) + f"; total {res.seconds:.1f}s")
+        lines.append(
+            f"{st['stage']:>5}  {pct(v['miou']):>8}  {pct(v['miou_post']):>9}  "
+            f"{pct(p['precision'])} / {pct(p['recall'])} / {pct(p['miou'])}  {st['seconds']:7.1f}"
+        )
+    lines.append(
+        "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()) + f"; total {res.seconds:.1f}s"
+    )
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ writes its trial to both Optuna's and the harness tables, so a killed parent los
 
 Shared with the Ray backend: Job, execute() (one trial: config -> run_trial -> store), recover().
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -129,15 +130,26 @@ class _Heartbeat:
         self._stop.set()
 
 
-def execute(job: Job, on_stage: Callable[[int, float | None, dict], None] | None = None,
-            pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,),
-            on_begin: Callable[[int], None] | None = None) -> Outcome:
+def execute(
+    job: Job,
+    on_stage: Callable[[int, float | None, dict], None] | None = None,
+    pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,),
+    on_begin: Callable[[int], None] | None = None,
+) -> Outcome:
     """Run one trial and record it in the harness tables. on_stage(stage, stage_metric, metrics) may raise
     one of pruned_types to stop the trial (recorded as pruned)."""
     store = get_store(job.url)
     cfg = make_config(job.preset, job.overrides)
-    tid = store.begin_trial(study=job.study, number=job.number, row=job.row, variant=job.variant, seed=job.seed,
-                            params=job.params, config=cfg.to_dict(), code_version=job.code_version)
+    tid = store.begin_trial(
+        study=job.study,
+        number=job.number,
+        row=job.row,
+        variant=job.variant,
+        seed=job.seed,
+        params=job.params,
+        config=cfg.to_dict(),
+        code_version=job.code_version,
+    )
     hb = _Heartbeat(store, tid)
     if on_begin is not None:
         on_begin(tid)
@@ -208,11 +220,23 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 def open_study(plan: Plan, store: Store) -> optuna.Study:
     s = plan.study
-    study = retry_locked(optuna.create_study, study_name=s.name, storage=store.optuna_storage(),
-                         sampler=make_sampler(plan), pruner=make_pruner("none" if plan.is_grid else s.pruner),
-                         direction=s.direction, load_if_exists=True)
-    for k, v in {"kind": s.kind, "metric": s.metric, "stage_metric": s.stage_metric, "preset": plan.preset,
-                 "description": s.description, "paper_table": s.paper_table}.items():
+    study = retry_locked(
+        optuna.create_study,
+        study_name=s.name,
+        storage=store.optuna_storage(),
+        sampler=make_sampler(plan),
+        pruner=make_pruner("none" if plan.is_grid else s.pruner),
+        direction=s.direction,
+        load_if_exists=True,
+    )
+    for k, v in {
+        "kind": s.kind,
+        "metric": s.metric,
+        "stage_metric": s.stage_metric,
+        "preset": plan.preset,
+        "description": s.description,
+        "paper_table": s.paper_table,
+    }.items():
         retry_locked(study.set_user_attr, k, v)
     return study
 
@@ -221,20 +245,32 @@ def trial_attrs(job: Job, out: Outcome) -> dict[str, Any]:
     """Optuna user attributes: the metrics that are not the objective (visible in the dashboard)."""
     r = out.result or {}
     last = (r.get("stages") or [{}])[-1] if r else {}
-    attrs: dict[str, Any] = {"status": out.status, "error": out.error, "harness_trial_id": out.harness_id,
-                             "row": job.row, "variant": job.variant, "seed": job.seed, "host": socket.gethostname(),
-                             "collapsed": result_collapsed(r)}
+    attrs: dict[str, Any] = {
+        "status": out.status,
+        "error": out.error,
+        "harness_trial_id": out.harness_id,
+        "row": job.row,
+        "variant": job.variant,
+        "seed": job.seed,
+        "host": socket.gethostname(),
+        "collapsed": result_collapsed(r),
+    }
     if r:
-        attrs.update({
-            "final_miou": finite(dig(r, "final.miou")), "miou_post": finite(dig(r, "final.miou_post")),
-            "initial_pgt_precision": finite(dig(r, "initial_pgt.precision")),
-            "initial_pgt_recall": finite(dig(r, "initial_pgt.recall")),
-            "initial_pgt_miou": finite(dig(r, "initial_pgt.miou")),
-            "pgt_precision": finite(dig(last, "pgt.precision")), "pgt_recall": finite(dig(last, "pgt.recall")),
-            "pgt_miou": finite(dig(last, "pgt.miou")),
-            "warmup_cached": dig(r, "warmup.cached"), "warmup_seconds": finite(dig(r, "warmup.seconds")),
-            "seconds": finite(r.get("seconds")),
-        })
+        attrs.update(
+            {
+                "final_miou": finite(dig(r, "final.miou")),
+                "miou_post": finite(dig(r, "final.miou_post")),
+                "initial_pgt_precision": finite(dig(r, "initial_pgt.precision")),
+                "initial_pgt_recall": finite(dig(r, "initial_pgt.recall")),
+                "initial_pgt_miou": finite(dig(r, "initial_pgt.miou")),
+                "pgt_precision": finite(dig(last, "pgt.precision")),
+                "pgt_recall": finite(dig(last, "pgt.recall")),
+                "pgt_miou": finite(dig(last, "pgt.miou")),
+                "warmup_cached": dig(r, "warmup.cached"),
+                "warmup_seconds": finite(dig(r, "warmup.seconds")),
+                "seconds": finite(r.get("seconds")),
+            }
+        )
     return attrs
 
 
@@ -253,8 +289,9 @@ def tell(study: optuna.Study, job: Job, out: Outcome) -> None:
 def run_optuna_job(job: Job) -> Outcome:
     """One trial in this process: report stages to Optuna (pruning), record everything, tell."""
     store = get_store(job.url)
-    study = optuna.load_study(study_name=job.study, storage=store.optuna_storage(),
-                              pruner=make_pruner(job.pruner))
+    study = optuna.load_study(
+        study_name=job.study, storage=store.optuna_storage(), pruner=make_pruner(job.pruner)
+    )
     trial = optuna.trial.Trial(study, job.optuna_trial_id)
 
     def on_stage(stage: int, value: float | None, metrics: dict) -> None:
@@ -269,8 +306,14 @@ def run_optuna_job(job: Job) -> Outcome:
     except Exception as e:  # config/store trouble outside the trial itself: still close the Optuna trial
         out = Outcome(job.number, "failed", None, one_line(e))
     tell(study, job, out)
-    return Outcome(out.number, out.status, out.value, out.error, out.harness_id,  # result stays in the DB
-                   collapsed=result_collapsed(out.result))
+    return Outcome(
+        out.number,
+        out.status,
+        out.value,
+        out.error,
+        out.harness_id,  # result stays in the DB
+        collapsed=result_collapsed(out.result),
+    )
 
 
 # ------------------------------------------------------------------------------- resume / faults
@@ -288,8 +331,21 @@ def recover(plan: Plan, store: Store, study: optuna.Study, grace_s: float = 120.
         if h is not None and h["status"] in ("complete", "pruned") and ft.state == TrialState.RUNNING:
             # finished in the harness, killed before telling Optuna: tell now
             value = finite(dig(h["result"], plan.study.metric)) if h["status"] == "complete" else None
-            job = Job(name, store.url, plan.preset, ft.number, h["row"], h["variant"], h["seed"], {}, {},
-                      plan.study.metric, plan.study.stage_metric, h["code_version"], optuna_trial_id=ft._trial_id)
+            job = Job(
+                name,
+                store.url,
+                plan.preset,
+                ft.number,
+                h["row"],
+                h["variant"],
+                h["seed"],
+                {},
+                {},
+                plan.study.metric,
+                plan.study.stage_metric,
+                h["code_version"],
+                optuna_trial_id=ft._trial_id,
+            )
             tell(study, job, Outcome(ft.number, h["status"], value, h["error"], h["id"], h["result"]))
             continue
         if h is None:  # asked but never started: whose was it?
@@ -316,22 +372,28 @@ def point_states(plan: Plan, store: Store, retry_failed: bool = False) -> tuple[
             done.add(key)
         elif t["status"] == "running":
             running.add(key)
-        elif t["status"] == "failed" and not retry_failed and not (t["error"] or "").startswith("interrupted"):
+        elif (
+            t["status"] == "failed" and not retry_failed and not (t["error"] or "").startswith("interrupted")
+        ):
             done.add(key)
     return done, running
 
 
 def finished_count(plan: Plan, store: Store) -> int:
     """Tuning trials that count towards n_trials (everything but interrupted ones)."""
-    return sum(1 for t in store.trials(plan.study.name)
-               if t["status"] != "failed" or not (t["error"] or "").startswith("interrupted"))
+    return sum(
+        1
+        for t in store.trials(plan.study.name)
+        if t["status"] != "failed" or not (t["error"] or "").startswith("interrupted")
+    )
 
 
 class Dispatcher:
     """Hands out the next trial: asks Optuna for it in this process only, so no point is handed out twice."""
 
-    def __init__(self, plan: Plan, store: Store, study: optuna.Study, cv: str, n_trials: int | None,
-                 retry_failed: bool):
+    def __init__(
+        self, plan: Plan, store: Store, study: optuna.Study, cv: str, n_trials: int | None, retry_failed: bool
+    ):
         self.plan, self.store, self.study, self.cv = plan, store, study, cv
         self.retry_failed = retry_failed
         self.space = plan.search_space()
@@ -365,25 +427,49 @@ class Dispatcher:
             row, variant, seed = "trial", None, plan.study.seed
             overrides = plan.overrides_for_params(trial.params)
             pruner = plan.study.pruner
-        return Job(plan.study.name, self.store.url, plan.preset, trial.number, row, variant, seed,
-                   dict(trial.params), overrides, plan.study.metric, plan.study.stage_metric, self.cv,
-                   pruner, trial._trial_id)
+        return Job(
+            plan.study.name,
+            self.store.url,
+            plan.preset,
+            trial.number,
+            row,
+            variant,
+            seed,
+            dict(trial.params),
+            overrides,
+            plan.study.metric,
+            plan.study.stage_metric,
+            self.cv,
+            pruner,
+            trial._trial_id,
+        )
 
 
 def _worker_init(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
-def run_study(plan: Plan, url: str, workers: int = 1, n_trials: int | None = None, retry_failed: bool = False,
-              log: Callable[[str], None] = print) -> list[Outcome]:
+def run_study(
+    plan: Plan,
+    url: str,
+    workers: int = 1,
+    n_trials: int | None = None,
+    retry_failed: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Outcome]:
     """Run (or resume) a study with Optuna; returns this invocation's outcomes."""
     store = get_store(url)
-    store.upsert_study(plan.study.name, {**{k: v for k, v in plan.study.raw.items() if k != "__lines__"},
-                                         "_name": plan.study.name}, plan.preset)
+    store.upsert_study(
+        plan.study.name,
+        {**{k: v for k, v in plan.study.raw.items() if k != "__lines__"}, "_name": plan.study.name},
+        plan.preset,
+    )
     study = open_study(plan, store)
     failed = recover(plan, store, study)
     if failed:
-        log(f"[studies] marked {len(failed)} interrupted trial(s) failed: #{', #'.join(map(str, failed))}; rerunning them")
+        log(
+            f"[studies] marked {len(failed)} interrupted trial(s) failed: #{', #'.join(map(str, failed))}; rerunning them"
+        )
     disp = Dispatcher(plan, store, study, code_version(), n_trials, retry_failed)
     outcomes: list[Outcome] = []
 
@@ -401,8 +487,9 @@ def run_study(plan: Plan, url: str, workers: int = 1, n_trials: int | None = Non
         return outcomes
 
     env = {k: v for k, v in os.environ.items() if k in ("STUDIES_TRIAL_FN", "AUXSEG_RUNS", "PYTHONPATH")}
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                initializer=_worker_init, initargs=(env,)) as pool:
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(env,)
+    ) as pool:
         running: dict[cf.Future, Job] = {}
         while True:
             while len(running) < workers and (job := disp.next_job()) is not None:

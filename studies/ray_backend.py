@@ -8,6 +8,7 @@ its harness rows itself; the driver tells Optuna and closes trials that ASHA sto
 On a cluster (`--address`), every node needs this code and the data path, and the storage URL must be
 reachable from every node (PostgreSQL; SQLite only works when all trials run on this machine).
 """
+
 from __future__ import annotations
 
 import os
@@ -79,9 +80,21 @@ class HarnessSearch(OptunaSearch):
         params = dict(ot.params)
         row = params.get("row", "trial")
         st = self.h_plan.study
-        self.h_jobs[trial_id] = Job(st.name, self.h_store.url, self.h_plan.preset, ot.number, row,
-                                    params.get("variant"), params.get("seed", st.seed), params, {}, st.metric,
-                                    st.stage_metric, "", optuna_trial_id=ot._trial_id)
+        self.h_jobs[trial_id] = Job(
+            st.name,
+            self.h_store.url,
+            self.h_plan.preset,
+            ot.number,
+            row,
+            params.get("variant"),
+            params.get("seed", st.seed),
+            params,
+            {},
+            st.metric,
+            st.stage_metric,
+            "",
+            optuna_trial_id=ot._trial_id,
+        )
         return {**cfg, "_number": ot.number, "_trial_id": ot._trial_id}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -115,10 +128,11 @@ class HarnessSearch(OptunaSearch):
         self.h_outcomes.append(out)
         v = "" if out.value is None else f" {self.h_plan.study.metric}={out.value:.4f}"
         label = job.row + (f"/{job.variant}" if job.variant else "")
-        self.h_log(f"[studies] trial #{job.number} {label} seed {job.seed}: {out.status}{v}"
-                   + (f" ({out.error})" if out.error else "")
-                   + (f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else ""))
-
+        self.h_log(
+            f"[studies] trial #{job.number} {label} seed {job.seed}: {out.status}{v}"
+            + (f" ({out.error})" if out.error else "")
+            + (f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else "")
+        )
 
 
 def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
@@ -132,8 +146,22 @@ def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
         else:
             row, variant, seed = "trial", None, plan.study.seed
             overrides, pruner = plan.overrides_for_params(params), plan.study.pruner
-        job = Job(plan.study.name, url, plan.preset, config["_number"], row, variant, seed, params, overrides,
-                  plan.study.metric, plan.study.stage_metric, cv, pruner, config["_trial_id"])
+        job = Job(
+            plan.study.name,
+            url,
+            plan.preset,
+            config["_number"],
+            row,
+            variant,
+            seed,
+            params,
+            overrides,
+            plan.study.metric,
+            plan.study.stage_metric,
+            cv,
+            pruner,
+            config["_trial_id"],
+        )
         state: dict[str, Any] = {"tid": None, "last": 0.0}
 
         def on_stage(stage: int, value: float | None, metrics: dict) -> None:
@@ -142,26 +170,48 @@ def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
             tune.report({"score": state["last"], "stage": stage, "final": False, "harness_id": state["tid"]})
 
         out = execute(job, on_stage, on_begin=lambda tid: state.update(tid=tid))
-        tune.report({"score": out.value if out.value is not None else state["last"], "stage": -1, "final": True,
-                     "status": out.status, "error": out.error, "value": out.value, "harness_id": out.harness_id})
+        tune.report(
+            {
+                "score": out.value if out.value is not None else state["last"],
+                "stage": -1,
+                "final": True,
+                "status": out.status,
+                "error": out.error,
+                "value": out.value,
+                "harness_id": out.harness_id,
+            }
+        )
 
     return trainable
 
 
-def run_study_ray(plan: Plan, url: str, workers: int = 1, n_trials: int | None = None, retry_failed: bool = False,
-                  address: str | None = None, cpus_per_trial: float | None = None, gpus_per_trial: float = 0.0,
-                  log: Callable[[str], None] = print, ray_init: dict | None = None) -> list[Outcome]:
+def run_study_ray(
+    plan: Plan,
+    url: str,
+    workers: int = 1,
+    n_trials: int | None = None,
+    retry_failed: bool = False,
+    address: str | None = None,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float = 0.0,
+    log: Callable[[str], None] = print,
+    ray_init: dict | None = None,
+) -> list[Outcome]:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     url = absolute_url(url)
     store = get_store(url)
-    store.upsert_study(plan.study.name, {k: v for k, v in plan.study.raw.items() if k != "__lines__"}, plan.preset)
+    store.upsert_study(
+        plan.study.name, {k: v for k, v in plan.study.raw.items() if k != "__lines__"}, plan.preset
+    )
     study = open_study(plan, store)
     failed = recover(plan, store, study)
     if failed:
-        log(f"[studies] marked {len(failed)} interrupted trial(s) failed: #{', #'.join(map(str, failed))}; rerunning them")
+        log(
+            f"[studies] marked {len(failed)} interrupted trial(s) failed: #{', #'.join(map(str, failed))}; rerunning them"
+        )
     s = plan.study
     points: list[dict] = []
     if plan.is_grid:
@@ -180,27 +230,47 @@ def run_study_ray(plan: Plan, url: str, workers: int = 1, n_trials: int | None =
 
     from studies.optuna_backend import make_sampler
 
-    searcher = HarnessSearch(space=plan.search_space(), metric="score", mode=mode,
-                             points_to_evaluate=points or None, sampler=make_sampler(plan),
-                             study_name=s.name, storage=store.optuna_storage())
+    searcher = HarnessSearch(
+        space=plan.search_space(),
+        metric="score",
+        mode=mode,
+        points_to_evaluate=points or None,
+        sampler=make_sampler(plan),
+        study_name=s.name,
+        storage=store.optuna_storage(),
+    )
     searcher.setup_harness(plan, store, log)
     if plan.is_grid or s.pruner == "none":
         scheduler = FIFOScheduler()
     else:
         stages = int(plan.overrides_for_params({}).get("train.stages") or _preset_stages(plan))
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="score", mode=mode,
-                                  max_t=stages + 1, grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric="score",
+            mode=mode,
+            max_t=stages + 1,
+            grace_period=1,
+            reduction_factor=2,
+        )
 
     repo = str(Path(__file__).resolve().parents[1])
-    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "AUXSEG_RUNS": str(Path(os.environ.get("AUXSEG_RUNS", "runs")).resolve()),
-           "PYTHONPATH": os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x)}
+    env = {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "AUXSEG_RUNS": str(Path(os.environ.get("AUXSEG_RUNS", "runs")).resolve()),
+        "PYTHONPATH": os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH", "")) if x),
+    }
     if os.environ.get("STUDIES_TRIAL_FN"):
         env["STUDIES_TRIAL_FN"] = os.environ["STUDIES_TRIAL_FN"]
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     started = False
     if not ray.is_initialized():
-        kw = dict(address=address, include_dashboard=False, runtime_env={"env_vars": env},
-                  log_to_driver=False, configure_logging=False)
+        kw = dict(
+            address=address,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+            configure_logging=False,
+        )
         kw.update(ray_init or {})
         ray.init(**kw)
         started = True
@@ -208,10 +278,14 @@ def run_study_ray(plan: Plan, url: str, workers: int = 1, n_trials: int | None =
         resources = {"cpu": cpus_per_trial or 1, "gpu": gpus_per_trial or 0}
         tuner = tune.Tuner(
             tune.with_resources(_make_trainable(plan, url, code_version()), resources),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num,
-                                        max_concurrent_trials=workers),
-            run_config=tune.RunConfig(name=f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(Path("runs/ray").resolve()), verbose=0),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=num, max_concurrent_trials=workers
+            ),
+            run_config=tune.RunConfig(
+                name=f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(Path("runs/ray").resolve()),
+                verbose=0,
+            ),
         )
         tuner.fit()
     finally:

@@ -11,6 +11,7 @@ new trials of an ablation in this invocation, or sets the total trial count of a
 end it prints a summary (row, n, mean +- std of the metric) and writes the report (runs/reports/).
 Exit status: 0 ok, 1 some trial failed or the run broke, 2 bad input (one line on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: storage of the study file)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
     p.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
-    p.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides applied to every trial of the study")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides applied to every trial of the study",
+    )
     p.add_argument("--n-trials", type=int, default=None)
     p.add_argument("--dry-run", action="store_true", help="print the trial list and exit")
     p.add_argument("--retry-failed", action="store_true", help="also rerun grid points whose trial failed")
@@ -92,18 +100,27 @@ def dry_run(plan: Plan) -> None:
     s = plan.study
     print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
     if plan.is_grid:
-        print(f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
-              f"{len(s.seeds)} seeds; metric {s.metric}")
+        print(
+            f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
+            f"{len(s.seeds)} seeds; metric {s.metric}"
+        )
         print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  overrides")
         for p in plan.points:
             ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
             print(f"{p.number:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {ov}")
     else:
-        print(f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
-              f"{s.stage_metric} per stage; metric {s.metric}")
+        print(
+            f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
+            f"{s.stage_metric} per stage; metric {s.metric}"
+        )
         for p in s.params:
-            rng = f"choices {list(p.choices)}" if p.type == "categorical" else \
-                f"[{p.low}, {p.high}]" + (" log" if p.log else "") + (f" step {p.step}" if p.step else "")
+            rng = (
+                f"choices {list(p.choices)}"
+                if p.type == "categorical"
+                else f"[{p.low}, {p.high}]"
+                + (" log" if p.log else "")
+                + (f" step {p.step}" if p.step else "")
+            )
             print(f"  {p.name}: {p.type} {rng}")
         ov = " ".join(f"{k}={_fmt(v)}" for k, v in plan.overrides_for_params({}).items())
         print(f"  fixed overrides: {ov}")
@@ -138,8 +155,10 @@ def summary(plan: Plan, store) -> str:
         order = [(r.label, v.label if v else None) for r in s.rows for v in (list(s.variants) or [None])]
     else:
         order = sorted(set(groups) | set(other), key=str)
-    lines = [f"{s.name}: {s.metric} (%), mean +- std over seeds",
-             f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes"]
+    lines = [
+        f"{s.name}: {s.metric} (%), mean +- std over seeds",
+        f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes",
+    ]
     for key in order:
         vals = groups.get(key, [])
         mean = f"{100 * statistics.fmean(vals):6.2f}" if vals else f"{'-':>6}"
@@ -147,13 +166,20 @@ def summary(plan: Plan, store) -> str:
         notes = ", ".join(f"{other[key].count(x)} {x}" for x in sorted(set(other.get(key, []))))
         lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {notes}".rstrip())
     if not plan.is_grid:
-        best = [t for t in store.trials(s.name) if t["status"] == "complete"
-                and finite(dig(t["result"], s.metric)) is not None]
+        best = [
+            t
+            for t in store.trials(s.name)
+            if t["status"] == "complete" and finite(dig(t["result"], s.metric)) is not None
+        ]
         if best:
             sign = 1 if s.direction == "maximize" else -1
             b = max(best, key=lambda t: sign * dig(t["result"], s.metric))
-            lines.append(f"best: #{b['optuna_number']} {100 * dig(b['result'], s.metric):.2f} with "
-                         + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()))
+            lines.append(
+                f"best: #{b['optuna_number']} {100 * dig(b['result'], s.metric):.2f} with "
+                + " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()
+                )
+            )
     return "\n".join(lines)
 
 
@@ -172,7 +198,9 @@ def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
         print(f"[studies] report: {out if out else out_dir}")
     except Exception as e:  # the study's results are safe in the store; say what broke and go on
         msg = str(e).strip().splitlines()
-        print(f"[studies] warning: report failed: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
+        print(
+            f"[studies] warning: report failed: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,15 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "ray":
             from studies.ray_backend import run_study_ray
 
-            outcomes = run_study_ray(plan, url, workers=args.workers, n_trials=args.n_trials,
-                                     retry_failed=args.retry_failed, address=args.address,
-                                     cpus_per_trial=args.cpus_per_trial or per,
-                                     gpus_per_trial=args.gpus_per_trial)
+            outcomes = run_study_ray(
+                plan,
+                url,
+                workers=args.workers,
+                n_trials=args.n_trials,
+                retry_failed=args.retry_failed,
+                address=args.address,
+                cpus_per_trial=args.cpus_per_trial or per,
+                gpus_per_trial=args.gpus_per_trial,
+            )
         else:
             from studies.optuna_backend import run_study
 
-            outcomes = run_study(plan, url, workers=args.workers, n_trials=args.n_trials,
-                                 retry_failed=args.retry_failed)
+            outcomes = run_study(
+                plan, url, workers=args.workers, n_trials=args.n_trials, retry_failed=args.retry_failed
+            )
         print(summary(plan, store))
     except KeyboardInterrupt:
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -236,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.name, url)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        print(f"studies.run: {len(failed)} trial(s) failed in this run (reasons in harness_trials.error)",
-              file=sys.stderr)
+        print(
+            f"studies.run: {len(failed)} trial(s) failed in this run (reasons in harness_trials.error)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -36,6 +36,7 @@ File shape:
         pruner: median | successive_halving | hyperband | none
         params: {config.key: {type: float|int|categorical, low, high, log, step, choices}}
 """
+
 from __future__ import annotations
 
 import itertools
@@ -240,8 +241,13 @@ class Spec:
             raise SpecError(f"{self.path}: unknown study {name!r} (valid: {', '.join(self.studies)})")
         return self.studies[name]
 
-    def plan(self, name: str, preset: str | None = None, cli_set: dict[str, Any] | None = None,
-             extra: dict[str, Any] | None = None) -> Plan:
+    def plan(
+        self,
+        name: str,
+        preset: str | None = None,
+        cli_set: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Plan:
         """Resolve and validate every trial config of study `name` (make_config on each)."""
         study = self.study(name)
         preset = preset or self.preset
@@ -267,8 +273,11 @@ class Spec:
             variants: list[Row | None] = list(study.variants) or [None]
             for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
                 o = {**base, **row.set, **(var.set if var else {})}
-                where = ("studies", name, "variants", vi, "set") if var is not None and var.set else \
-                    ("studies", name, "rows", ri, "set")
+                where = (
+                    ("studies", name, "variants", vi, "set")
+                    if var is not None and var.set
+                    else ("studies", name, "rows", ri, "set")
+                )
                 for seed in study.seeds:
                     ov = {**o, "seed": seed, **allcli}
                     try:
@@ -285,7 +294,9 @@ class Spec:
             for p in study.params:
                 path = ("studies", name, "params", p.name)
                 if p.name in cli:
-                    raise SpecError(f"--set {p.name}: this key is tuned by study {name!r}; drop it from --set")
+                    raise SpecError(
+                        f"--set {p.name}: this key is tuned by study {name!r}; drop it from --set"
+                    )
                 values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
                 for v in values:
                     try:
@@ -342,11 +353,17 @@ def _rows(ctx: _Ctx, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple
         _expect(ctx, p + ("columns",), cols, dict, "a mapping of column name to value")
         for c in cols:
             if columns and c not in columns:
-                raise ctx.err(p + ("columns", c), f"unknown column {c!r} (study columns: {', '.join(columns)})")
+                raise ctx.err(
+                    p + ("columns", c), f"unknown column {c!r} (study columns: {', '.join(columns)})"
+                )
         paper = r.get("paper")
         if paper is not None and not isinstance(paper, (int, float, dict)) or isinstance(paper, bool):
             raise ctx.err(p + ("paper",), f"expected a number or a mapping of numbers, got {paper!r}")
-        out.append(Row(label, _set(ctx, p + ("set",), r.get("set")), dict(cols), paper, str(r.get("description", ""))))
+        out.append(
+            Row(
+                label, _set(ctx, p + ("set",), r.get("set")), dict(cols), paper, str(r.get("description", ""))
+            )
+        )
     return tuple(out)
 
 
@@ -367,7 +384,13 @@ def _param(ctx: _Ctx, path: tuple, name: str, d: Any) -> Param:
     for k in ("low", "high"):
         if k not in d:
             raise ctx.err(path, f"missing key {k!r}")
-        _expect(ctx, path + (k,), d[k], int if typ == "int" else (int, float), "an integer" if typ == "int" else "a number")
+        _expect(
+            ctx,
+            path + (k,),
+            d[k],
+            int if typ == "int" else (int, float),
+            "an integer" if typ == "int" else "a number",
+        )
         if not math.isfinite(d[k]):
             raise ctx.err(path + (k,), f"must be finite, got {d[k]!r}")
     low, high, log = d["low"], d["high"], d.get("log", False)
@@ -383,8 +406,14 @@ def _param(ctx: _Ctx, path: tuple, name: str, d: Any) -> Param:
             raise ctx.err(path + ("step",), f"step must be > 0, got {step}")
         if log:
             raise ctx.err(path + ("step",), "step cannot be combined with log: true")
-    return Param(name, typ, float(low) if typ == "float" else int(low), float(high) if typ == "float" else int(high),
-                 bool(log), step)
+    return Param(
+        name,
+        typ,
+        float(low) if typ == "float" else int(low),
+        float(high) if typ == "float" else int(high),
+        bool(log),
+        step,
+    )
 
 
 def _study(ctx: _Ctx, name: str, d: Any) -> Study:
@@ -393,20 +422,36 @@ def _study(ctx: _Ctx, name: str, d: Any) -> Study:
     kind = d.get("kind")
     if kind not in ("ablation", "tuning"):
         raise ctx.err(path + ("kind",), f"kind must be 'ablation' or 'tuning', got {kind!r}")
-    _keys(ctx, path, d, ABLATION_KEYS if kind == "ablation" else TUNING_KEYS,
-          ("rows", "seeds") if kind == "ablation" else ("params",))
+    _keys(
+        ctx,
+        path,
+        d,
+        ABLATION_KEYS if kind == "ablation" else TUNING_KEYS,
+        ("rows", "seeds") if kind == "ablation" else ("params",),
+    )
     metric = d.get("metric", "final.miou")
     if metric not in METRICS:
         raise ctx.err(path + ("metric",), f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     stage_metric = d.get("stage_metric", "val.miou")
     if stage_metric not in STAGE_METRICS:
-        raise ctx.err(path + ("stage_metric",), f"stage_metric must be one of {', '.join(STAGE_METRICS)}, got {stage_metric!r}")
+        raise ctx.err(
+            path + ("stage_metric",),
+            f"stage_metric must be one of {', '.join(STAGE_METRICS)}, got {stage_metric!r}",
+        )
     direction = d.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
         raise ctx.err(path + ("direction",), f"direction must be maximize or minimize, got {direction!r}")
-    common = dict(name=name, kind=kind, description=str(d.get("description", "")), paper_table=d.get("paper_table"),
-                  metric=metric, stage_metric=stage_metric, direction=direction,
-                  set=_set(ctx, path + ("set",), d.get("set")), raw={"__lines__": ctx.lines, **d})
+    common = dict(
+        name=name,
+        kind=kind,
+        description=str(d.get("description", "")),
+        paper_table=d.get("paper_table"),
+        metric=metric,
+        stage_metric=stage_metric,
+        direction=direction,
+        set=_set(ctx, path + ("set",), d.get("set")),
+        raw={"__lines__": ctx.lines, **d},
+    )
     if kind == "ablation":
         seeds = _expect(ctx, path + ("seeds",), d["seeds"], list, "a list of integer seeds")
         if not seeds:
@@ -422,12 +467,21 @@ def _study(ctx: _Ctx, name: str, d: Any) -> Study:
         variants = _rows(ctx, path + ("variants",), d["variants"], ()) if "variants" in d else ()
         baseline = d.get("baseline", rows[0].label)
         if str(baseline) not in [r.label for r in rows]:
-            raise ctx.err(path + ("baseline",), f"baseline {baseline!r} is not a row label "
-                                                f"({', '.join(r.label for r in rows)})")
+            raise ctx.err(
+                path + ("baseline",),
+                f"baseline {baseline!r} is not a row label ({', '.join(r.label for r in rows)})",
+            )
         ref = d.get("paper_reference") or []
         _expect(ctx, path + ("paper_reference",), ref, list, "a list of mappings")
-        return Study(**common, seeds=tuple(seeds), baseline=str(baseline), columns=columns, rows=rows,
-                     variants=variants, paper_reference=tuple(ref))
+        return Study(
+            **common,
+            seeds=tuple(seeds),
+            baseline=str(baseline),
+            columns=columns,
+            rows=rows,
+            variants=variants,
+            paper_reference=tuple(ref),
+        )
     params = _expect(ctx, path + ("params",), d["params"], dict, "a mapping of config key to distribution")
     if not params:
         raise ctx.err(path + ("params",), "needs at least one parameter")
@@ -443,9 +497,15 @@ def _study(ctx: _Ctx, name: str, d: Any) -> Study:
         raise ctx.err(path + ("n_trials",), f"n_trials must be >= 1, got {n_trials}")
     for k in ("seed", "sampler_seed"):
         _expect(ctx, path + (k,), d.get(k, 0), int, "an integer")
-    return Study(**common, seed=d.get("seed", 0), sampler=sampler, sampler_seed=d.get("sampler_seed", 0),
-                 n_trials=n_trials, pruner=pruner,
-                 params=tuple(_param(ctx, path + ("params", str(k)), str(k), v) for k, v in params.items()))
+    return Study(
+        **common,
+        seed=d.get("seed", 0),
+        sampler=sampler,
+        sampler_seed=d.get("sampler_seed", 0),
+        n_trials=n_trials,
+        pruner=pruner,
+        params=tuple(_param(ctx, path + ("params", str(k)), str(k), v) for k, v in params.items()),
+    )
 
 
 def parse_spec(text: str, path: str = "study.yaml") -> Spec:

@@ -15,6 +15,7 @@ harness_stages. Any SQLAlchemy URL works (PostgreSQL for several machines). For 
 is switched to WAL and every connection (ours and Optuna's) waits up to BUSY_TIMEOUT_S for a lock;
 writes that still hit "database is locked" are retried with backoff.
 """
+
 from __future__ import annotations
 
 import functools
@@ -186,13 +187,19 @@ def code_version(root: str | None = None) -> str:
     """`git rev-parse HEAD` (+"+dirty" when the tree has changes), or "unknown"."""
     cwd = root or str(Path(__file__).resolve().parents[1])
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return "unknown"
         # --no-optional-locks: never take index.lock (a study must not disturb someone committing)
-        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=cwd, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         dirty = status.returncode == 0 and status.stdout.strip() != ""
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -235,7 +242,9 @@ class Store:
         if self._optuna_storage is None:
             import optuna
 
-            storage = retry_locked(optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url))
+            storage = retry_locked(
+                optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url)
+            )
             if is_sqlite(self.url):
                 event.listen(storage.engine, "connect", _sqlite_on_connect)
                 storage.engine.dispose()  # connections opened before the listener get reopened with it
@@ -276,14 +285,25 @@ class Store:
 
     # -- trials ---------------------------------------------------------------------------------
     @_retrying
-    def begin_trial(self, study: str, number: int, row: str, variant: str | None, seed: int,
-                    params: dict, config: dict, code_version: str) -> int:
+    def begin_trial(
+        self,
+        study: str,
+        number: int,
+        row: str,
+        variant: str | None,
+        seed: int,
+        params: dict,
+        config: dict,
+        code_version: str,
+    ) -> int:
         """Insert a running trial (or reset the one with the same number); returns its id."""
         sid = self.study_id(study)
         if sid is None:
             raise KeyError(f"study {study!r} is not in the store (call upsert_study first)")
         with self._session.begin() as s:
-            t = s.scalar(sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.optuna_number == number))
+            t = s.scalar(
+                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.optuna_number == number)
+            )
             if t is None:
                 t = TrialRow(study_id=sid, optuna_number=number)
                 s.add(t)
@@ -292,9 +312,23 @@ class Store:
             t.row, t.variant, t.seed = row, variant, int(seed)
             t.params_json, t.config_json = _dumps(params), _dumps(config)
             t.status, t.error, t.started_at, t.finished_at = "running", None, _now(), None
-            t.code_version, t.host, t.pid, t.heartbeat_at = code_version, socket.gethostname(), os.getpid(), time.time()
-            for col in ("seconds", "warmup_cached", "warmup_seconds", "final_miou", "final_miou_post",
-                        "initial_precision", "initial_recall", "initial_miou", "result_json"):
+            t.code_version, t.host, t.pid, t.heartbeat_at = (
+                code_version,
+                socket.gethostname(),
+                os.getpid(),
+                time.time(),
+            )
+            for col in (
+                "seconds",
+                "warmup_cached",
+                "warmup_seconds",
+                "final_miou",
+                "final_miou_post",
+                "initial_precision",
+                "initial_recall",
+                "initial_miou",
+                "result_json",
+            ):
                 setattr(t, col, None)
             s.flush()
             return t.id
@@ -302,22 +336,33 @@ class Store:
     @_retrying
     def heartbeat(self, trial_id: int) -> None:
         with self._session.begin() as s:
-            s.execute(sa.update(TrialRow).where(TrialRow.id == trial_id, TrialRow.status == "running")
-                      .values(heartbeat_at=time.time()))
+            s.execute(
+                sa.update(TrialRow)
+                .where(TrialRow.id == trial_id, TrialRow.status == "running")
+                .values(heartbeat_at=time.time())
+            )
 
     @_retrying
     def record_stage(self, trial_id: int, stage: dict) -> None:
         """Store one stage entry of result.json (insert or replace by stage number)."""
         val, pgt = stage.get("val") or {}, stage.get("pgt") or {}
         values = dict(
-            val_miou=_num(val.get("miou")), val_miou_post=_num(val.get("miou_post")),
-            per_class_iou_json=_dumps(val.get("per_class_iou")) if val.get("per_class_iou") is not None else None,
-            pgt_precision=_num(pgt.get("precision")), pgt_recall=_num(pgt.get("recall")),
-            pgt_miou=_num(pgt.get("miou")), seconds=_num(stage.get("seconds")),
+            val_miou=_num(val.get("miou")),
+            val_miou_post=_num(val.get("miou_post")),
+            per_class_iou_json=_dumps(val.get("per_class_iou"))
+            if val.get("per_class_iou") is not None
+            else None,
+            pgt_precision=_num(pgt.get("precision")),
+            pgt_recall=_num(pgt.get("recall")),
+            pgt_miou=_num(pgt.get("miou")),
+            seconds=_num(stage.get("seconds")),
         )
         with self._session.begin() as s:
-            row = s.scalar(sa.select(StageRow).where(StageRow.trial_id == trial_id,
-                                                     StageRow.stage == int(stage["stage"])))
+            row = s.scalar(
+                sa.select(StageRow).where(
+                    StageRow.trial_id == trial_id, StageRow.stage == int(stage["stage"])
+                )
+            )
             if row is None:
                 s.add(StageRow(trial_id=trial_id, stage=int(stage["stage"]), **values))
             else:
@@ -326,7 +371,9 @@ class Store:
             s.execute(sa.update(TrialRow).where(TrialRow.id == trial_id).values(heartbeat_at=time.time()))
 
     @_retrying
-    def finish_trial(self, trial_id: int, status: str, result: dict | None = None, error: str | None = None) -> None:
+    def finish_trial(
+        self, trial_id: int, status: str, result: dict | None = None, error: str | None = None
+    ) -> None:
         """Close a trial: status, error, and (from result.json) final_*, initial_*, seconds, warmup_*."""
         if status not in STATUSES or status == "running":
             raise ValueError(f"finish_trial: status must be one of complete, failed, pruned; got {status!r}")
@@ -339,7 +386,11 @@ class Store:
             if t.seconds is None and t.started_at is not None:
                 t.seconds = (t.finished_at - t.started_at).total_seconds()
             if result:
-                final, init, warm = result.get("final") or {}, result.get("initial_pgt") or {}, result.get("warmup") or {}
+                final, init, warm = (
+                    result.get("final") or {},
+                    result.get("initial_pgt") or {},
+                    result.get("warmup") or {},
+                )
                 t.final_miou, t.final_miou_post = _num(final.get("miou")), _num(final.get("miou_post"))
                 t.initial_precision, t.initial_recall = _num(init.get("precision")), _num(init.get("recall"))
                 t.initial_miou = _num(init.get("miou"))
@@ -362,7 +413,9 @@ class Store:
         if sid is None:
             return []
         with self._session.begin() as s:
-            rows = s.scalars(sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == "running")).all()
+            rows = s.scalars(
+                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == "running")
+            ).all()
             out = []
             for t in rows:
                 if t.id in keep:
@@ -386,8 +439,12 @@ class Store:
     # -- reading --------------------------------------------------------------------------------
     def trials(self, study: str, status: str | None = None) -> list[dict]:
         """The study's harness trials as plain dicts (JSON columns decoded), ordered by number."""
-        q = (sa.select(TrialRow).join(StudyRow, StudyRow.id == TrialRow.study_id)
-             .where(StudyRow.name == study).order_by(TrialRow.optuna_number))
+        q = (
+            sa.select(TrialRow)
+            .join(StudyRow, StudyRow.id == TrialRow.study_id)
+            .where(StudyRow.name == study)
+            .order_by(TrialRow.optuna_number)
+        )
         if status:
             q = q.where(TrialRow.status == status)
         with self._session() as s:
@@ -402,7 +459,9 @@ class Store:
 
     def stages(self, trial_id: int) -> list[dict]:
         with self._session() as s:
-            rows = s.scalars(sa.select(StageRow).where(StageRow.trial_id == trial_id).order_by(StageRow.stage)).all()
+            rows = s.scalars(
+                sa.select(StageRow).where(StageRow.trial_id == trial_id).order_by(StageRow.stage)
+            ).all()
             return [{c.name: getattr(r, c.key) for c in StageRow.__table__.columns} for r in rows]
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """Config rules and the paper preset's settings as the authors' released code trains (issue 12)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,23 @@ def test_voc_at_full_width_needs_init_weights_or_an_explicit_none(tmp_path):
     make_config("paper", [*VOC, "model.width=0.125"])  # a narrow VOC net may start from scratch
     make_config("smoke", ["model.width=1.0"])  # only VOC asks for ImageNet weights
     assert resolve_init_weights("none", 1.0) is None and check_init_weights("none", 1.0) is None
-    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "paper", "--set", *VOC,
-                        "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.trial",
+            "--preset",
+            "paper",
+            "--set",
+            *VOC,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert p.returncode == 2 and "model.init_weights" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
@@ -93,7 +109,9 @@ def test_refined_cam_renorm_reaches_network_cues():
         np.testing.assert_allclose(off[live], on[live] * scale[:, None, None], rtol=1e-4, atol=1e-6)
         assert scale.max() <= 1 + 1e-5 and scale.min() < 0.999  # A_CT averaging lowered the peaks
     # without an affinity there is no refined CAM: it is normalised once either way
-    cfg = make_config("smoke", ["model.affinity=none", "model.constraints=", "labels.refined_cam_renorm=false"])
+    cfg = make_config(
+        "smoke", ["model.affinity=none", "model.constraints=", "labels.refined_cam_renorm=false"]
+    )
     torch.manual_seed(0)
     cam_at, _ = network_cues(build_net(cfg, 21), ds, None, cfg, cpu)
     cam = cam_at(0)

@@ -1,4 +1,5 @@
 """Tests for core.data: synthetic benchmark, saliency sources, VOC-layout reader, paired transforms."""
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def test_layout_written(smoke):
             sal = Image.open(out / "saliency" / s / f"{name}.png")
             assert sal.mode == "L" and sal.size == im.size
     assert summary["splits"]["train"]["images"] == p["n_train"]
-    assert set(summary["saliency"]) == set(SALIENCY_SOURCES) and summary["default_saliency"] == DEFAULT_SALIENCY
+    assert (
+        set(summary["saliency"]) == set(SALIENCY_SOURCES) and summary["default_saliency"] == DEFAULT_SALIENCY
+    )
     assert 1 <= summary["splits"]["train"]["mean_objects"] <= 3
     assert p["size"] % 8 == 0 and PRESETS["default"]["size"] % 8 == 0
 
@@ -129,6 +132,7 @@ def test_saliency_sources_differ_in_quality(smoke):
 def test_saliency_sources_contract():
     rng = np.random.default_rng(0)
     from scipy import ndimage
+
     img = (40 + ndimage.gaussian_filter(rng.random((40, 56, 3)), (3, 3, 0)) * 60).astype(np.uint8)
     img[12:28, 20:40] = (230, 120, 30)  # a salient square
     fg = np.zeros((40, 56), bool)
@@ -159,7 +163,9 @@ def _voc_folder(root: Path, n: int = 4, size=(24, 32)) -> list[str]:
     (root / "JPEGImages").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i, name in enumerate(names):
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            root / "JPEGImages" / f"{name}.jpg"
+        )
         m = np.zeros((h, w), np.uint8)
         m[4:12, 4:12] = i + 1
         m[3, 4:12] = 255
@@ -174,7 +180,8 @@ def _voc_folder(root: Path, n: int = 4, size=(24, 32)) -> list[str]:
     (root / "ImageSets" / "SegmentationAug" / "train_aug.txt").write_text("\n".join(names) + "\n")
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text(
-        "".join(f"/JPEGImages/{x}.jpg /SegmentationClass/{x}.png\n" for x in names[:2]))
+        "".join(f"/JPEGImages/{x}.jpg /SegmentationClass/{x}.png\n" for x in names[:2])
+    )
     return names
 
 
@@ -200,11 +207,11 @@ def test_reader_voc_layout(tmp_path):
     assert ds.names == names and ds.num_classes == 21 and ds.class_names[1] == "aeroplane"
     # Aug preferred over SegmentationClass when both hold the name
     assert set(np.unique(ds.mask(0))) == {0, 15}
-    assert set(np.unique(ds.mask(1))) == {0, 2, 255}      # palette PNG -> indices
-    assert set(np.unique(ds.mask(3))) == {0, 4, 255}      # L PNG -> values
+    assert set(np.unique(ds.mask(1))) == {0, 2, 255}  # palette PNG -> indices
+    assert set(np.unique(ds.mask(3))) == {0, 4, 255}  # L PNG -> values
     assert list(np.flatnonzero(ds.labels(1)) + 1) == [2]  # labels derived from masks
     assert list(np.flatnonzero(ds.labels(0)) + 1) == [15]
-    val = VOCDataset(tmp_path, "val")                     # "img seg" pair lines
+    val = VOCDataset(tmp_path, "val")  # "img seg" pair lines
     assert val.names == names[:2]
     assert val.validate() == {"images": 2, "masks": 2, "num_classes": 21, "saliency": None}
     # a built-in source name without precomputed maps is computed from the image
@@ -223,7 +230,7 @@ def test_reader_81_classes(tmp_path):
     m = np.zeros((24, 32), np.uint8)
     m[:4, :4] = 70
     _png(tmp_path / "SegmentationClassAug" / f"{names[2]}.png", m)
-    assert VOCDataset(tmp_path, "train_aug").num_classes == 81      # from data, rounded up to COCO's 81
+    assert VOCDataset(tmp_path, "train_aug").num_classes == 81  # from data, rounded up to COCO's 81
     coco = ["background"] + [f"c{i}" for i in range(1, 81)]
     (tmp_path / "classes.txt").write_text("\n".join(coco) + "\n")
     ds = VOCDataset(tmp_path, "train_aug")
@@ -257,7 +264,7 @@ def test_bad_inputs(tmp_path, smoke):
 
     ds = VOCDataset(root, "train_aug")
     _raises(lambda: ds.saliency(0), "saliency")
-    (root / "JPEGImages" / f"{names[1]}.jpg").unlink()                       # missing image
+    (root / "JPEGImages" / f"{names[1]}.jpg").unlink()  # missing image
     _raises(lambda: ds.image(1), f"{names[1]}.jpg", "not found")
     data = (root / "JPEGImages" / f"{names[2]}.jpg").read_bytes()
     (root / "JPEGImages" / f"{names[2]}.jpg").write_bytes(data[: len(data) // 2])  # truncated jpg
@@ -282,6 +289,7 @@ def test_bad_inputs(tmp_path, smoke):
     out, _ = smoke
     syn = tmp_path / "syn"
     import shutil
+
     shutil.copytree(out, syn)
     n0, n1 = (syn / "ImageSets/Segmentation/train.txt").read_text().split()[:2]
     (syn / "saliency" / "sr" / f"{n0}.png").unlink()
@@ -302,20 +310,33 @@ def test_normalize_roundtrip():
     img = np.random.default_rng(0).integers(0, 256, (7, 9, 3)).astype(np.uint8)
     chw = normalize(img)
     assert chw.shape == (3, 7, 9) and chw.dtype == np.float32
-    assert np.allclose(normalize(np.full((1, 1, 3), 255 * np.array(IMAGENET_MEAN)).astype(np.uint8)), 0, atol=0.02)
+    assert np.allclose(
+        normalize(np.full((1, 1, 3), 255 * np.array(IMAGENET_MEAN)).astype(np.uint8)), 0, atol=0.02
+    )
     assert np.array_equal(denormalize(chw), img)
 
 
 def _encoded_sample(h=60, w=80):
     """An image whose colour encodes the label: 4 blocks with classes 1..4, plus a float map."""
     seg = np.zeros((h, w), np.uint8)
-    seg[: h // 2, : w // 2], seg[: h // 2, w // 2:], seg[h // 2:, : w // 2], seg[h // 2:, w // 2:] = 1, 2, 3, 4
-    seg[h // 2 - 1: h // 2 + 1] = 255
+    seg[: h // 2, : w // 2], seg[: h // 2, w // 2 :], seg[h // 2 :, : w // 2], seg[h // 2 :, w // 2 :] = (
+        1,
+        2,
+        3,
+        4,
+    )
+    seg[h // 2 - 1 : h // 2 + 1] = 255
     colours = np.array([[0, 0, 0], [250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0]], np.uint8)
     img = colours[np.minimum(seg, 4)]
     img[seg == 255] = (128, 128, 128)
     soft = (seg == 2).astype(np.float32)
-    return {"image": img, "seg": seg, "sal": (seg == 1).astype(np.uint8), "soft": soft, "labels": np.ones(20, np.float32)}, colours
+    return {
+        "image": img,
+        "seg": seg,
+        "sal": (seg == 1).astype(np.uint8),
+        "soft": soft,
+        "labels": np.ones(20, np.float32),
+    }, colours
 
 
 def test_paired_transform_alignment_and_determinism():
@@ -330,11 +351,12 @@ def test_paired_transform_alignment_and_determinism():
         img = denormalize(out["image"]).astype(int)
         seg = out["seg"]
         from scipy import ndimage
+
         same = ndimage.maximum_filter(seg, 5) == ndimage.minimum_filter(seg, 5)  # away from boundaries
         ok = (seg >= 1) & (seg <= 4) & same
         assert ok.sum() > 500
         dist = np.abs(img - colours[np.clip(seg, 0, 4)].astype(int)).sum(-1)
-        assert (dist[ok] < 30).all(), seed      # image colour agrees with the label
+        assert (dist[ok] < 30).all(), seed  # image colour agrees with the label
         lab = (seg >= 1) & (seg <= 4)
         assert np.array_equal(out["sal"][lab] == 1, seg[lab] == 1)
         assert (np.abs(out["soft"][ok] - (seg[ok] == 2)) < 0.1).all()
@@ -358,5 +380,6 @@ def test_paired_transform_padding_and_flip():
         flips.append(o["seg"][0, 0] == 2)  # top-left becomes class 2 only when flipped
     assert any(flips) and not all(flips)
     with pytest.raises(ValueError):
-        paired_random_transform({"image": sample["image"], "seg": np.zeros((5, 5), np.uint8)}, 16,
-                                rng=np.random.default_rng(0))
+        paired_random_transform(
+            {"image": sample["image"], "seg": np.zeros((5, 5), np.uint8)}, 16, rng=np.random.default_rng(0)
+        )

@@ -1,4 +1,5 @@
 """Pseudo-label fusion, Eq. 1 saliency update, CRFs and the metrics (numpy-level units)."""
+
 import numpy as np
 import pytest
 

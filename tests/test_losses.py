@@ -1,4 +1,5 @@
 """Tests for core.losses (Eq. 8)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,13 @@ from core.losses import auxsegnet_loss, cls_loss, sal_loss, seg_loss
 
 def _out(keys, b=2, c=21, h=8, w=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = {"cls": (b, c - 1), "seg": (b, c, h, w), "seg_ref": (b, c, h, w), "sal": (b, 1, h, w),
-              "sal_ref": (b, 1, h, w)}
+    shapes = {
+        "cls": (b, c - 1),
+        "seg": (b, c, h, w),
+        "seg_ref": (b, c, h, w),
+        "sal": (b, 1, h, w),
+        "sal_ref": (b, 1, h, w),
+    }
     return {k: torch.randn(shapes[k], generator=g).requires_grad_() for k in keys}
 
 
@@ -22,14 +28,17 @@ def _targets(b=2, c=21, h=32, w=32, seed=1):
     return {"labels": torch.randint(0, 2, (b, c - 1), generator=g).float(), "seg": seg, "sal": sal}
 
 
-@pytest.mark.parametrize("keys,terms", [
-    (("seg",), {"seg1"}),
-    (("seg", "cls"), {"seg1", "cls"}),
-    (("seg", "sal"), {"seg1", "sal1"}),
-    (("seg", "cls", "sal"), {"seg1", "cls", "sal1"}),
-    (("seg", "seg_ref", "cls", "sal"), {"seg1", "seg2", "cls", "sal1"}),
-    (("seg", "seg_ref", "cls", "sal", "sal_ref"), {"seg1", "seg2", "cls", "sal1", "sal2"}),
-])
+@pytest.mark.parametrize(
+    "keys,terms",
+    [
+        (("seg",), {"seg1"}),
+        (("seg", "cls"), {"seg1", "cls"}),
+        (("seg", "sal"), {"seg1", "sal1"}),
+        (("seg", "cls", "sal"), {"seg1", "cls", "sal1"}),
+        (("seg", "seg_ref", "cls", "sal"), {"seg1", "seg2", "cls", "sal1"}),
+        (("seg", "seg_ref", "cls", "sal", "sal_ref"), {"seg1", "seg2", "cls", "sal1", "sal2"}),
+    ],
+)
 def test_terms_present_per_config(keys, terms):
     out = _out(keys)
     tg = _targets()
@@ -46,7 +55,9 @@ def test_terms_present_per_config(keys, terms):
 def test_weights_eq8():
     out = _out(("seg", "seg_ref", "cls", "sal", "sal_ref"))
     total, t = auxsegnet_loss(out, _targets(), {"cls": 0.5, "sal": 2.0, "seg": 3.0})
-    torch.testing.assert_close(total, 0.5 * t["cls"] + 2.0 * (t["sal1"] + t["sal2"]) + 3.0 * (t["seg1"] + t["seg2"]))
+    torch.testing.assert_close(
+        total, 0.5 * t["cls"] + 2.0 * (t["sal1"] + t["sal2"]) + 3.0 * (t["seg1"] + t["seg2"])
+    )
     total.backward()
     assert all(v.grad is not None for v in out.values())
 
@@ -54,13 +65,17 @@ def test_weights_eq8():
 def test_pixel_losses_match_torch_after_bilinear_upsampling():
     out, tg = _out(("seg", "sal")), _targets()
     up = F.interpolate(out["seg"], size=(32, 32), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(seg_loss(out["seg"], tg["seg"]), F.cross_entropy(up, tg["seg"], ignore_index=255))
+    torch.testing.assert_close(
+        seg_loss(out["seg"], tg["seg"]), F.cross_entropy(up, tg["seg"], ignore_index=255)
+    )
     up = F.interpolate(out["sal"], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     valid = tg["sal"] != 255
     ref = F.binary_cross_entropy_with_logits(up[valid], tg["sal"][valid].float())
     torch.testing.assert_close(sal_loss(out["sal"], tg["sal"]), ref)
     lab = tg["labels"]
-    torch.testing.assert_close(cls_loss(out := torch.randn(2, 20), lab), F.multilabel_soft_margin_loss(out, lab))
+    torch.testing.assert_close(
+        cls_loss(out := torch.randn(2, 20), lab), F.multilabel_soft_margin_loss(out, lab)
+    )
 
 
 def test_all_ignored_targets_give_zero_not_nan():

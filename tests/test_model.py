@@ -1,4 +1,5 @@
 """Tests for core.model: shapes per ablation setting, affinity maths, gradients, checkpoint format and loading."""
+
 import itertools
 import json
 from pathlib import Path
@@ -61,8 +62,15 @@ def test_output_shapes_every_valid_setting(branches, affinity, constraints):
             out = net(x)
         assert set(out) == _expected_keys(branches, affinity, constraints, training)
         h, w = 8, 7
-        shapes = {"seg": (2, 21, h, w), "seg_ref": (2, 21, h, w), "cls": (2, 20), "sal": (2, 1, h, w),
-                  "sal_ref": (2, 1, h, w), "affinity": (2, h * w, h * w), "cam": (2, 20, h, w)}
+        shapes = {
+            "seg": (2, 21, h, w),
+            "seg_ref": (2, 21, h, w),
+            "cls": (2, 20),
+            "sal": (2, 1, h, w),
+            "sal_ref": (2, 1, h, w),
+            "affinity": (2, h * w, h * w),
+            "cam": (2, 20, h, w),
+        }
         for k, v in out.items():
             assert tuple(v.shape) == shapes[k], k
             assert torch.isfinite(v).all(), k
@@ -73,17 +81,20 @@ def test_output_shapes_every_valid_setting(branches, affinity, constraints):
             torch.testing.assert_close(out["affinity"].sum(-1), torch.ones(2, h * w))
 
 
-@pytest.mark.parametrize("branches,affinity,constraints", [
-    (("seg", "cls"), "cross_task", ("seg",)),  # cross-task needs the sal branch
-    (("cls", "sal"), "none", ()),  # seg always
-    (("seg", "sal"), "none", ("seg",)),  # constraint without affinity
-    (("seg", "sal"), "seg", ()),  # affinity without constraint
-    (("seg", "sal"), "cross_task", ("sal",)),  # the seg constraint is required
-    (("seg", "sal"), "seg", ("seg", "sal")),  # the sal constraint needs cross-task
-    (("seg", "depth"), "none", ()),
-    (("seg", "sal"), "global", ("seg",)),
-    ("seg", "none", ()),
-])
+@pytest.mark.parametrize(
+    "branches,affinity,constraints",
+    [
+        (("seg", "cls"), "cross_task", ("seg",)),  # cross-task needs the sal branch
+        (("cls", "sal"), "none", ()),  # seg always
+        (("seg", "sal"), "none", ("seg",)),  # constraint without affinity
+        (("seg", "sal"), "seg", ()),  # affinity without constraint
+        (("seg", "sal"), "cross_task", ("sal",)),  # the seg constraint is required
+        (("seg", "sal"), "seg", ("seg", "sal")),  # the sal constraint needs cross-task
+        (("seg", "depth"), "none", ()),
+        (("seg", "sal"), "global", ("seg",)),
+        ("seg", "none", ()),
+    ],
+)
 def test_invalid_settings_raise(branches, affinity, constraints):
     with pytest.raises(ValueError):
         AuxSegNet(21, W, branches, affinity, constraints)
@@ -95,7 +106,13 @@ def test_disabled_parts_have_no_parameters():
     assert tops == {"backbone", "seg_conv1", "seg_conv2", "seg_conv3", "seg_conv4"}
     net = AuxSegNet(21, W, ("seg", "sal"), "seg", ("seg",))
     tops = {n.split(".")[0] for n, _ in net.named_parameters()}
-    assert {"seg_att", "seg_g", "seg_W"} <= tops and not tops & {"fc8", "sal_att", "cross_att", "sal_g", "sal_W"}
+    assert {"seg_att", "seg_g", "seg_W"} <= tops and not tops & {
+        "fc8",
+        "sal_att",
+        "cross_att",
+        "sal_g",
+        "sal_W",
+    }
     for name in ("fc8", "sal_att", "cross_att", "sal_g"):
         assert not hasattr(net, name)
 
@@ -154,17 +171,22 @@ def test_refine_with_affinity_identity_and_formula():
     eye = torch.eye(12).expand(2, 12, 12)
     torch.testing.assert_close(refine_with_affinity(P, eye), P)
     A = torch.softmax(torch.randn(2, 12, 12), -1)
-    ref = torch.einsum("bij,bcj->bci", A, P.flatten(2)).view_as(P)  # P_ref[:, :, i] = sum_j A[i, j] P[:, :, j]
+    ref = torch.einsum("bij,bcj->bci", A, P.flatten(2)).view_as(
+        P
+    )  # P_ref[:, :, i] = sum_j A[i, j] P[:, :, j]
     torch.testing.assert_close(refine_with_affinity(P, A), ref)
     with pytest.raises(ValueError):
         refine_with_affinity(P, torch.ones(2, 11, 11))
 
 
-@pytest.mark.parametrize("branches,affinity,constraints", [
-    (("seg", "cls", "sal"), "cross_task", ("seg", "sal")),
-    (("seg", "cls"), "seg", ("seg",)),
-    (("seg",), "none", ()),
-])
+@pytest.mark.parametrize(
+    "branches,affinity,constraints",
+    [
+        (("seg", "cls", "sal"), "cross_task", ("seg", "sal")),
+        (("seg", "cls"), "seg", ("seg",)),
+        (("seg",), "none", ()),
+    ],
+)
 def test_gradients_reach_every_parameter(branches, affinity, constraints):
     torch.manual_seed(0)
     net = AuxSegNet(21, W, branches, affinity, constraints)
@@ -173,8 +195,11 @@ def test_gradients_reach_every_parameter(branches, affinity, constraints):
     total.backward()
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     assert {n for n, p in net.named_parameters() if not p.requires_grad} == {
-        f"{m}.{part}" for m in ("seg_att", "sal_att") if hasattr(net, m)
-        for part in ("g.weight", "g.bias", "W_z.0.weight", "W_z.0.bias", "W_z.1.weight", "W_z.1.bias")}
+        f"{m}.{part}"
+        for m in ("seg_att", "sal_att")
+        if hasattr(net, m)
+        for part in ("g.weight", "g.bias", "W_z.0.weight", "W_z.0.bias", "W_z.1.weight", "W_z.1.bias")
+    }
     for name, p in trainable:
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -197,6 +222,7 @@ def test_determinism_same_seed_same_outputs_and_loss():
         out = net(x)  # train mode: dropout active, still seeded
         total, _ = auxsegnet_loss(out, _targets(h=48, w=48), {"cls": 1.0, "sal": 0.5, "seg": 1.0})
         return out, total
+
     (o1, t1), (o2, t2) = run(), run()
     assert torch.equal(t1, t2)
     for k in o1:
@@ -217,11 +243,16 @@ def test_width_1_official_head_names_and_parameter_counts(ref):
         net81 = AuxSegNet(81, 1.0, ("seg", "cls", "sal"), "cross_task", ("seg", "sal"))
     heads = {k: list(v.shape) for k, v in net.state_dict().items() if not k.startswith("backbone.")}
     assert heads == ref["auxsegnet_heads_21_classes"]
-    assert {k[len("backbone."):]: list(v.shape) for k, v in net.state_dict().items()
-            if k.startswith("backbone.")} == ref["backbone"]
+    assert {
+        k[len("backbone.") :]: list(v.shape) for k, v in net.state_dict().items() if k.startswith("backbone.")
+    } == ref["backbone"]
     counts = ref["parameter_counts"]
-    assert sum(p.numel() for p in net.parameters()) == 115_382_122 == counts["auxsegnet_21_classes_parameters"]
-    assert sum(p.numel() for p in net81.parameters()) == 115_635_562 == counts["auxsegnet_81_classes_parameters"]
+    assert (
+        sum(p.numel() for p in net.parameters()) == 115_382_122 == counts["auxsegnet_21_classes_parameters"]
+    )
+    assert (
+        sum(p.numel() for p in net81.parameters()) == 115_635_562 == counts["auxsegnet_81_classes_parameters"]
+    )
     floats = sum(v.numel() for k, v in net.backbone.state_dict().items() if "num_batches" not in k)
     assert floats == counts["backbone_floats_including_bn_buffers"]
 
@@ -241,7 +272,9 @@ def test_head_channels_config_key_sets_the_seg_and_sal_head_width():
     with torch.device("meta"):
         net = AuxSegNet(21, cfg.model.width, head_channels=cfg.model.head_channels)
     assert net.head_channels == 48
-    assert net.seg_conv1.weight.shape[0] == net.sal_conv3.weight.shape[0] == net.seg_conv4.weight.shape[1] == 48
+    assert (
+        net.seg_conv1.weight.shape[0] == net.sal_conv3.weight.shape[0] == net.seg_conv4.weight.shape[1] == 48
+    )
     assert make_config("default").model.head_channels == 64
     with pytest.raises(ConfigError, match="model.head_channels"):
         make_config("smoke", ["model.head_channels=-1"])
@@ -277,8 +310,7 @@ def test_load_backbone_strict_from_state_dict_and_path(ref, full_backbone, tmp_p
         assert torch.equal(v, sd["module." + k]), k
     # by path, with a "backbone." prefix and no num_batches_tracked (pre-0.4 converted files)
     path = tmp_path / "rn38.pth"
-    torch.save({k.replace("module.", "backbone."): v for k, v in sd.items()
-                if "num_batches" not in k}, path)
+    torch.save({k.replace("module.", "backbone."): v for k, v in sd.items() if "num_batches" not in k}, path)
     bb = load_backbone(str(path), into=full_backbone)
     torch.testing.assert_close(bb.b7.conv_branch2b2.weight, sd["module.b7.conv_branch2b2.weight"])
     assert int(bb.bn7.num_batches_tracked) == 0
@@ -288,7 +320,9 @@ def test_load_backbone_errors(ref, full_backbone, tmp_path):
     sd = _random_backbone_sd(ref, extra=False)
     bad = dict(sd)
     bad["b4_3.conv_branch2a.weight"] = torch.zeros(512, 256, 3, 3)
-    with pytest.raises(ValueError, match=r"b4_3\.conv_branch2a\.weight.*\(512, 512, 3, 3\).*\(512, 256, 3, 3\)") as e:
+    with pytest.raises(
+        ValueError, match=r"b4_3\.conv_branch2a\.weight.*\(512, 512, 3, 3\).*\(512, 256, 3, 3\)"
+    ) as e:
         load_backbone(bad, into=full_backbone)
     assert "\n" not in str(e.value)
     missing = dict(sd)
@@ -303,7 +337,9 @@ def test_load_backbone_errors(ref, full_backbone, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found") as e:
         load_backbone(tmp_path / "nope.pth", into=full_backbone)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"conv1a\.weight.*\(8, 3, 3, 3\).*\(64, 3, 3, 3\)"):  # width 1.0 into 0.0625
+    with pytest.raises(
+        ValueError, match=r"conv1a\.weight.*\(8, 3, 3, 3\).*\(64, 3, 3, 3\)"
+    ):  # width 1.0 into 0.0625
         load_backbone(sd, into=ResNet38(0.0625))
 
 
@@ -336,7 +372,9 @@ def test_param_groups_cover_everything_once():
     assert by_name["backbone"]["lr"] == 0.001 and by_name["head"]["lr"] == pytest.approx(0.01)
     assert by_name["head_no_decay"]["weight_decay"] == 0.0 and by_name["backbone"]["weight_decay"] == 1e-5
     head_ids = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
-    assert head_ids == {id(p) for n, p in net.named_parameters() if not n.startswith("backbone.") and p.requires_grad}
+    assert head_ids == {
+        id(p) for n, p in net.named_parameters() if not n.startswith("backbone.") and p.requires_grad
+    }
     torch.optim.SGD(groups, lr=0.001, momentum=0.9)  # accepted by the optimiser
     assert {g["name"] for g in Classifier(21, W).param_groups(0.1)} >= {"backbone", "head"}
 
@@ -393,8 +431,10 @@ def test_fused_cross_task_matches_plain_maths_values_and_grads():
         for p in params:
             p.grad = None
         outs = fn(f_seg, f_sal, *mods)
-        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
-            for i, o in enumerate(outs)).backward()
+        sum(
+            (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)
+        ).backward()
         results.append((outs, [p.grad.clone() for p in params]))
     (o1, g1), (o2, g2) = results
     for a, b in zip(o1, o2):
@@ -419,7 +459,9 @@ def test_frozen_bn_and_conv1a_survive_a_training_step():
     bb = net.backbone
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     opt = stage_optimizer(net, cfg)
-    loss, _ = auxsegnet_loss(net(torch.randn(2, 3, 32, 32)), _targets(2, 32, 32), {"cls": 1, "sal": 1, "seg": 1})
+    loss, _ = auxsegnet_loss(
+        net(torch.randn(2, 3, 32, 32)), _targets(2, 32, 32), {"cls": 1, "sal": 1, "seg": 1}
+    )
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -430,7 +472,9 @@ def test_frozen_bn_and_conv1a_survive_a_training_step():
         for t in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(before[f"{n}.{t}"], after[f"{n}.{t}"]), f"{n}.{t} changed"
     assert torch.equal(before["conv1a.weight"], after["conv1a.weight"]) and bb.conv1a.weight.grad is None
-    assert not torch.equal(before["b2.conv_branch2a.weight"], after["b2.conv_branch2a.weight"]), "no step taken"
+    assert not torch.equal(before["b2.conv_branch2a.weight"], after["b2.conv_branch2a.weight"]), (
+        "no step taken"
+    )
     clf = build_classifier(cfg, 21).train()  # the warm-up net freezes the same tensors
     assert not clf.backbone.bn7.training and not clf.backbone.conv1a.weight.requires_grad
 

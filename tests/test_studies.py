@@ -1,5 +1,6 @@
 """studies/: study.yaml validation, Optuna and Ray backends end to end with REAL smoke trials, resume after
 SIGKILL, parallel workers with a concurrent reader on SQLite, and the store's own API."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TINY = {"train.warmup_epochs": 1, "train.stage_epochs": 1, "train.stages": 1, "eval.post": False,
-        "train.threads": 1, "train.workers": 1}
+TINY = {
+    "train.warmup_epochs": 1,
+    "train.stage_epochs": 1,
+    "train.stages": 1,
+    "eval.post": False,
+    "train.threads": 1,
+    "train.workers": 1,
+}
 
 
 def recording_trial(cfg, report=None):
@@ -40,7 +47,9 @@ def shared_runs(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("AUXSEG_RUNS", "STUDIES_TRIAL_FN", "PYTHONPATH")}
     os.environ["AUXSEG_RUNS"] = str(runs)
     os.environ["STUDIES_TRIAL_FN"] = "tests.test_studies:recording_trial"
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([old["PYTHONPATH"]] if old["PYTHONPATH"] else []))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + ([old["PYTHONPATH"]] if old["PYTHONPATH"] else [])
+    )
     yield runs
     for k, v in old.items():
         if v is None:
@@ -56,7 +65,9 @@ def results_dir(tmp_path, monkeypatch):
     return d
 
 
-def write_study(tmp_path: Path, rows: int = 2, seeds: tuple = (0, 1), extra_rows: str = "") -> tuple[Path, str]:
+def write_study(
+    tmp_path: Path, rows: int = 2, seeds: tuple = (0, 1), extra_rows: str = ""
+) -> tuple[Path, str]:
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     base = ", ".join(f"{k}: {json.dumps(v)}" for k, v in TINY.items())
     all_rows = [
@@ -90,8 +101,9 @@ studies:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "studies.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "studies.run", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def recorded(results_dir: Path) -> list[dict]:
@@ -157,7 +169,11 @@ def test_dry_run_lists_every_grid_point_once(tmp_path, capsys):
     y, _ = write_study(tmp_path, rows=3, seeds=(0, 1, 2))
     assert main(["g", "--study-file", str(y), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    pts = [line.split()[:4] for line in out if line.split() and line.split()[0].isdigit() and "trials" not in line]
+    pts = [
+        line.split()[:4]
+        for line in out
+        if line.split() and line.split()[0].isdigit() and "trials" not in line
+    ]
     assert [p[0] for p in pts] == [str(i) for i in range(9)]
     assert {(p[1], p[3]) for p in pts} == {(r, str(s)) for r in ("seg", "full", "seg+sal") for s in range(3)}
     assert not (tmp_path / "studies.db").exists(), "--dry-run must not touch the store"
@@ -167,8 +183,14 @@ def test_real_study_yaml_validates_and_grids_are_complete():
     from studies.spec import load_spec
 
     spec = load_spec(REPO / "study.yaml")
-    for name in ("ablation_tasks", "ablation_affinity", "ablation_stages", "ablation_saliency",
-                 "tune_loss_weights", "tune_label_thresholds"):
+    for name in (
+        "ablation_tasks",
+        "ablation_affinity",
+        "ablation_stages",
+        "ablation_saliency",
+        "tune_loss_weights",
+        "tune_label_thresholds",
+    ):
         plan = spec.plan(name, preset="smoke")
         s = plan.study
         if s.kind == "ablation":
@@ -183,17 +205,37 @@ def test_real_study_yaml_validates_and_grids_are_complete():
     assert {r.label for r in spec.study("ablation_saliency").rows} == set(SALIENCY_SOURCES)
 
 
-@pytest.mark.parametrize("case,edit,expect", [
-    ("malformed", lambda t: t.replace("kind: ablation", "kind: [ablation"), "malformed YAML"),
-    ("unknown_key", lambda t: t.replace("    description: test grid", "    descriptoin: test grid"),
-     "unknown key 'descriptoin'"),
-    ("unknown_config_key", lambda t: t.replace("{label: full, set: {}}", "{label: full, set: {model.affinty: seg}}"),
-     "unknown config key 'model.affinty'"),
-    ("bad_value", lambda t: t.replace("{label: full, set: {}}", "{label: full, set: {model.affinity: bogus}}"),
-     "model.affinity"),
-    ("low_ge_high", lambda t: t.replace("low: 0.1, high: 10.0", "low: 10.0, high: 0.1"), "must be < high"),
-    ("log_low_le_0", lambda t: t.replace("low: 0.1, high: 10.0", "low: 0.0, high: 10.0"), "log scale needs low > 0"),
-])
+@pytest.mark.parametrize(
+    "case,edit,expect",
+    [
+        ("malformed", lambda t: t.replace("kind: ablation", "kind: [ablation"), "malformed YAML"),
+        (
+            "unknown_key",
+            lambda t: t.replace("    description: test grid", "    descriptoin: test grid"),
+            "unknown key 'descriptoin'",
+        ),
+        (
+            "unknown_config_key",
+            lambda t: t.replace("{label: full, set: {}}", "{label: full, set: {model.affinty: seg}}"),
+            "unknown config key 'model.affinty'",
+        ),
+        (
+            "bad_value",
+            lambda t: t.replace("{label: full, set: {}}", "{label: full, set: {model.affinity: bogus}}"),
+            "model.affinity",
+        ),
+        (
+            "low_ge_high",
+            lambda t: t.replace("low: 0.1, high: 10.0", "low: 10.0, high: 0.1"),
+            "must be < high",
+        ),
+        (
+            "log_low_le_0",
+            lambda t: t.replace("low: 0.1, high: 10.0", "low: 0.0, high: 10.0"),
+            "log scale needs low > 0",
+        ),
+    ],
+)
 def test_bad_study_yaml_is_one_line_exit_2(tmp_path, capsys, case, edit, expect):
     y, _ = write_study(tmp_path)
     text = y.read_text()
@@ -229,7 +271,14 @@ def test_paper_preset_on_a_missing_voc_folder_is_one_line_before_any_trial(tmp_p
     from studies.run import main
 
     y, _ = write_study(tmp_path)
-    voc = ["--preset", "paper", "--set", f"data.root={tmp_path / 'novoc'}", "data.saliency=sr", "model.init_weights=none"]
+    voc = [
+        "--preset",
+        "paper",
+        "--set",
+        f"data.root={tmp_path / 'novoc'}",
+        "data.saliency=sr",
+        "model.init_weights=none",
+    ]
     # the paper preset needs data.root from --set: the plan must judge them together
     assert main(["g", "--study-file", str(y), *voc, "--dry-run"]) == 0
     capsys.readouterr()
@@ -260,7 +309,10 @@ def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
     assert len(failed) == 2 and all("non-finite loss" in t["error"] for t in failed)
     ts = optuna_trials(db, "g")
     assert len(ts) == 6
-    assert sum(t.state == TrialState.COMPLETE for t in ts) == 4 and sum(t.state == TrialState.FAIL for t in ts) == 2
+    assert (
+        sum(t.state == TrialState.COMPLETE for t in ts) == 4
+        and sum(t.state == TrialState.FAIL for t in ts) == 2
+    )
     for t in ts:
         assert set(t.params) == {"row", "seed"}
         if t.state == TrialState.COMPLETE:
@@ -270,12 +322,15 @@ def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
     assert main(["g", "--study-file", str(y), "--no-report"]) == 0
     assert len(optuna_trials(db, "g")) == 6
     # the dashboard's view: Optuna's tables readable from another process beside the harness tables
-    code = ("import optuna,sys; s=optuna.get_all_study_summaries(sys.argv[1]); "
-            "print([(x.study_name, x.n_trials) for x in s])")
+    code = (
+        "import optuna,sys; s=optuna.get_all_study_summaries(sys.argv[1]); "
+        "print([(x.study_name, x.n_trials) for x in s])"
+    )
     p = subprocess.run([PY, "-c", code, db], capture_output=True, text=True, timeout=60)
     assert "('g', 6)" in p.stdout, p.stderr
     assert {"harness_trials", "harness_stages", "harness_studies", "trials", "studies"} <= {
-        r[0] for r in sqlite3.connect(tmp_path / "studies.db").execute("select name from sqlite_master")}
+        r[0] for r in sqlite3.connect(tmp_path / "studies.db").execute("select name from sqlite_master")
+    }
     from wsgiref.util import setup_testing_defaults
 
     from optuna_dashboard._app import create_app  # the dashboard builds its app on this storage
@@ -296,14 +351,28 @@ def test_grid_ray_end_to_end(tmp_path, results_dir, capsys):
     from studies.run import main
 
     y, db = write_study(tmp_path)
-    env = {k: os.environ[k] for k in ("AUXSEG_RUNS", "STUDIES_TRIAL_FN", "STUDIES_TEST_RESULTS", "PYTHONPATH")}
+    env = {
+        k: os.environ[k] for k in ("AUXSEG_RUNS", "STUDIES_TRIAL_FN", "STUDIES_TEST_RESULTS", "PYTHONPATH")
+    }
     env["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
-        rc = main(["g", "--study-file", str(y), "--backend", "ray", "--workers", "2", "--cpus-per-trial", "1",
-                   "--no-report"])
+        rc = main(
+            [
+                "g",
+                "--study-file",
+                str(y),
+                "--backend",
+                "ray",
+                "--workers",
+                "2",
+                "--cpus-per-trial",
+                "1",
+                "--no-report",
+            ]
+        )
     finally:
         os.chdir(old)
         ray.shutdown()
@@ -313,7 +382,12 @@ def test_grid_ray_end_to_end(tmp_path, results_dir, capsys):
     ts = optuna_trials(db, "g")
     assert len(ts) == 4 and all(t.state == TrialState.COMPLETE for t in ts)
     assert all(t.intermediate_values for t in ts)
-    assert sorted((t.params["row"], t.params["seed"]) for t in ts) == [("full", 0), ("full", 1), ("seg", 0), ("seg", 1)]
+    assert sorted((t.params["row"], t.params["seed"]) for t in ts) == [
+        ("full", 0),
+        ("full", 1),
+        ("seg", 0),
+        ("seg", 1),
+    ]
 
 
 def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
@@ -321,8 +395,12 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
 
     y, db = write_study(tmp_path)
     store = Store(db)
-    proc = subprocess.Popen([PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 150
     try:
         while time.time() < deadline:
@@ -382,7 +460,9 @@ def test_two_workers_and_a_concurrent_reader(tmp_path, results_dir):
                 store.trials("g")
                 pd.read_sql("select * from harness_stages", store.engine)
                 try:
-                    optuna.load_study(study_name="g", storage=store.optuna_storage()).get_trials(deepcopy=False)
+                    optuna.load_study(study_name="g", storage=store.optuna_storage()).get_trials(
+                        deepcopy=False
+                    )
                 except KeyError:
                     pass  # the study is not created yet
                 reads[0] += 1
@@ -416,22 +496,48 @@ def test_store_api_and_stale_trials(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'sub' / 's.db'}")  # creates the folder
     sid = store.upsert_study("x", {"kind": "ablation"}, "smoke")
     assert store.upsert_study("x", {"kind": "ablation", "v": 2}, "smoke") == sid
-    stage = {"stage": 0, "val": {"miou": 0.5, "miou_post": None, "per_class_iou": [0.4, 0.6]},
-             "pgt": {"precision": 0.9, "recall": 0.4, "miou": 0.35}, "seconds": 1.5}
-    result = {"status": "complete", "error": None, "config": {"seed": 3}, "stages": [stage],
-              "initial_pgt": {"precision": 0.8, "recall": 0.3, "miou": 0.25}, "final": {"miou": 0.5, "miou_post": None},
-              "warmup": {"cached": False, "seconds": 2.0}, "seconds": 4.0}
-    tid = store.begin_trial(study="x", number=0, row="seg", variant=None, seed=3, params={"row": "seg"},
-                            config={"seed": 3}, code_version=code_version())
+    stage = {
+        "stage": 0,
+        "val": {"miou": 0.5, "miou_post": None, "per_class_iou": [0.4, 0.6]},
+        "pgt": {"precision": 0.9, "recall": 0.4, "miou": 0.35},
+        "seconds": 1.5,
+    }
+    result = {
+        "status": "complete",
+        "error": None,
+        "config": {"seed": 3},
+        "stages": [stage],
+        "initial_pgt": {"precision": 0.8, "recall": 0.3, "miou": 0.25},
+        "final": {"miou": 0.5, "miou_post": None},
+        "warmup": {"cached": False, "seconds": 2.0},
+        "seconds": 4.0,
+    }
+    tid = store.begin_trial(
+        study="x",
+        number=0,
+        row="seg",
+        variant=None,
+        seed=3,
+        params={"row": "seg"},
+        config={"seed": 3},
+        code_version=code_version(),
+    )
     store.finish_trial(tid, "complete", result=result)  # stages not reported live are filled in
     t = store.trials("x")[0]
-    assert (t["status"], t["final_miou"], t["final_miou_post"], t["initial_recall"], t["warmup_cached"]) == \
-        ("complete", 0.5, None, 0.3, False)
+    assert (t["status"], t["final_miou"], t["final_miou_post"], t["initial_recall"], t["warmup_cached"]) == (
+        "complete",
+        0.5,
+        None,
+        0.3,
+        False,
+    )
     assert store.stages(tid)[0]["pgt_precision"] == 0.9
-    live = store.begin_trial(study="x", number=1, row="seg", variant=None, seed=4, params={}, config={},
-                             code_version="unknown")
-    dead = store.begin_trial(study="x", number=2, row="seg", variant=None, seed=5, params={}, config={},
-                             code_version="unknown")
+    live = store.begin_trial(
+        study="x", number=1, row="seg", variant=None, seed=4, params={}, config={}, code_version="unknown"
+    )
+    dead = store.begin_trial(
+        study="x", number=2, row="seg", variant=None, seed=5, params={}, config={}, code_version="unknown"
+    )
     assert store.live_running("x") == {live, dead}  # this process is alive
     assert store.mark_stale_running("x", keep={live}) == [dead]
     assert store.trials("x", status="failed")[0]["error"].startswith("interrupted")

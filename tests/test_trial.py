@@ -1,4 +1,5 @@
 """End-to-end trials on the smoke preset through the public interface (run_trial and the CLI)."""
+
 import json
 import os
 import shutil
@@ -20,7 +21,13 @@ from core.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # The fast variant: one warm-up epoch, one short stage, no post-processing.
-TINY = ["train.warmup_epochs=1", "train.stage_epochs=1", "train.stages=1", "eval.post=false", "train.workers=1"]
+TINY = [
+    "train.warmup_epochs=1",
+    "train.stage_epochs=1",
+    "train.stages=1",
+    "eval.post=false",
+    "train.workers=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +120,45 @@ def test_report_exception_propagates(runs):
 def test_cli_writes_result_json_and_rejects_bad_keys(runs, tmp_path):
     env = dict(os.environ, AUXSEG_RUNS=str(runs))
     out = tmp_path / "one"
-    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", *TINY,
-                        "model.affinity=seg", "model.constraints=seg", "--out", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.trial",
+            "--preset",
+            "smoke",
+            "--set",
+            *TINY,
+            "model.affinity=seg",
+            "model.constraints=seg",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     d = json.loads((out / "result.json").read_text())
     assert d["config"]["model"]["affinity"] == "seg" and d["status"] == "complete"
-    bad = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", "model.bogus=1",
-                          "--out", str(tmp_path / "bad")], cwd=ROOT, env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.trial",
+            "--preset",
+            "smoke",
+            "--set",
+            "model.bogus=1",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "model.bogus" in bad.stderr
     assert not (tmp_path / "bad" / "result.json").exists()
@@ -135,16 +173,33 @@ def test_atomic_cache_never_trusts_a_half_written_entry(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic_dir(final, crash)
-    assert not final.exists() and not any(p.name.startswith(".entry.") and p.is_dir() for p in tmp_path.iterdir())
+    assert not final.exists() and not any(
+        p.name.startswith(".entry.") and p.is_dir() for p in tmp_path.iterdir()
+    )
     assert atomic_dir(final, lambda tmp: (tmp / "ok").write_text("1")) is False
     assert atomic_dir(final, lambda tmp: 1 / 0) is True  # a hit never recomputes
     assert (final / "ok").read_text() == "1"
 
 
 def test_missing_voc_folder_is_one_line_error(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", "data.name=voc",
-                        f"data.root={tmp_path / 'nope'}", "data.saliency=sr", "--out", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.trial",
+            "--preset",
+            "smoke",
+            "--set",
+            "data.name=voc",
+            f"data.root={tmp_path / 'nope'}",
+            "data.saliency=sr",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "nope" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
@@ -154,9 +209,24 @@ def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
     assert make_config("paper", voc).train.crop == 321
     with pytest.raises(ConfigError, match="train.crop"):
         make_config("paper", [*voc, "train.crop=4"])
-    p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "paper", "--set", "data.saliency=sr",
-                        f"data.root={tmp_path / 'novoc'}", "model.init_weights=none", "--out", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.trial",
+            "--preset",
+            "paper",
+            "--set",
+            "data.saliency=sr",
+            f"data.root={tmp_path / 'novoc'}",
+            "model.init_weights=none",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "novoc" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
@@ -166,12 +236,30 @@ def test_init_weights_errors_are_one_line(runs, tmp_path):
     empty.write_bytes(b"")
     wide = tmp_path / "wide.pt"  # a core.pretrain checkpoint of another width than the smoke preset's
     torch.save({"state_dict": ResNet38(0.125).state_dict(), "meta": {"format": FORMAT, "width": 0.125}}, wide)
-    cases = ((tmp_path / "missing.pth", ["missing.pth"]), (empty, ["w.pth", "cannot read"]),
-             (wide, ["wide.pt", "pretrained at width 0.125", "python -m core.pretrain --width 0.0625"]))
+    cases = (
+        (tmp_path / "missing.pth", ["missing.pth"]),
+        (empty, ["w.pth", "cannot read"]),
+        (wide, ["wide.pt", "pretrained at width 0.125", "python -m core.pretrain --width 0.0625"]),
+    )
     for value, needles in cases:
-        p = subprocess.run([sys.executable, "-m", "core.trial", "--preset", "smoke", "--set", *TINY,
-                            f"model.init_weights={value}", "--out", str(tmp_path / "o")],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "core.trial",
+                "--preset",
+                "smoke",
+                "--set",
+                *TINY,
+                f"model.init_weights={value}",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 2, p.stderr
         assert all(n in p.stderr for n in needles), p.stderr
         assert p.stderr.strip().count("\n") == 0
@@ -181,31 +269,61 @@ def test_pretrained_checkpoint_errors_name_the_rebuild_command(tmp_path, monkeyp
     from core import pretrain
 
     monkeypatch.setattr(pretrain, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(pretrain.PretrainedError, match=r"no pretrained checkpoint .*resnet38_synthetic_w0\.0625\.pt; "
-                       r"rebuild it with: python -m core\.pretrain --width 0\.0625 --size 64 --out "):
+    with pytest.raises(
+        pretrain.PretrainedError,
+        match=r"no pretrained checkpoint .*resnet38_synthetic_w0\.0625\.pt; "
+        r"rebuild it with: python -m core\.pretrain --width 0\.0625 --size 64 --out ",
+    ):
         pretrain.check_init_weights("synthetic", 0.0625)
     pretrain.pretrained_path(0.0625).write_bytes(b"not a checkpoint")  # a corrupt file
-    with pytest.raises(pretrain.PretrainedError, match=r"cannot read .*; rebuild it with: python -m core\.pretrain"):
+    with pytest.raises(
+        pretrain.PretrainedError, match=r"cannot read .*; rebuild it with: python -m core\.pretrain"
+    ):
         pretrain.check_init_weights("synthetic", 0.0625)
     sd = ResNet38(0.0625).state_dict()
     sd.pop("b3.conv_branch1.weight")  # a truncated but readable checkpoint
-    torch.save({"state_dict": sd, "meta": {"format": pretrain.FORMAT, "width": 0.0625, "size": 64}},
-               pretrain.pretrained_path(0.0625))
-    with pytest.raises(pretrain.PretrainedError, match=r"missing backbone tensor 'b3\.conv_branch1\.weight'.*rebuild"):
+    torch.save(
+        {"state_dict": sd, "meta": {"format": pretrain.FORMAT, "width": 0.0625, "size": 64}},
+        pretrain.pretrained_path(0.0625),
+    )
+    with pytest.raises(
+        pretrain.PretrainedError, match=r"missing backbone tensor 'b3\.conv_branch1\.weight'.*rebuild"
+    ):
         pretrain.check_init_weights("synthetic", 0.0625)
     assert pretrain.check_init_weights("", 0.0625) is None
 
 
 def test_pretrain_cli_writes_a_loadable_backbone(tmp_path):
     out = tmp_path / "bb.pt"
-    p = subprocess.run([sys.executable, "-m", "core.pretrain", "--width", "0.0625", "--size", "32", "--images", "32",
-                        "--epochs", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.pretrain",
+            "--width",
+            "0.0625",
+            "--size",
+            "32",
+            "--images",
+            "32",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     assert "sha256" in p.stdout and out.is_file()
     from core.pretrain import check_init_weights, read_meta
 
     meta = read_meta(out)
-    assert meta["width"] == 0.0625 and meta["classes"] == 21 and meta["cues"] == "pairs" and meta["images"] == 32
+    assert (
+        meta["width"] == 0.0625 and meta["classes"] == 21 and meta["cues"] == "pairs" and meta["images"] == 32
+    )
     assert check_init_weights(str(out), 0.0625) == out
     clf = Classifier(num_classes=21, width=0.0625)
     load_backbone(str(out), into=clf)

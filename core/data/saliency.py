@@ -16,6 +16,7 @@ Every source is a function ``fn(img_uint8_HxWx3) -> float32 HxW in [0, 1]`` (pur
 ``saliency_metrics`` gives the two numbers the generator reports: mean absolute error and the
 F-measure (beta^2 = 0.3) at the adaptive threshold 2 x mean saliency.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,9 +56,13 @@ def rgb_to_lab(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint8:
         rgb = rgb / 255.0
     lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
+    m = np.array(
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
+    )
     xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
     eps, kappa = 216 / 24389, 24389 / 27
     f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
@@ -178,7 +183,12 @@ def minimum_barrier(img: np.ndarray, side: int = 64, passes: int = 2, contrast: 
     return _minmax(1.0 / (1.0 + np.exp(-contrast * (np.clip(sal, 0, 1) - 0.5))))
 
 
-SALIENCY_SOURCES = {"sr": spectral_residual, "ft": frequency_tuned, "bms": boolean_map, "mbd": minimum_barrier}
+SALIENCY_SOURCES = {
+    "sr": spectral_residual,
+    "ft": frequency_tuned,
+    "bms": boolean_map,
+    "mbd": minimum_barrier,
+}
 DEFAULT_SALIENCY = "mbd"
 
 

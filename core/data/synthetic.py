@@ -25,6 +25,7 @@ Layout written to DIR:
 CLI: ``python -m core.data.synthetic --out DIR [--preset smoke|default] [--seed N]``.
 Deterministic: every image draws from its own ``np.random.default_rng(SeedSequence([seed, split, i]))``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,27 +46,55 @@ from scipy import ndimage
 from .saliency import DEFAULT_SALIENCY, SALIENCY_SOURCES, saliency_metrics
 from .voc import _voc_colormap
 
-__all__ = ["PRESETS", "VOC_CLASSES", "ensure_generated", "format_summary", "generate", "render_image", "voc_palette"]
+__all__ = [
+    "PRESETS",
+    "VOC_CLASSES",
+    "ensure_generated",
+    "format_summary",
+    "generate",
+    "render_image",
+    "voc_palette",
+]
 
 GENERATOR_VERSION = 2
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 _COMMON = {
     "max_objects": 3,
-    "n_objects_p": (0.45, 0.35, 0.20),   # P(1), P(2), P(3) objects
-    "same_class_p": 0.25,                # chance that an extra object repeats a class already in the image
-    "radius": (0.13, 0.26),              # object base radius as a fraction of the image side
-    "max_overlap": 0.10,                 # max fraction of an object hidden by another
-    "cue_frac": (0.20, 0.35),            # fraction of the visible object area carrying the class cue
-    "distractor_p": 0.30,                # chance of one body-like distractor blob (labelled background)
-    "clutter": (4, 10),                  # number of background clutter patches
-    "clutter_warm_p": 0.15,              # chance that a clutter patch takes an object-body colour
+    "n_objects_p": (0.45, 0.35, 0.20),  # P(1), P(2), P(3) objects
+    "same_class_p": 0.25,  # chance that an extra object repeats a class already in the image
+    "radius": (0.13, 0.26),  # object base radius as a fraction of the image side
+    "max_overlap": 0.10,  # max fraction of an object hidden by another
+    "cue_frac": (0.20, 0.35),  # fraction of the visible object area carrying the class cue
+    "distractor_p": 0.30,  # chance of one body-like distractor blob (labelled background)
+    "clutter": (4, 10),  # number of background clutter patches
+    "clutter_warm_p": 0.15,  # chance that a clutter patch takes an object-body colour
     "blur_sigma": 0.6,
     "noise_sigma": 0.025,
-    "ignore_band": 1,                    # half-width (px) of the 255 band around object boundaries
+    "ignore_band": 1,  # half-width (px) of the 255 band around object boundaries
     "jpeg_quality": 95,
 }
 
@@ -77,12 +106,16 @@ PRESETS: dict[str, dict] = {
 # Cue palette: 6 colours far from the warm object bodies and the muted background. Class c (1..20) is
 # the c-th colour pair (6 single colours, then 14 of the 15 two-colour pairs); the pair is drawn as one
 # of 4 random patterns, so the class lives in WHICH colours co-occur, not in the stripe geometry.
-_CUE_COLOURS = np.array([[0.05, 0.80, 0.90],   # cyan
-                         [0.85, 0.15, 0.85],   # magenta
-                         [0.45, 0.95, 0.10],   # lime
-                         [0.15, 0.25, 0.95],   # blue
-                         [0.97, 0.97, 0.97],   # white
-                         [0.04, 0.04, 0.06]])  # black
+_CUE_COLOURS = np.array(
+    [
+        [0.05, 0.80, 0.90],  # cyan
+        [0.85, 0.15, 0.85],  # magenta
+        [0.45, 0.95, 0.10],  # lime
+        [0.15, 0.25, 0.95],  # blue
+        [0.97, 0.97, 0.97],  # white
+        [0.04, 0.04, 0.06],
+    ]
+)  # black
 _COLOUR_PAIRS = [(a, a) for a in range(6)] + [(a, b) for a in range(6) for b in range(a + 1, 6)]  # 21
 _CLASS_COLOURS = _COLOUR_PAIRS[:20]
 _N_PATTERNS = 4
@@ -105,8 +138,14 @@ def _noise_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     return f / (f.std() + 1e-8)
 
 
-def _blob(rng: np.random.Generator, size: int, radius: float, yy: np.ndarray, xx: np.ndarray,
-          centre: tuple[float, float] | None = None) -> np.ndarray:
+def _blob(
+    rng: np.random.Generator,
+    size: int,
+    radius: float,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    centre: tuple[float, float] | None = None,
+) -> np.ndarray:
     """A random smooth star-shaped blob: r(theta) = R (1 + sum_k a_k cos(k theta + phi_k)), stretched."""
     if centre is None:
         m = 0.6 * radius
@@ -143,12 +182,12 @@ def _cue_pattern(kind: int, yy: np.ndarray, xx: np.ndarray, phase: tuple[int, in
     """Binary pattern of one of 4 kinds (class-agnostic: the cue colours carry the class)."""
     y, x = yy.astype(int) + phase[0], xx.astype(int) + phase[1]
     if kind == 0:
-        return (y // 3) % 2 == 0            # horizontal stripes, period 6
+        return (y // 3) % 2 == 0  # horizontal stripes, period 6
     if kind == 1:
-        return (x // 3) % 2 == 0            # vertical stripes, period 6
+        return (x // 3) % 2 == 0  # vertical stripes, period 6
     if kind == 2:
-        return ((x + y) // 4) % 2 == 0      # diagonal stripes
-    return ((x // 3) + (y // 3)) % 2 == 0   # checker, 3 px cells
+        return ((x + y) // 4) % 2 == 0  # diagonal stripes
+    return ((x // 3) + (y // 3)) % 2 == 0  # checker, 3 px cells
 
 
 def _background(rng, p: dict, yy, xx) -> np.ndarray:
@@ -166,13 +205,13 @@ def _background(rng, p: dict, yy, xx) -> np.ndarray:
         else:
             col = _hsv(rng.uniform(0, 1), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.80))
         cy, cx = rng.uniform(0, size, 2)
-        if rng.random() < 0.5:   # ellipse
+        if rng.random() < 0.5:  # ellipse
             a, b = rng.uniform(0.03, 0.10, 2) * size
             th = rng.uniform(0, np.pi)
             u = (xx - cx) * np.cos(th) + (yy - cy) * np.sin(th)
             v = -(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)
             m = (u / a) ** 2 + (v / b) ** 2 <= 1
-        else:                    # rectangle / bar
+        else:  # rectangle / bar
             hh, ww = rng.uniform(0.015, 0.12, 2) * size
             m = (np.abs(yy - cy) <= hh) & (np.abs(xx - cx) <= ww)
         img[m] = col * (1 + 0.12 * fine[m])[:, None]
@@ -223,7 +262,7 @@ def render_image(rng: np.random.Generator, p: dict, cues=BENCHMARK_CUES):
             cls = int(rng.integers(1, len(cues) + 1))
         shapes.append(m)
         classes.append(cls)
-    inst = np.zeros((size, size), np.int32)          # later objects occlude earlier ones
+    inst = np.zeros((size, size), np.int32)  # later objects occlude earlier ones
     for k, m in enumerate(shapes, 1):
         inst[m] = k
 
@@ -241,8 +280,9 @@ def render_image(rng: np.random.Generator, p: dict, cues=BENCHMARK_CUES):
         colour_a, colour_b, pattern = cues[cls - 1]
         ca, cb = (_CUE_COLOURS[k] * rng.uniform(0.85, 1.0) for k in (colour_a, colour_b))
         drawn = int(rng.integers(_N_PATTERNS))  # drawn even when fixed, so every table uses one rng stream
-        on = _cue_pattern(drawn if pattern is None else pattern, yy, xx,
-                          tuple(int(v) for v in rng.integers(0, 8, 2)))
+        on = _cue_pattern(
+            drawn if pattern is None else pattern, yy, xx, tuple(int(v) for v in rng.integers(0, 8, 2))
+        )
         pat = np.where(on[..., None], ca[None, None, :], cb[None, None, :])
         img[cue] = pat[cue]
 
@@ -273,8 +313,12 @@ def generate(out: str | Path, preset: str = "default", seed: int = 0, verbose: b
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     out = Path(out)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation",
-                *(f"saliency/{s}" for s in SALIENCY_SOURCES)):
+    for sub in (
+        "JPEGImages",
+        "SegmentationClass",
+        "ImageSets/Segmentation",
+        *(f"saliency/{s}" for s in SALIENCY_SOURCES),
+    ):
         (out / sub).mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     labels: dict[str, list[int]] = {}
@@ -289,7 +333,9 @@ def generate(out: str | Path, preset: str = "default", seed: int = 0, verbose: b
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_id, i]))
             img, seg, fg, info = render_image(rng, p)
             buf = io.BytesIO()
-            Image.fromarray((img * 255 + 0.5).astype(np.uint8)).save(buf, format="JPEG", quality=p["jpeg_quality"])
+            Image.fromarray((img * 255 + 0.5).astype(np.uint8)).save(
+                buf, format="JPEG", quality=p["jpeg_quality"]
+            )
             (out / "JPEGImages" / f"{name}.jpg").write_bytes(buf.getvalue())
             stored = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
             _write_png(out / "SegmentationClass" / f"{name}.png", seg, palette)
@@ -324,8 +370,10 @@ def generate(out: str | Path, preset: str = "default", seed: int = 0, verbose: b
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
         "num_classes": 21,
         "splits": stats,
-        "saliency": {s: {"mae": round(float(np.mean(v[0])), 4), "fmeasure": round(float(np.mean(v[1])), 4)}
-                  for s, v in sal_scores.items()},
+        "saliency": {
+            s: {"mae": round(float(np.mean(v[0])), 4), "fmeasure": round(float(np.mean(v[1])), 4)}
+            for s, v in sal_scores.items()
+        },
         "default_saliency": DEFAULT_SALIENCY,
     }
     # summary.json is written last: its presence marks a complete dataset (see ensure_generated)
@@ -339,8 +387,12 @@ def _matches(summary_path: Path, preset: str, seed: int) -> bool:
     except (OSError, ValueError):
         return False
     want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in PRESETS.get(preset, {}).items()}
-    return (s.get("generator_version") == GENERATOR_VERSION and s.get("preset") == preset
-            and s.get("seed") == int(seed) and s.get("params") == want)
+    return (
+        s.get("generator_version") == GENERATOR_VERSION
+        and s.get("preset") == preset
+        and s.get("seed") == int(seed)
+        and s.get("params") == want
+    )
 
 
 def ensure_generated(out: str | Path, preset: str = "default", seed: int = 0) -> dict:
@@ -374,12 +426,18 @@ def ensure_generated(out: str | Path, preset: str = "default", seed: int = 0) ->
 
 
 def format_summary(s: dict) -> str:
-    lines = [(f"synthetic WSSS benchmark: preset={s['preset']} seed={s['seed']} "
-             f"size={s['params']['size']} classes={s['num_classes']} (incl. background)")]
+    lines = [
+        (
+            f"synthetic WSSS benchmark: preset={s['preset']} seed={s['seed']} "
+            f"size={s['params']['size']} classes={s['num_classes']} (incl. background)"
+        )
+    ]
     for split, st in s["splits"].items():
-        lines.append(f"  {split:5s}: {st['images']} images, {st['mean_objects']:.2f} objects/image, "
-                     f"{st['mean_classes']:.2f} classes/image, cue covers {100 * st['mean_cue_fraction']:.1f}% "
-                     f"of object area")
+        lines.append(
+            f"  {split:5s}: {st['images']} images, {st['mean_objects']:.2f} objects/image, "
+            f"{st['mean_classes']:.2f} classes/image, cue covers {100 * st['mean_cue_fraction']:.1f}% "
+            f"of object area"
+        )
     ci = s["splits"]["train"]["class_images"]
     lines.append("  train images per class: " + ", ".join(f"{k}={v}" for k, v in ci.items()))
     lines.append("  saliency vs true foreground (train):   source    MAE   F(beta2=.3)")

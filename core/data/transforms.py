@@ -1,4 +1,5 @@
 """Image normalisation and the paired (image + label maps) random training transform."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,9 @@ def _resize_bilinear_float(x: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(x, np.float32)).resize((w, h), Image.BILINEAR))
 
 
-def paired_random_transform(sample: dict, crop: int, scale=(0.7, 1.3), flip: bool = True,
-                            rng: np.random.Generator | None = None) -> dict:
+def paired_random_transform(
+    sample: dict, crop: int, scale=(0.7, 1.3), flip: bool = True, rng: np.random.Generator | None = None
+) -> dict:
     """Random scale, horizontal flip and crop applied identically to every spatial entry of ``sample``.
 
     - "image": uint8 HxWx3 -> bilinear resize, normalise, pad with 0 -> float32 3 x crop x crop.
@@ -71,12 +73,16 @@ def paired_random_transform(sample: dict, crop: int, scale=(0.7, 1.3), flip: boo
             x = x[..., ::-1]
         canvas = np.full(x.shape[:-2] + (ph, pw), fill, x.dtype)
         canvas[..., :nh, :nw] = x
-        return np.ascontiguousarray(canvas[..., oy:oy + crop, ox:ox + crop])
+        return np.ascontiguousarray(canvas[..., oy : oy + crop, ox : ox + crop])
 
     out = {}
     for key, val in sample.items():
         if key == "image":
-            im = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR)) if (nh, nw) != (h, w) else img
+            im = (
+                np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+                if (nh, nw) != (h, w)
+                else img
+            )
             out[key] = place(normalize(im), np.float32(0.0))
             continue
         arr = val if isinstance(val, np.ndarray) else None
@@ -84,8 +90,9 @@ def paired_random_transform(sample: dict, crop: int, scale=(0.7, 1.3), flip: boo
             out[key] = val
             continue
         if arr.shape != (h, w):
-            raise ValueError(f"paired_random_transform: '{key}' has shape {arr.shape}, expected {(h, w)} "
-                             f"like 'image'")
+            raise ValueError(
+                f"paired_random_transform: '{key}' has shape {arr.shape}, expected {(h, w)} like 'image'"
+            )
         if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
             out[key] = place(_resize_nearest(arr, nh, nw).astype(np.int64), np.int64(255))
         else:

@@ -17,6 +17,7 @@ Layout read (ROOT = the folder holding JPEGImages):
 Number of classes (incl. background): the ``num_classes`` argument, else classes.txt, else
 max class id in labels.json / the split's masks + 1, rounded up to 21 (VOC) or 81 (COCO).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,29 @@ from .saliency import SALIENCY_SOURCES
 
 __all__ = ["DataError", "VOCDataset"]
 
-_VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-              "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-              "train", "tvmonitor"]
+_VOC_NAMES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 _MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 
@@ -72,8 +93,14 @@ def _open(path: Path, what: str) -> Image.Image:
 class VOCDataset:
     """A split of a VOC-layout data set. Items load lazily and are cached in memory after first read."""
 
-    def __init__(self, root, split: str = "train", saliency: str | os.PathLike | None = None,
-                 num_classes: int | None = None, cache: bool = True):
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        saliency: str | os.PathLike | None = None,
+        num_classes: int | None = None,
+        cache: bool = True,
+    ):
         self.root = Path(root)
         self.split = split
         self.cache = cache
@@ -93,23 +120,32 @@ class VOCDataset:
             raise DataError(f"num_classes={num_classes}: expected at least 2 (background + 1 class)")
         if self._num_classes is None and self._class_names is not None:
             self._num_classes = len(self._class_names)
-        if (self._class_names is not None and self._num_classes is not None
-                and len(self._class_names) != self._num_classes):
-            raise DataError(f"{self.root / 'classes.txt'}: lists {len(self._class_names)} classes, "
-                            f"expected num_classes={self._num_classes}")
+        if (
+            self._class_names is not None
+            and self._num_classes is not None
+            and len(self._class_names) != self._num_classes
+        ):
+            raise DataError(
+                f"{self.root / 'classes.txt'}: lists {len(self._class_names)} classes, "
+                f"expected num_classes={self._num_classes}"
+            )
         self.saliency_name, self._sal_dir, self._sal_fn = self._resolve_saliency(saliency)
         self._cache: dict[tuple[str, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------- construction helpers
     def _find_split_file(self, split: str) -> Path:
-        candidates = [self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
-                      self.root / "ImageSets" / "SegmentationAug" / f"{split}.txt",
-                      self.root / f"{split}.txt"]
+        candidates = [
+            self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
+            self.root / "ImageSets" / "SegmentationAug" / f"{split}.txt",
+            self.root / f"{split}.txt",
+        ]
         for c in candidates:
             if c.is_file():
                 return c
-        raise DataError(f"{candidates[0]}: split file for split {split!r} not found (also looked for "
-                        f"{candidates[1].relative_to(self.root)} and {candidates[2].name} under {self.root})")
+        raise DataError(
+            f"{candidates[0]}: split file for split {split!r} not found (also looked for "
+            f"{candidates[1].relative_to(self.root)} and {candidates[2].name} under {self.root})"
+        )
 
     @staticmethod
     def _read_split(path: Path) -> list[str]:
@@ -123,7 +159,9 @@ class VOCDataset:
             if not tok:
                 continue
             name = tok[0]
-            if "/" in name or "." in os.path.basename(name):  # "/JPEGImages/x.jpg /SegmentationClassAug/x.png"
+            if "/" in name or "." in os.path.basename(
+                name
+            ):  # "/JPEGImages/x.jpg /SegmentationClassAug/x.png"
                 name = os.path.splitext(os.path.basename(name))[0]
             names.append(name)
         if not names:
@@ -178,8 +216,10 @@ class VOCDataset:
         p = Path(s).expanduser()
         if p.is_dir():
             return str(p), p, None
-        raise DataError(f"saliency={s!r}: unknown saliency source (expected one of "
-                        f"{', '.join(self._available_sources())} or an existing folder of <name>.png maps)")
+        raise DataError(
+            f"saliency={s!r}: unknown saliency source (expected one of "
+            f"{', '.join(self._available_sources())} or an existing folder of <name>.png maps)"
+        )
 
     # ---------------------------------------------------------------- items
     def __len__(self) -> int:
@@ -205,8 +245,9 @@ class VOCDataset:
             p = self._img_dir / f"{name}{ext}"
             if p.is_file():
                 return p
-        raise DataError(f"{self._img_dir / (name + '.jpg')}: image file not found "
-                        f"(listed in {self.split_file.name})")
+        raise DataError(
+            f"{self._img_dir / (name + '.jpg')}: image file not found (listed in {self.split_file.name})"
+        )
 
     def image(self, i: int) -> np.ndarray:
         """uint8 HxWx3 RGB."""
@@ -219,6 +260,7 @@ class VOCDataset:
                 return np.asarray(im.convert("RGB"))
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{p}: cannot convert image to RGB: {e}") from None
+
         return self._cached("image", i, load)
 
     def fingerprint(self) -> str:
@@ -226,6 +268,7 @@ class VOCDataset:
         modification time, and labels.json's. Cache keys include it, so a regenerated or edited data set at
         the same path never reuses a checkpoint trained on the old one. Only stat() calls: no image is read
         or decoded (VOC train_aug would otherwise cost about 1 GB of reads per trial)."""
+
         def stat(p: Path | None) -> str:
             if p is None:
                 return "-"
@@ -233,7 +276,9 @@ class VOCDataset:
             return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
 
         labels_json = self.root / "labels.json"
-        h = hashlib.sha256(f"{self.num_classes}|{stat(labels_json if labels_json.is_file() else None)}".encode())
+        h = hashlib.sha256(
+            f"{self.num_classes}|{stat(labels_json if labels_json.is_file() else None)}".encode()
+        )
         for i in range(len(self.names)):
             h.update(f"|{stat(self.image_path(i))}|{stat(self._mask_paths[i])}".encode())
         return h.hexdigest()[:16]
@@ -259,8 +304,9 @@ class VOCDataset:
             try:
                 idx = np.array([lut[int(u)] for u in uniq], np.uint8)
             except KeyError:
-                raise DataError(f"{p}: RGB mask has colours outside the VOC colour map (expected a palette "
-                                f"or index PNG)") from None
+                raise DataError(
+                    f"{p}: RGB mask has colours outside the VOC colour map (expected a palette or index PNG)"
+                ) from None
             return idx[inv].reshape(code.shape)
         raise DataError(f"{p}: unsupported mask mode {im.mode!r} (expected a palette 'P' or index 'L' PNG)")
 
@@ -273,6 +319,7 @@ class VOCDataset:
                     raise DataError(f"{tried}: split {self.split!r} has no ground-truth masks")
                 raise DataError(f"{tried}: mask file not found")
             return self._decode_mask(p)
+
         return self._cached("mask", i, load)
 
     def mask(self, i: int) -> np.ndarray:
@@ -281,12 +328,15 @@ class VOCDataset:
         m = self._raw_mask(i)
         h, w = self._size(i)
         if m.shape != (h, w):
-            raise DataError(f"{self._mask_paths[i]}: mask is {m.shape[1]}x{m.shape[0]}, expected {w}x{h} "
-                            f"like its image")
+            raise DataError(
+                f"{self._mask_paths[i]}: mask is {m.shape[1]}x{m.shape[0]}, expected {w}x{h} like its image"
+            )
         bad = (m != 255) & (m >= self.num_classes)
         if bad.any():
-            raise DataError(f"{self._mask_paths[i]}: mask has class id {int(m[bad].max())}, expected "
-                            f"< num_classes={self.num_classes} or 255")
+            raise DataError(
+                f"{self._mask_paths[i]}: mask has class id {int(m[bad].max())}, expected "
+                f"< num_classes={self.num_classes} or 255"
+            )
         return m
 
     def labels(self, i: int) -> np.ndarray:
@@ -301,8 +351,10 @@ class VOCDataset:
             ids = [int(c) for c in np.unique(m) if c != 0 and c != 255]
             src = str(self._mask_paths[i])
         else:
-            raise DataError(f"{name}: no image-level labels (not in {self.root / 'labels.json'} and no mask in "
-                            f"{' or '.join(_MASK_DIRS)})")
+            raise DataError(
+                f"{name}: no image-level labels (not in {self.root / 'labels.json'} and no mask in "
+                f"{' or '.join(_MASK_DIRS)})"
+            )
         y = np.zeros(self.num_classes - 1, np.float32)
         for c in ids:
             if not isinstance(c, (int, np.integer)) or not 1 <= int(c) < self.num_classes:
@@ -319,8 +371,10 @@ class VOCDataset:
         """float32 HxW in [0, 1]."""
         i = self._index(i)
         if self.saliency_name is None:
-            raise DataError(f"{self.root}: data set was opened without a saliency source (pass saliency="
-                            f"one of {', '.join(self._available_sources())} or a folder of PNG maps)")
+            raise DataError(
+                f"{self.root}: data set was opened without a saliency source (pass saliency="
+                f"one of {', '.join(self._available_sources())} or a folder of PNG maps)"
+            )
 
         def load():
             h, w = self._size(i)
@@ -337,8 +391,11 @@ class VOCDataset:
             else:
                 a = np.asarray(im.convert("L")).astype(np.float32) / 255.0
             if a.shape != (h, w):
-                raise DataError(f"{p}: saliency map is {a.shape[1]}x{a.shape[0]}, expected {w}x{h} like its image")
+                raise DataError(
+                    f"{p}: saliency map is {a.shape[1]}x{a.shape[0]}, expected {w}x{h} like its image"
+                )
             return np.clip(a, 0, 1)
+
         return self._cached("saliency", i, load)
 
     # ---------------------------------------------------------------- classes
@@ -380,9 +437,15 @@ class VOCDataset:
             self.labels(i)
             if self.saliency_name is not None:
                 self.saliency(i)
-        return {"images": len(self), "masks": n_masks, "num_classes": self.num_classes,
-                    "saliency": self.saliency_name}
+        return {
+            "images": len(self),
+            "masks": n_masks,
+            "num_classes": self.num_classes,
+            "saliency": self.saliency_name,
+        }
 
     def __repr__(self) -> str:
-        return (f"VOCDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
-                f"saliency={self.saliency_name!r})")
+        return (
+            f"VOCDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+            f"saliency={self.saliency_name!r})"
+        )

@@ -44,6 +44,7 @@ pre-ReLU output, both softmax channels). The savings come from:
     ``cross_att.2``), and A_CT = lerp(A_sal, A_seg, W) = W A_seg + (1 - W) A_sal in one fused kernel;
   * in-place ReLU; transposes are views (``A.mT``) handed to matmul, never copies.
 """
+
 from __future__ import annotations
 
 import torch
@@ -130,8 +131,17 @@ def cross_task_affinity(A2: torch.Tensor, sa: nn.Sequential):
     return A_ct / A_ct.sum(-1, keepdim=True), W
 
 
-def cross_task(f_seg, f_sal, seg_att: NonLocal, sal_att: NonLocal, cross_att: nn.Sequential,
-               seg_g: nn.Conv2d, seg_W: nn.Conv2d, sal_g: nn.Conv2d, sal_W: nn.Conv2d):
+def cross_task(
+    f_seg,
+    f_sal,
+    seg_att: NonLocal,
+    sal_att: NonLocal,
+    cross_att: nn.Sequential,
+    seg_g: nn.Conv2d,
+    seg_W: nn.Conv2d,
+    sal_g: nn.Conv2d,
+    sal_W: nn.Conv2d,
+):
     """The cross-task affinity module (Fig. 3, Eq. 2-5). Returns (F_seg_out, F_sal_out, A_CT).
 
     Both task affinities come from one batched product and softmax, giving the SA input [A_seg, A_sal]

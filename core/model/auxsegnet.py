@@ -15,6 +15,7 @@ sits under ``backbone.``. A disabled branch or module is not built (no parameter
 See :mod:`core.model.affinity` for the HW x HW memory budget (cross-task keeps 7 HW x HW maps per image
 for backward: 76 MiB at a 321 crop, 448 MiB at 512).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def _xavier(m: nn.Conv2d):
         nn.init.zeros_(m.bias)
 
 
-def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay, fusion_prefixes=(),
-                  fusion_lr_mult=None):
+def _param_groups(
+    named_params, head_prefixes, lr, head_lr_mult, weight_decay, fusion_prefixes=(), fusion_lr_mult=None
+):
     """Backbone at lr, heads at head_lr_mult * lr; weight decay on conv weights only (biases and BN affine
     parameters, i.e. every tensor with < 2 dims, are not decayed). Frozen parameters are left out.
 
@@ -56,12 +58,18 @@ def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay, f
         if not p.requires_grad:
             continue
         top = name.split(".")[0]
-        role = "fusion" if split and top in fusion_prefixes else "head" if top in head_prefixes else "backbone"
+        role = (
+            "fusion" if split and top in fusion_prefixes else "head" if top in head_prefixes else "backbone"
+        )
         decay = p.ndim > 1
         key = role + ("" if decay else "_no_decay")
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "lr": lr * mult[role],
-                           "weight_decay": weight_decay if decay else 0.0}
+            groups[key] = {
+                "name": key,
+                "params": [],
+                "lr": lr * mult[role],
+                "weight_decay": weight_decay if decay else 0.0,
+            }
         groups[key]["params"].append(p)
     order = ["backbone", "backbone_no_decay", "head", "head_no_decay", "fusion", "fusion_no_decay"]
     return [groups[k] for k in order if k in groups]
@@ -70,8 +78,14 @@ def _param_groups(named_params, head_prefixes, lr, head_lr_mult, weight_decay, f
 class Classifier(nn.Module):
     """Classification warm-up net: backbone + Dropout2d + GAP + fc8 (same names as in AuxSegNet)."""
 
-    def __init__(self, num_classes: int = 21, width: float = 1.0, dropout: float = 0.5, freeze_bn: bool = False,
-                 block_dropout: bool = True):
+    def __init__(
+        self,
+        num_classes: int = 21,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        freeze_bn: bool = False,
+        block_dropout: bool = True,
+    ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
@@ -130,9 +144,19 @@ def check_config(branches, affinity, constraints):
 
 
 class AuxSegNet(nn.Module):
-    def __init__(self, num_classes: int = 21, width: float = 1.0, branches=BRANCHES, affinity: str = "cross_task",
-                 constraints=CONSTRAINTS, dropout: float = 0.5, freeze_bn: bool = False, block_dropout: bool = True,
-                 dilations: tuple[int, int, int] = (6, 12, 18), head_channels: int = 0):
+    def __init__(
+        self,
+        num_classes: int = 21,
+        width: float = 1.0,
+        branches=BRANCHES,
+        affinity: str = "cross_task",
+        constraints=CONSTRAINTS,
+        dropout: float = 0.5,
+        freeze_bn: bool = False,
+        block_dropout: bool = True,
+        dilations: tuple[int, int, int] = (6, 12, 18),
+        head_channels: int = 0,
+    ):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
@@ -163,8 +187,24 @@ class AuxSegNet(nn.Module):
             self.cross_att = make_sa_fusion()
         self.reset_head_parameters()
 
-    HEADS = ("fc8", "seg_conv1", "seg_conv2", "seg_conv3", "seg_conv4", "sal_conv1", "sal_conv2", "sal_conv3",
-             "sal_conv4", "seg_att", "sal_att", "seg_g", "seg_W", "sal_g", "sal_W", "cross_att")
+    HEADS = (
+        "fc8",
+        "seg_conv1",
+        "seg_conv2",
+        "seg_conv3",
+        "seg_conv4",
+        "sal_conv1",
+        "sal_conv2",
+        "sal_conv3",
+        "sal_conv4",
+        "seg_att",
+        "sal_att",
+        "seg_g",
+        "seg_W",
+        "sal_g",
+        "sal_W",
+        "cross_att",
+    )
 
     def reset_head_parameters(self):
         """As the official code: Xavier-uniform weights and zero biases for fc8 and the seg / sal convs;
@@ -203,8 +243,17 @@ class AuxSegNet(nn.Module):
             A = self.seg_att(f_seg)
             f_seg = propagate_features(f_seg, A, self.seg_g, self.seg_W)
         elif self.affinity == "cross_task":
-            f_seg, f_sal, A = cross_task(f_seg, f_sal, self.seg_att, self.sal_att, self.cross_att,
-                                         self.seg_g, self.seg_W, self.sal_g, self.sal_W)
+            f_seg, f_sal, A = cross_task(
+                f_seg,
+                f_sal,
+                self.seg_att,
+                self.sal_att,
+                self.cross_att,
+                self.seg_g,
+                self.seg_W,
+                self.sal_g,
+                self.sal_W,
+            )
         out["seg"] = self._task_predict("seg", f_seg)
         if A is not None:
             out["seg_ref"] = refine_with_affinity(out["seg"], A)
@@ -227,15 +276,24 @@ class AuxSegNet(nn.Module):
         head_lr_mult * lr; weight decay on conv weights only (no decay on biases / BN affine). With
         ``fusion_lr_mult`` (e.g. 1.0, as the authors' code: its 10x goes to names containing seg, sal or
         fc8), cross_att gets its own groups at fusion_lr_mult * lr."""
-        return _param_groups(self.named_parameters(), set(self.HEADS), lr, head_lr_mult, weight_decay,
-                             fusion_prefixes={"cross_att"}, fusion_lr_mult=fusion_lr_mult)
+        return _param_groups(
+            self.named_parameters(),
+            set(self.HEADS),
+            lr,
+            head_lr_mult,
+            weight_decay,
+            fusion_prefixes={"cross_att"},
+            fusion_lr_mult=fusion_lr_mult,
+        )
 
     @torch.no_grad()
     def load_from_classifier(self, clf: Classifier):
         """Copy a warmed-up Classifier's backbone (and fc8 when the cls branch is on) into this net."""
         if clf.width != self.width or clf.num_classes != self.num_classes:
-            raise ValueError(f"classifier (width {clf.width}, {clf.num_classes} classes) does not match the "
-                             f"net (width {self.width}, {self.num_classes} classes)")
+            raise ValueError(
+                f"classifier (width {clf.width}, {clf.num_classes} classes) does not match the "
+                f"net (width {self.width}, {self.num_classes} classes)"
+            )
         self.backbone.load_state_dict(clf.backbone.state_dict(), strict=True)
         if "cls" in self.branches:
             self.fc8.weight.copy_(clf.fc8.weight)

@@ -15,6 +15,7 @@ Tensor names are exactly those of the converted ImageNet checkpoint (``bn_branch
 ``bn_branch2b1``, ``conv_branch2b1``, ``bn_branch2b2``, ``conv_branch2b2``, ``conv_branch1``, ``bn7``), so a
 user's ``.pth`` loads strictly at width 1.0 with :func:`load_backbone`. Nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ class ResBlock(nn.Module):
         first_dilation = dilation if first_dilation is None else first_dilation
         self.projection = (cin != cout or stride != 1) if projection is None else projection
         self.bn_branch2a = nn.BatchNorm2d(cin)
-        self.conv_branch2a = nn.Conv2d(cin, cmid, 3, stride, padding=first_dilation, dilation=first_dilation,
-                                       bias=False)
+        self.conv_branch2a = nn.Conv2d(
+            cin, cmid, 3, stride, padding=first_dilation, dilation=first_dilation, bias=False
+        )
         self.bn_branch2b1 = nn.BatchNorm2d(cmid)
         self.conv_branch2b1 = nn.Conv2d(cmid, cout, 3, padding=dilation, dilation=dilation, bias=False)
         if self.projection:
@@ -112,14 +114,19 @@ class ResNet38(nn.Module):
         self.b5 = ResBlock(c(512), c(512), c(1024), first_dilation=1, dilation=2, projection=True)
         self.b5_1 = ResBlock(c(1024), c(512), c(1024), dilation=2, projection=False)
         self.b5_2 = ResBlock(c(1024), c(512), c(1024), dilation=2, projection=False)
-        self.b6 = ResBlockBottleneck(c(1024), c(512), c(1024), c(2048), dilation=4,
-                                     dropout=0.3 if block_dropout else 0.0)
-        self.b7 = ResBlockBottleneck(c(2048), c(1024), c(2048), c(4096), dilation=4,
-                                     dropout=0.5 if block_dropout else 0.0)
+        self.b6 = ResBlockBottleneck(
+            c(1024), c(512), c(1024), c(2048), dilation=4, dropout=0.3 if block_dropout else 0.0
+        )
+        self.b7 = ResBlockBottleneck(
+            c(2048), c(1024), c(2048), c(4096), dilation=4, dropout=0.5 if block_dropout else 0.0
+        )
         self.bn7 = nn.BatchNorm2d(c(4096))
         self.out_channels = c(4096)
-        self.blocks = ["b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4"] + [f"b4_{i}" for i in range(1, 6)] + [
-            "b5", "b5_1", "b5_2", "b6", "b7"]
+        self.blocks = (
+            ["b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4"]
+            + [f"b4_{i}" for i in range(1, 6)]
+            + ["b5", "b5_1", "b5_2", "b6", "b7"]
+        )
         if freeze_bn:
             self.conv1a.weight.requires_grad_(False)
             for m in self.modules():
@@ -144,8 +151,22 @@ class ResNet38(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-_BLOCK_NAMES = {"conv1a", "bn7", "b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b5", "b5_1", "b5_2", "b6",
-                "b7"} | {f"b4_{i}" for i in range(1, 6)}
+_BLOCK_NAMES = {
+    "conv1a",
+    "bn7",
+    "b2",
+    "b2_1",
+    "b2_2",
+    "b3",
+    "b3_1",
+    "b3_2",
+    "b4",
+    "b5",
+    "b5_1",
+    "b5_2",
+    "b6",
+    "b7",
+} | {f"b4_{i}" for i in range(1, 6)}
 
 
 def _read_state_dict(source) -> dict:
@@ -154,13 +175,17 @@ def _read_state_dict(source) -> dict:
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"backbone checkpoint not found: {path!r} (nothing is downloaded; "
-                                    f"place the converted ImageNet ResNet38 .pth there)")
+            raise FileNotFoundError(
+                f"backbone checkpoint not found: {path!r} (nothing is downloaded; "
+                f"place the converted ImageNet ResNet38 .pth there)"
+            )
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - one line for the user
-            raise ValueError(f"cannot read backbone checkpoint {path!r}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise ValueError(
+                f"cannot read backbone checkpoint {path!r}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         if not isinstance(sd, Mapping):
             raise ValueError(f"backbone checkpoint {path!r} holds a {type(sd).__name__}, not a state dict")  # noqa: TRY004
         sd = dict(sd)
@@ -176,12 +201,14 @@ def _strip_prefix(sd: dict) -> dict:
     keys outside that prefix (heads, classifier fc8, linear1000, ...) are dropped."""
     anchors = [k for k in sd if k == "conv1a.weight" or k.endswith(".conv1a.weight")]
     if not anchors:
-        raise ValueError("backbone checkpoint has no 'conv1a.weight' (with or without a prefix): "
-                         "not a ResNet38 checkpoint in the converted AffinityNet format")
+        raise ValueError(
+            "backbone checkpoint has no 'conv1a.weight' (with or without a prefix): "
+            "not a ResNet38 checkpoint in the converted AffinityNet format"
+        )
     if len(anchors) > 1:
         raise ValueError(f"backbone checkpoint is ambiguous: several ResNet38 copies {sorted(anchors)}")
     prefix = anchors[0][: -len("conv1a.weight")]
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def backbone_state_dict_from(source, expected: Mapping[str, torch.Tensor]) -> dict:
@@ -202,8 +229,9 @@ def backbone_state_dict_from(source, expected: Mapping[str, torch.Tensor]) -> di
                 continue
             raise ValueError(f"missing backbone tensor {k!r}: expected shape {tuple(ref.shape)}, got nothing")
         if tuple(out[k].shape) != tuple(ref.shape):
-            raise ValueError(f"backbone tensor {k!r}: expected shape {tuple(ref.shape)}, "
-                             f"got {tuple(out[k].shape)}")
+            raise ValueError(
+                f"backbone tensor {k!r}: expected shape {tuple(ref.shape)}, got {tuple(out[k].shape)}"
+            )
     return out
 
 
