@@ -1,19 +1,19 @@
-"""The results store: the harness's own tables beside Optuna's, in one database.
+"""The results store: the harness's own tables (studies.models) beside Optuna's, in one database.
 
     store = Store("sqlite:///runs/studies.db")      # creates the tables if missing
-    sid = store.upsert_study(name, spec, preset)
-    tid = store.begin_trial(study=name, number=0, row="seg", variant=None, seed=0,
-                            params={...}, config=cfg.to_dict(), code_version=code_version())
-    store.record_stage(tid, stage_dict)             # one entry of result.json "stages"
-    store.finish_trial(tid, "complete", result=res.to_dict())
-    store.mark_stale_running(name, keep={live ids}) # -> ids marked failed ("interrupted")
-    pandas.read_sql("harness_trials", store.engine)
+    store.upsert_study(name, spec, preset)
+    if store.claim_point(name, point_key(row, variant, seed), owner):   # exactly once across processes
+        harness_id = store.begin_trial(study=name, optuna_number=0, row="seg", variant=None, seed=0,
+                                       params={...}, config=cfg.to_dict(), code_version=code_version())
+        store.record_stage(harness_id, stage_dict)   # one entry of result.json "stages"
+        store.finish_trial(harness_id, "complete", result=res.to_dict())
+        store.release_claim(owner, "complete")
+    store.trials(name), store.study_stages(name), store.study_record(name)   # what reports read
     storage = store.optuna_storage()                # optuna RDBStorage on the same URL
 
-Tables (prefixed harness_ so they never clash with Optuna's): harness_studies, harness_trials,
-harness_stages. Any SQLAlchemy URL works (PostgreSQL for several machines). For SQLite the database
-is switched to WAL and every connection (ours and Optuna's) waits up to BUSY_TIMEOUT_S for a lock;
-writes that still hit "database is locked" are retried with backoff.
+Any SQLAlchemy URL works (PostgreSQL for several machines). For SQLite the database is switched to
+WAL and every connection (ours and Optuna's) waits up to BUSY_TIMEOUT_S for a lock; writes that
+still hit "database is locked" are retried with backoff.
 """
 
 from __future__ import annotations
@@ -34,71 +34,25 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
+
+from studies.models import (
+    END_STATUSES,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    Base,
+    ClaimRow,
+    StageRow,
+    StudyRow,
+    TrialRow,
+)
 
 DEFAULT_URL = "sqlite:///runs/studies.db"
 BUSY_TIMEOUT_S = 60.0
-STATUSES = ("running", "complete", "failed", "pruned")
+CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this (4 missed beats) may be taken over
 
 T = TypeVar("T")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class StudyRow(Base):
-    __tablename__ = "harness_studies"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(255), unique=True)
-    spec_json: Mapped[str] = mapped_column(sa.Text)
-    preset: Mapped[str] = mapped_column(sa.String(64))
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime)
-
-
-class TrialRow(Base):
-    __tablename__ = "harness_trials"
-    __table_args__ = (sa.UniqueConstraint("study_id", "optuna_number", name="uq_harness_trial_number"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("harness_studies.id"), index=True)
-    optuna_number: Mapped[int] = mapped_column(sa.Integer)
-    row: Mapped[str] = mapped_column(sa.String(255))
-    variant: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
-    seed: Mapped[int] = mapped_column(sa.Integer)
-    params_json: Mapped[str] = mapped_column(sa.Text)
-    config_json: Mapped[str] = mapped_column(sa.Text)
-    status: Mapped[str] = mapped_column(sa.String(16), index=True)
-    error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
-    started_at: Mapped[datetime] = mapped_column(sa.DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(sa.DateTime, nullable=True)
-    seconds: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    warmup_cached: Mapped[bool | None] = mapped_column(sa.Boolean, nullable=True)
-    warmup_seconds: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    code_version: Mapped[str] = mapped_column(sa.String(64))
-    host: Mapped[str] = mapped_column(sa.String(255))
-    pid: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
-    heartbeat_at: Mapped[float | None] = mapped_column(sa.Float, nullable=True)  # unix time
-    final_miou: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    final_miou_post: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    initial_precision: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    initial_recall: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    initial_miou: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    result_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
-
-
-class StageRow(Base):
-    __tablename__ = "harness_stages"
-    __table_args__ = (sa.UniqueConstraint("trial_id", "stage", name="uq_harness_stage"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    trial_id: Mapped[int] = mapped_column(sa.ForeignKey("harness_trials.id"), index=True)
-    stage: Mapped[int] = mapped_column(sa.Integer)
-    val_miou: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    val_miou_post: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    per_class_iou_json: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
-    pgt_precision: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    pgt_recall: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    pgt_miou: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    seconds: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -106,8 +60,8 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC: same on SQLite and PostgreSQL
 
 
-def _num(x: Any) -> float | None:
-    """A finite float or None (NaN/inf are not portable across databases)."""
+def finite(x: Any) -> float | None:
+    """A finite float or None (NaN/inf are not portable across databases, nor meaningful as metrics)."""
     if x is None or isinstance(x, bool):
         return None
     try:
@@ -217,6 +171,20 @@ def pid_alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- Store
+class StoreError(Exception):
+    """The store cannot be opened or read (missing file, empty store, unknown study); one line."""
+
+
+def _legacy_status(status: str, error: str | None) -> str:
+    # Stores written before `interrupted` was a status kept it as failed + this error text.
+    return INTERRUPTED if status == FAILED and (error or "").startswith("interrupted") else status
+
+
+def point_key(row: str, variant: str | None, seed: int) -> str:
+    """A grid point's claim key: canonical JSON of [row, variant, seed]."""
+    return json.dumps([row, variant, int(seed)])
+
+
 class Store:
     """The harness tables on one SQLAlchemy URL (the same database Optuna uses)."""
 
@@ -227,6 +195,7 @@ class Store:
         self._optuna_storage = None
         if create:
             self._create_tables()
+            self._migrate_statuses()
 
     def _create_tables(self) -> None:
         for i in range(3):
@@ -235,6 +204,27 @@ class Store:
             except OperationalError as exc:  # another process created them between check and create
                 if "already exists" not in str(exc) or i == 2:
                     raise
+
+    @_retrying
+    def _migrate_statuses(self) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                sa.update(TrialRow)
+                .where(TrialRow.status == FAILED, TrialRow.error.like("interrupted%"))
+                .values(status=INTERRUPTED)
+            )
+
+    def check_readable(self) -> None:
+        """StoreError unless the store exists and holds at least one study (for readers: reports)."""
+        db = sa.engine.make_url(self.url)
+        if is_sqlite(self.url) and db.database not in (None, "", ":memory:"):
+            if not Path(db.database).exists():
+                raise StoreError(f"no results store at {self.url}")
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("harness_studies"):
+                raise StoreError(f"results store {self.url} is empty (no harness tables)")
+        if not self.study_names():
+            raise StoreError(f"results store {self.url} holds no studies")
 
     # -- optuna ---------------------------------------------------------------------------------
     def optuna_storage(self):
@@ -278,17 +268,28 @@ class Store:
         with self._session() as s:
             return list(s.scalars(sa.select(StudyRow.name).order_by(StudyRow.id)))
 
-    def study_spec(self, name: str) -> dict | None:
+    def study_record(self, name: str) -> dict:
+        """{id, name, spec, preset, created_at}; StoreError naming the known studies if name is not stored."""
         with self._session() as s:
             row = s.scalar(sa.select(StudyRow).where(StudyRow.name == name))
-            return None if row is None else {"spec": json.loads(row.spec_json), "preset": row.preset}
+            if row is None:
+                known = ", ".join(sorted(self.study_names())) or "none"
+                raise StoreError(f"unknown study {name!r} in {self.url}; known: {known}")
+            return {
+                "id": row.id,
+                "name": row.name,
+                "spec": json.loads(row.spec_json) if row.spec_json else {},
+                "preset": row.preset,
+                "created_at": row.created_at,
+            }
 
     # -- trials ---------------------------------------------------------------------------------
     @_retrying
     def begin_trial(
         self,
+        *,
         study: str,
-        number: int,
+        optuna_number: int,
         row: str,
         variant: str | None,
         seed: int,
@@ -296,22 +297,22 @@ class Store:
         config: dict,
         code_version: str,
     ) -> int:
-        """Insert a running trial (or reset the one with the same number); returns its id."""
+        """Insert a running trial (or reset the one with the same Optuna number); returns its harness_id."""
         sid = self.study_id(study)
         if sid is None:
             raise KeyError(f"study {study!r} is not in the store (call upsert_study first)")
         with self._session.begin() as s:
             t = s.scalar(
-                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.optuna_number == number)
+                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.optuna_number == optuna_number)
             )
             if t is None:
-                t = TrialRow(study_id=sid, optuna_number=number)
+                t = TrialRow(study_id=sid, optuna_number=optuna_number)
                 s.add(t)
             else:
                 s.execute(sa.delete(StageRow).where(StageRow.trial_id == t.id))
             t.row, t.variant, t.seed = row, variant, int(seed)
             t.params_json, t.config_json = _dumps(params), _dumps(config)
-            t.status, t.error, t.started_at, t.finished_at = "running", None, _now(), None
+            t.status, t.error, t.started_at, t.finished_at = RUNNING, None, _now(), None
             t.code_version, t.host, t.pid, t.heartbeat_at = (
                 code_version,
                 socket.gethostname(),
@@ -334,53 +335,53 @@ class Store:
             return t.id
 
     @_retrying
-    def heartbeat(self, trial_id: int) -> None:
+    def heartbeat(self, harness_id: int) -> None:
         with self._session.begin() as s:
             s.execute(
                 sa.update(TrialRow)
-                .where(TrialRow.id == trial_id, TrialRow.status == "running")
+                .where(TrialRow.id == harness_id, TrialRow.status == RUNNING)
                 .values(heartbeat_at=time.time())
             )
 
     @_retrying
-    def record_stage(self, trial_id: int, stage: dict) -> None:
+    def record_stage(self, harness_id: int, stage: dict) -> None:
         """Store one stage entry of result.json (insert or replace by stage number)."""
         val, pgt = stage.get("val") or {}, stage.get("pgt") or {}
         values = dict(
-            val_miou=_num(val.get("miou")),
-            val_miou_post=_num(val.get("miou_post")),
+            val_miou=finite(val.get("miou")),
+            val_miou_post=finite(val.get("miou_post")),
             per_class_iou_json=_dumps(val.get("per_class_iou"))
             if val.get("per_class_iou") is not None
             else None,
-            pgt_precision=_num(pgt.get("precision")),
-            pgt_recall=_num(pgt.get("recall")),
-            pgt_miou=_num(pgt.get("miou")),
-            seconds=_num(stage.get("seconds")),
+            pgt_precision=finite(pgt.get("precision")),
+            pgt_recall=finite(pgt.get("recall")),
+            pgt_miou=finite(pgt.get("miou")),
+            seconds=finite(stage.get("seconds")),
         )
         with self._session.begin() as s:
             row = s.scalar(
                 sa.select(StageRow).where(
-                    StageRow.trial_id == trial_id, StageRow.stage == int(stage["stage"])
+                    StageRow.trial_id == harness_id, StageRow.stage == int(stage["stage"])
                 )
             )
             if row is None:
-                s.add(StageRow(trial_id=trial_id, stage=int(stage["stage"]), **values))
+                s.add(StageRow(trial_id=harness_id, stage=int(stage["stage"]), **values))
             else:
                 for k, v in values.items():
                     setattr(row, k, v)
-            s.execute(sa.update(TrialRow).where(TrialRow.id == trial_id).values(heartbeat_at=time.time()))
+            s.execute(sa.update(TrialRow).where(TrialRow.id == harness_id).values(heartbeat_at=time.time()))
 
     @_retrying
     def finish_trial(
-        self, trial_id: int, status: str, result: dict | None = None, error: str | None = None
+        self, harness_id: int, status: str, result: dict | None = None, error: str | None = None
     ) -> None:
         """Close a trial: status, error, and (from result.json) final_*, initial_*, seconds, warmup_*."""
-        if status not in STATUSES or status == "running":
-            raise ValueError(f"finish_trial: status must be one of complete, failed, pruned; got {status!r}")
+        if status not in END_STATUSES:
+            raise ValueError(f"finish_trial: status must be one of {', '.join(END_STATUSES)}; got {status!r}")
         with self._session.begin() as s:
-            t = s.get(TrialRow, trial_id)
+            t = s.get(TrialRow, harness_id)
             if t is None:
-                raise KeyError(f"no harness trial with id {trial_id}")
+                raise KeyError(f"no harness trial with id {harness_id}")
             t.status, t.finished_at, t.heartbeat_at = status, _now(), time.time()
             t.error = error if error is not None else (result or {}).get("error")
             if t.seconds is None and t.started_at is not None:
@@ -391,44 +392,45 @@ class Store:
                     result.get("initial_pgt") or {},
                     result.get("warmup") or {},
                 )
-                t.final_miou, t.final_miou_post = _num(final.get("miou")), _num(final.get("miou_post"))
-                t.initial_precision, t.initial_recall = _num(init.get("precision")), _num(init.get("recall"))
-                t.initial_miou = _num(init.get("miou"))
+                t.final_miou, t.final_miou_post = finite(final.get("miou")), finite(final.get("miou_post"))
+                t.initial_precision = finite(init.get("precision"))
+                t.initial_recall = finite(init.get("recall"))
+                t.initial_miou = finite(init.get("miou"))
                 t.warmup_cached = None if warm.get("cached") is None else bool(warm["cached"])
-                t.warmup_seconds = _num(warm.get("seconds"))
-                t.seconds = _num(result.get("seconds")) if result.get("seconds") is not None else t.seconds
+                t.warmup_seconds = finite(warm.get("seconds"))
+                t.seconds = finite(result.get("seconds")) if result.get("seconds") is not None else t.seconds
                 if result.get("config"):
                     t.config_json = _dumps(result["config"])
                 t.result_json = _dumps(result)
         if result:  # stages reported live are already there; fill in any that were not (e.g. Ray)
-            have = {r["stage"] for r in self.stages(trial_id)}
+            have = {r["stage"] for r in self.stages(harness_id)}
             for st in result.get("stages") or []:
                 if int(st["stage"]) not in have:
-                    self.record_stage(trial_id, st)
+                    self.record_stage(harness_id, st)
 
     @_retrying
     def mark_stale_running(self, study: str, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
-        """Mark the study's running trials whose id is not in keep as failed ("interrupted"); return their ids."""
+        """Mark the study's running trials whose harness_id is not in keep as interrupted; return their ids."""
         sid = self.study_id(study)
         if sid is None:
             return []
         with self._session.begin() as s:
             rows = s.scalars(
-                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == "running")
+                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == RUNNING)
             ).all()
             out = []
             for t in rows:
                 if t.id in keep:
                     continue
-                t.status, t.finished_at = "failed", _now()
-                t.error = "interrupted (its process died while the trial was running)"
+                t.status, t.finished_at = INTERRUPTED, _now()
+                t.error = "its process died while the trial was running"
                 out.append(t.id)
             return out
 
-    def live_running(self, study: str, grace_s: float = 120.0) -> set[int]:
-        """Ids of running trials that still look alive: a live pid on this host, or a recent heartbeat elsewhere."""
+    def live_running(self, study: str, grace_s: float = CLAIM_STALE_S) -> set[int]:
+        """harness_ids of running trials that look alive: a live pid on this host, or a recent heartbeat."""
         host, now, live = socket.gethostname(), time.time(), set()
-        for t in self.trials(study, status="running"):
+        for t in self.trials(study, status=RUNNING):
             if t["host"] == host and t["pid"] is not None:
                 if pid_alive(t["pid"]):
                     live.add(t["id"])
@@ -436,33 +438,157 @@ class Store:
                 live.add(t["id"])
         return live
 
+    # -- grid-point claims ------------------------------------------------------------------------
+    def claim_point(
+        self, study: str, key: str, owner: str, retake_failed: bool = False, stale_s: float = CLAIM_STALE_S
+    ) -> bool:
+        """Take grid point `key` of `study` for `owner`, atomically: True if this call now holds it.
+
+        Free point: a unique insert. Held point: taken over only when its claimant is gone (a dead pid on
+        this host, or no heartbeat for stale_s). Done point: retaken only with retake_failed and when its
+        trial failed. Takeovers are compare-and-set on the previous owner, so two processes racing for
+        the same point cannot both win."""
+        sid = self.study_id(study)
+        if sid is None:
+            raise KeyError(f"study {study!r} is not in the store (call upsert_study first)")
+        host, pid = socket.gethostname(), os.getpid()
+        try:
+            retry_locked(self._insert_claim, sid, key, owner, host, pid)
+            return True
+        except IntegrityError:
+            pass
+        with self._session() as s:
+            c = s.scalar(sa.select(ClaimRow).where(ClaimRow.study_id == sid, ClaimRow.point == key))
+            if c is None:  # released between our insert and this read: try once more
+                return self.claim_point(study, key, owner, retake_failed, stale_s)
+            prev_owner, prev_state = c.owner, c.state
+            if c.state == RUNNING:
+                gone = (c.host == host and not pid_alive(c.pid)) or time.time() - c.heartbeat_at > stale_s
+                if not gone:
+                    return False
+            else:
+                t = s.get(TrialRow, c.harness_id) if c.harness_id is not None else None
+                if not (retake_failed and t is not None and t.status == FAILED):
+                    return False
+        return retry_locked(self._take_over_claim, sid, key, owner, host, pid, prev_owner, prev_state)
+
+    def _insert_claim(self, sid: int, key: str, owner: str, host: str, pid: int) -> None:
+        with self._session.begin() as s:
+            s.add(
+                ClaimRow(
+                    study_id=sid,
+                    point=key,
+                    state=RUNNING,
+                    owner=owner,
+                    host=host,
+                    pid=pid,
+                    heartbeat_at=time.time(),
+                )
+            )
+
+    def _take_over_claim(
+        self, sid: int, key: str, owner: str, host: str, pid: int, prev_owner: str, prev_state: str
+    ) -> bool:
+        with self._session.begin() as s:
+            res = s.execute(
+                sa.update(ClaimRow)
+                .where(
+                    ClaimRow.study_id == sid,
+                    ClaimRow.point == key,
+                    ClaimRow.owner == prev_owner,
+                    ClaimRow.state == prev_state,
+                )
+                .values(
+                    state=RUNNING, owner=owner, host=host, pid=pid, heartbeat_at=time.time(), harness_id=None
+                )
+            )
+            return res.rowcount == 1
+
+    @_retrying
+    def claim_heartbeat(self, owners: list[str]) -> None:
+        """Keep these owners' running claims fresh (one statement for all)."""
+        if not owners:
+            return
+        with self._session.begin() as s:
+            s.execute(
+                sa.update(ClaimRow)
+                .where(ClaimRow.owner.in_(owners), ClaimRow.state == RUNNING)
+                .values(heartbeat_at=time.time())
+            )
+
+    @_retrying
+    def claim_started(self, owner: str, harness_id: int) -> None:
+        with self._session.begin() as s:
+            s.execute(sa.update(ClaimRow).where(ClaimRow.owner == owner).values(harness_id=harness_id))
+
+    @_retrying
+    def release_claim(self, owner: str, status: str | None) -> None:
+        """The claimant is finished with its point: an interrupted (or never started, status None) trial
+        frees the point for anyone; any other end status marks it done."""
+        with self._session.begin() as s:
+            q = sa.select(ClaimRow).where(ClaimRow.owner == owner)
+            for c in s.scalars(q).all():
+                if status in (None, INTERRUPTED):
+                    s.delete(c)
+                else:
+                    c.state, c.heartbeat_at = "done", time.time()
+
+    def claims(self, study: str) -> list[dict]:
+        with self._session() as s:
+            rows = s.scalars(
+                sa.select(ClaimRow)
+                .join(StudyRow, StudyRow.id == ClaimRow.study_id)
+                .where(StudyRow.name == study)
+                .order_by(ClaimRow.id)
+            ).all()
+            return [{c.name: getattr(r, c.key) for c in ClaimRow.__table__.columns} for r in rows]
+
     # -- reading --------------------------------------------------------------------------------
     def trials(self, study: str, status: str | None = None) -> list[dict]:
-        """The study's harness trials as plain dicts (JSON columns decoded), ordered by number."""
+        """The study's harness trials as plain dicts (JSON columns decoded), ordered by Optuna number.
+        `id` is the harness_id."""
         q = (
             sa.select(TrialRow)
             .join(StudyRow, StudyRow.id == TrialRow.study_id)
             .where(StudyRow.name == study)
-            .order_by(TrialRow.optuna_number)
+            .order_by(TrialRow.optuna_number, TrialRow.id)
         )
-        if status:
-            q = q.where(TrialRow.status == status)
         with self._session() as s:
-            rows = s.scalars(q).all()
             out = []
-            for t in rows:
+            for t in s.scalars(q).all():
                 d = {c.name: getattr(t, c.key) for c in TrialRow.__table__.columns}
+                d["status"] = _legacy_status(d["status"], d["error"])
                 for k in ("params_json", "config_json", "result_json"):
                     d[k[:-5]] = json.loads(d[k]) if d[k] else None
-                out.append(d)
+                if status is None or d["status"] == status:
+                    out.append(d)
             return out
 
-    def stages(self, trial_id: int) -> list[dict]:
+    def stages(self, harness_id: int) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(
-                sa.select(StageRow).where(StageRow.trial_id == trial_id).order_by(StageRow.stage)
+                sa.select(StageRow).where(StageRow.trial_id == harness_id).order_by(StageRow.stage)
             ).all()
             return [{c.name: getattr(r, c.key) for c in StageRow.__table__.columns} for r in rows]
+
+    def study_stages(self, study: str) -> list[dict]:
+        """Every stage row of the study's trials, with the trial's row, variant, seed and status."""
+        q = (
+            sa.select(
+                StageRow, TrialRow.row, TrialRow.variant, TrialRow.seed, TrialRow.status, TrialRow.error
+            )
+            .join(TrialRow, TrialRow.id == StageRow.trial_id)
+            .join(StudyRow, StudyRow.id == TrialRow.study_id)
+            .where(StudyRow.name == study)
+            .order_by(StageRow.trial_id, StageRow.stage)
+        )
+        with self._session() as s:
+            out = []
+            for g, row, variant, seed, status, error in s.execute(q).all():
+                d = {c.name: getattr(g, c.key) for c in StageRow.__table__.columns}
+                d.update(row=row, variant=variant, seed=seed, status=_legacy_status(status, error))
+                out.append(d)
+            return out
 
     def close(self) -> None:
         self.engine.dispose()
