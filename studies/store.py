@@ -410,7 +410,7 @@ class Store:
 
     @_retrying
     def mark_stale_running(self, study: str, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
-        """Mark the study's running trials whose harness_id is not in keep as interrupted; return their ids."""
+        """Mark the study's running trials not in keep (harness_ids) as interrupted; return their ids."""
         sid = self.study_id(study)
         if sid is None:
             return []
