@@ -1,16 +1,22 @@
 """The Ray Tune backend (`--backend ray`): the path to many GPUs and machines.
 
 Tuner + OptunaSearch on the same Optuna study and storage as the Optuna backend (so the dashboard and
-the report see one study whichever backend ran it), ASHA for tuning studies, the missing grid points
-as points_to_evaluate for ablations. Each Ray trial calls the same execute() -> run_trial and writes
-its harness rows itself; the driver tells Optuna and closes trials that ASHA stopped (pruned).
+the report see one study whichever backend ran it), ASHA for tuning studies. For ablations the
+searcher claims each grid point in the database before Ray schedules it (studies.execute: the same
+exactly-once claim as the Optuna backend, so several drivers, of either backend, can share a study).
+Each Ray trial calls the same execute() -> run_trial and writes its harness rows itself, on whichever
+node it runs; the driver tells Optuna and closes trials that ASHA stopped (pruned) or whose node died
+(interrupted: the next run reruns them).
 
-On a cluster (`--address`), every node needs this code and the data path, and the storage URL must be
-reachable from every node (PostgreSQL; SQLite only works when all trials run on this machine).
+Resources per trial come from the cluster (the smallest node's CPUs, or --cpus-per-trial), never from
+this machine's core count; a request no node can satisfy is an error before any trial. On a cluster
+(`--address`), every node needs this code and the data path, and the storage URL must be reachable
+from every node (PostgreSQL; SQLite only works when all nodes run on this machine).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -19,24 +25,34 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from studies.optuna_backend import (
+from studies.execute import (
+    ClaimKeeper,
+    ClusterError,
     Job,
     Outcome,
     execute,
     finished_count,
-    finite,
     get_store,
+    job_for_params,
     one_line,
-    open_study,
     point_states,
-    recover,
+)
+from studies.models import INTERRUPTED, PRUNED, RUNNING
+from studies.optuna_backend import (
+    fixed_sampler,
+    log_outcome,
+    log_recovered,
+    make_sampler,
+    open_study,
+    recover_optuna,
     tell,
 )
-from studies.quality import COLLAPSED_MEANING, result_collapsed
-from studies.spec import Plan
-from studies.store import code_version, is_sqlite, retry_locked
+from studies.plan import Plan
+from studies.quality import result_collapsed
+from studies.store import code_version, finite, is_sqlite, retry_locked
 
 
 def absolute_url(url: str) -> str:
@@ -49,12 +65,49 @@ def absolute_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
-class HarnessSearch(OptunaSearch):
-    """OptunaSearch that passes the Optuna trial number on, reports per stage, and closes trials the
-    harness way (complete / failed / pruned by ASHA) in both Optuna and the harness tables."""
+def trial_resources(
+    nodes: list[dict], cpus_per_trial: float | None, gpus_per_trial: float, where: str
+) -> tuple[float, float, int]:
+    """(cpus, gpus) per trial and the number of trials the cluster can run at once, from its alive
+    nodes' resources (ray.nodes()); ClusterError when no node can hold one trial."""
+    alive = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
+    cpus_by_node = [float(r.get("CPU", 0)) for r in alive]
+    if not alive:
+        raise ClusterError(f"the Ray cluster at {where} has no alive node")
+    cpus = cpus_per_trial if cpus_per_trial else max(1.0, min(c for c in cpus_by_node) or 1.0)
+    fits = [r for r in alive if float(r.get("CPU", 0)) >= cpus and float(r.get("GPU", 0)) >= gpus_per_trial]
+    if not fits:
+        have = ", ".join(
+            f"{float(r.get('CPU', 0)):g} CPU" + (f" {float(r.get('GPU', 0)):g} GPU" if r.get("GPU") else "")
+            for r in alive
+        )
+        raise ClusterError(
+            f"no node of the Ray cluster at {where} can hold a trial of {cpus:g} CPU"
+            + (f" + {gpus_per_trial:g} GPU" if gpus_per_trial else "")
+            + f" (nodes: {have}); lower --cpus-per-trial / --gpus-per-trial"
+        )
+    slots = sum(
+        min(
+            math.floor(float(r.get("CPU", 0)) / cpus),
+            math.floor(float(r.get("GPU", 0)) / gpus_per_trial) if gpus_per_trial else 10**6,
+        )
+        for r in fits
+    )
+    return cpus, gpus_per_trial, max(1, slots)
 
-    def setup_harness(self, plan: Plan, store: Any, log: Callable[[str], None]) -> None:
+
+class HarnessSearch(OptunaSearch):
+    """OptunaSearch that claims grid points, passes the Optuna trial number on, reports per stage, and
+    closes trials the harness way (complete / failed / pruned by ASHA / interrupted) in both Optuna and
+    the harness tables."""
+
+    def setup_harness(
+        self, plan: Plan, store: Any, log: Callable[[str], None], retry_failed: bool, budget: int
+    ) -> None:
         self.h_plan, self.h_store, self.h_log = plan, store, log
+        self.h_retry_failed, self.h_budget = retry_failed, budget
+        self.h_keeper = ClaimKeeper(store) if plan.is_grid else None
+        self.h_handed: set = set()
         self.h_jobs: dict[str, Job] = {}
         self.h_outcomes: list[Outcome] = []
 
@@ -71,31 +124,35 @@ class HarnessSearch(OptunaSearch):
         raise NotImplementedError
 
     def suggest(self, trial_id: str):
-        cfg = super().suggest(trial_id)
-        if cfg is None:
-            return None
+        if self.h_budget <= 0:
+            return Searcher.FINISHED
+        plan, owner = self.h_plan, None
+        if plan.is_grid:
+            got = self.h_keeper.claim_next(plan, self.h_retry_failed, skip=self.h_handed)
+            if got is None:
+                return Searcher.FINISHED
+            point, owner = got
+            self.h_handed.add(point.key)
+            self._ot_study.sampler = fixed_sampler(point)
+        try:
+            cfg = super().suggest(trial_id)
+        except BaseException:
+            if owner is not None:
+                self.h_keeper.release(owner, None)
+            raise
         ot = self._ot_trials[trial_id]
         ot.set_user_attr("owner_host", socket.gethostname())
         ot.set_user_attr("owner_pid", os.getpid())
-        params = dict(ot.params)
-        row = params.get("row", "trial")
-        st = self.h_plan.study
-        self.h_jobs[trial_id] = Job(
-            st.name,
-            self.h_store.url,
-            self.h_plan.preset,
+        self.h_budget -= 1
+        self.h_jobs[trial_id] = job_for_params(
+            plan,
+            dict(ot.params),
             ot.number,
-            row,
-            params.get("variant"),
-            params.get("seed", st.seed),
-            params,
-            {},
-            st.metric,
-            st.stage_metric,
-            "",
+            url=self.h_store.url,
             optuna_trial_id=ot._trial_id,
+            claim_owner=owner,
         )
-        return {**cfg, "_number": ot.number, "_trial_id": ot._trial_id}
+        return {**cfg, "_number": ot.number, "_trial_id": ot._trial_id, "_claim_owner": owner}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("final") or trial_id in self._completed_trials:
@@ -108,68 +165,86 @@ class HarnessSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         job, result = self.h_jobs[trial_id], result or {}
         hid = result.get("harness_id")
-        if result.get("final"):
-            out = Outcome(job.number, result["status"], finite(result.get("value")), result.get("error"), hid)
-        elif error:
-            out = Outcome(job.number, "failed", None, "the Ray trial raised (see its log)", hid)
+        if result.get("final"):  # the trial closed its own rows and claim
+            out = Outcome(
+                optuna_number=job.optuna_number,
+                status=result["status"],
+                value=finite(result.get("value")),
+                error=result.get("error"),
+                harness_id=hid,
+            )
+            if self.h_keeper is not None and job.claim_owner:
+                self.h_keeper.forget(job.claim_owner)
         else:
-            stage = result.get("stage")
-            out = Outcome(job.number, "pruned", None, f"stopped by ASHA after stage {stage}", hid)
-        if hid is not None and out.status != "complete" and not result.get("final"):
-            retry_locked(self.h_store.finish_trial, hid, out.status, error=out.error)
-        if hid is not None:  # the user attrs read the stored result
-            t = [x for x in self.h_store.trials(self.h_plan.study.name) if x["id"] == hid]
+            if error:  # the trial's process or node died: rerun on the next invocation
+                status, why = INTERRUPTED, "its Ray worker or node died while the trial was running"
+            else:
+                status, why = PRUNED, f"stopped by ASHA after stage {result.get('stage')}"
+            out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=hid)
+            if hid is None:
+                hid = self._harness_id_of(job)
+                out.harness_id = hid
+            if hid is not None and self._still_running(hid):
+                retry_locked(self.h_store.finish_trial, hid, status, error=why)
+            if self.h_keeper is not None:
+                self.h_keeper.release(job.claim_owner, status)
+        if out.harness_id is not None:  # the user attrs read the stored result
+            t = [x for x in self.h_store.trials(self.h_plan.study.name) if x["id"] == out.harness_id]
             out.result = t[0]["result"] if t else None
             out.collapsed = result_collapsed(out.result)
         try:
             tell(self._ot_study, job, out)
+            if result.get("node"):
+                self._ot_study._storage.set_trial_user_attr(job.optuna_trial_id, "ray_node", result["node"])
         except Exception as e:
-            self.h_log(f"[studies] could not tell Optuna about trial #{job.number}: {one_line(e)}")
+            self.h_log(f"[studies] could not tell Optuna about trial #{job.optuna_number}: {one_line(e)}")
         self.h_outcomes.append(out)
-        v = "" if out.value is None else f" {self.h_plan.study.metric}={out.value:.4f}"
-        label = job.row + (f"/{job.variant}" if job.variant else "")
-        self.h_log(
-            f"[studies] trial #{job.number} {label} seed {job.seed}: {out.status}{v}"
-            + (f" ({out.error})" if out.error else "")
-            + (f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else "")
+        log_outcome(self.h_log, self.h_plan.study.metric, job, out)
+
+    def _harness_id_of(self, job: Job) -> int | None:
+        for t in self.h_store.trials(job.study):
+            if t["optuna_number"] == job.optuna_number:
+                return t["id"]
+        return None
+
+    def _still_running(self, harness_id: int) -> bool:
+        return any(
+            t["id"] == harness_id and t["status"] == RUNNING
+            for t in self.h_store.trials(self.h_plan.study.name)
         )
 
+    def close(self) -> None:
+        if self.h_keeper is not None:
+            self.h_keeper.close()
 
-def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
+
+def _make_trainable(plan: Plan, url: str, cv: str, extra: dict[str, Any]) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
+        import ray
         from ray import tune
 
         params = {k: v for k, v in config.items() if not k.startswith("_")}
-        if plan.is_grid:
-            p = plan.point_for_params(params)
-            row, variant, seed, overrides, pruner = p.row, p.variant, p.seed, p.overrides, "none"
-        else:
-            row, variant, seed = "trial", None, plan.study.seed
-            overrides, pruner = plan.overrides_for_params(params), plan.study.pruner
-        job = Job(
-            plan.study.name,
-            url,
-            plan.preset,
-            config["_number"],
-            row,
-            variant,
-            seed,
+        job = job_for_params(
+            plan,
             params,
-            overrides,
-            plan.study.metric,
-            plan.study.stage_metric,
-            cv,
-            pruner,
-            config["_trial_id"],
+            config["_number"],
+            url=url,
+            code_version=cv,
+            optuna_trial_id=config["_trial_id"],
+            claim_owner=config.get("_claim_owner"),
         )
-        state: dict[str, Any] = {"tid": None, "last": 0.0}
+        job.overrides = {**job.overrides, **extra}
+        node = ray.get_runtime_context().get_node_id()
+        state: dict[str, Any] = {"harness_id": None, "last": 0.0}
 
         def on_stage(stage: int, value: float | None, metrics: dict) -> None:
             if value is not None:
                 state["last"] = value
-            tune.report({"score": state["last"], "stage": stage, "final": False, "harness_id": state["tid"]})
+            tune.report(
+                {"score": state["last"], "stage": stage, "final": False, "harness_id": state["harness_id"]}
+            )
 
-        out = execute(job, on_stage, on_begin=lambda tid: state.update(tid=tid))
+        out = execute(job, on_stage, on_begin=lambda hid: state.update(harness_id=hid))
         tune.report(
             {
                 "score": out.value if out.value is not None else state["last"],
@@ -179,6 +254,7 @@ def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
                 "error": out.error,
                 "value": out.value,
                 "harness_id": out.harness_id,
+                "node": node,
             }
         )
 
@@ -188,7 +264,7 @@ def _make_trainable(plan: Plan, url: str, cv: str) -> Callable[[dict], None]:
 def run_study_ray(
     plan: Plan,
     url: str,
-    workers: int = 1,
+    workers: int | None = None,
     n_trials: int | None = None,
     retry_failed: bool = False,
     address: str | None = None,
@@ -196,62 +272,29 @@ def run_study_ray(
     gpus_per_trial: float = 0.0,
     log: Callable[[str], None] = print,
     ray_init: dict | None = None,
+    user_keys: set[str] | frozenset[str] = frozenset(),
 ) -> list[Outcome]:
+    """Run (or resume) a study with Ray Tune on this machine (address None) or a running cluster.
+    workers: trials at once (default: as many as the cluster's nodes can hold). user_keys: config keys
+    the user set, so that per-trial thread counts are only derived from the resources when unset."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     url = absolute_url(url)
     store = get_store(url)
-    store.upsert_study(
-        plan.study.name, {k: v for k, v in plan.study.raw.items() if k != "__lines__"}, plan.preset
-    )
     study = open_study(plan, store)
-    failed = recover(plan, store, study)
-    if failed:
-        log(
-            f"[studies] marked {len(failed)} interrupted trial(s) failed: #{', #'.join(map(str, failed))}; rerunning them"
-        )
+    log_recovered(log, recover_optuna(plan, store, study))
     s = plan.study
-    points: list[dict] = []
     if plan.is_grid:
         done, running = point_states(plan, store, retry_failed)
-        todo = [p for p in plan.points if p.key not in done | running]
-        todo = todo[:n_trials] if n_trials is not None else todo
-        points = [p.params for p in todo]
-        num = len(points)
+        num = len([p for p in plan.points if p.key not in done | running])
+        num = min(num, n_trials) if n_trials is not None else num
     else:
         num = max(0, (n_trials if n_trials is not None else s.n_trials) - finished_count(plan, store))
     if num == 0:
         log("[studies] nothing to run: every trial of this study is finished")
         return []
-
-    mode = "max" if s.direction == "maximize" else "min"
-
-    from studies.optuna_backend import make_sampler
-
-    searcher = HarnessSearch(
-        space=plan.search_space(),
-        metric="score",
-        mode=mode,
-        points_to_evaluate=points or None,
-        sampler=make_sampler(plan),
-        study_name=s.name,
-        storage=store.optuna_storage(),
-    )
-    searcher.setup_harness(plan, store, log)
-    if plan.is_grid or s.pruner == "none":
-        scheduler = FIFOScheduler()
-    else:
-        stages = int(plan.overrides_for_params({}).get("train.stages") or _preset_stages(plan))
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            metric="score",
-            mode=mode,
-            max_t=stages + 1,
-            grace_period=1,
-            reduction_factor=2,
-        )
 
     repo = str(Path(__file__).resolve().parents[1])
     env = {
@@ -274,12 +317,46 @@ def run_study_ray(
         kw.update(ray_init or {})
         ray.init(**kw)
         started = True
+    searcher = None
     try:
-        resources = {"cpu": cpus_per_trial or 1, "gpu": gpus_per_trial or 0}
+        cpus, gpus, slots = trial_resources(ray.nodes(), cpus_per_trial, gpus_per_trial, address or "local")
+        extra = {k: max(1, int(cpus)) for k in ("train.threads", "train.workers") if k not in user_keys}
+        mode = "max" if s.direction == "maximize" else "min"
+        searcher = HarnessSearch(
+            space=plan.search_space(),
+            metric="score",
+            mode=mode,
+            sampler=make_sampler(plan),
+            study_name=s.name,
+            storage=store.optuna_storage(),
+        )
+        searcher.setup_harness(plan, store, log, retry_failed, num)
+        if plan.is_grid or s.pruner == "none":
+            scheduler = FIFOScheduler()
+        else:
+            stages = int(plan.overrides_for_params({}).get("train.stages") or _preset_stages(plan))
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                metric="score",
+                mode=mode,
+                max_t=stages + 1,
+                grace_period=1,
+                reduction_factor=2,
+            )
+        alive = len([n for n in ray.nodes() if n.get("Alive")])
+        log(
+            f"[studies] Ray: {cpus:g} CPU{f' + {gpus:g} GPU' if gpus else ''} per trial, "
+            f"{min(workers or slots, slots)} at once on {alive} node(s)"
+        )
         tuner = tune.Tuner(
-            tune.with_resources(_make_trainable(plan, url, code_version()), resources),
+            tune.with_resources(
+                _make_trainable(plan, url, code_version(), extra), {"cpu": cpus, "gpu": gpus}
+            ),
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=num, max_concurrent_trials=workers
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=num,
+                max_concurrent_trials=workers or slots,
             ),
             run_config=tune.RunConfig(
                 name=f"{s.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -289,6 +366,8 @@ def run_study_ray(
         )
         tuner.fit()
     finally:
+        if searcher is not None:
+            searcher.close()
         if started:
             ray.shutdown()
     return searcher.h_outcomes

@@ -22,7 +22,8 @@ from typing import Any
 
 from core.config import ConfigError, make_config, parse_overrides
 from core.data import DataError
-from studies.spec import Plan, Spec, SpecError, load_spec
+from studies.plan import Plan, make_plan
+from studies.spec import Spec, SpecError, load_spec
 
 
 class UsageError(Exception):
@@ -59,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="config preset (default: base.preset of the study file)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: storage of the study file)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
-    p.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="trials at once (optuna: on this machine, default 1; ray: default as many as the cluster holds)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -74,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="also rerun grid points whose trial failed")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="Ray resources per trial")
+    p.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="Ray CPUs per trial (default: the smallest node's CPU count)",
+    )
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray resources per trial")
     return p
 
@@ -107,7 +118,7 @@ def dry_run(plan: Plan) -> None:
         print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  overrides")
         for p in plan.points:
             ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
-            print(f"{p.number:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {ov}")
+            print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {ov}")
     else:
         print(
             f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
@@ -135,8 +146,8 @@ def _fmt(v: Any) -> str:
 def summary(plan: Plan, store) -> str:
     """row, variant, n, mean +- std of the metric (percent), failed/pruned/collapsed counts: all trials in the
     store. Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
-    from studies.optuna_backend import dig, finite
     from studies.quality import result_collapsed
+    from studies.store import dig, finite
 
     s = plan.study
     groups: dict[tuple, list] = {}
@@ -184,19 +195,13 @@ def summary(plan: Plan, store) -> str:
 
 
 def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
+    """The CLI edge's one call into reports: the study's results are safe in the store whatever happens
+    here, so a failing report is a warning, not a failed run."""
+    import reports
+
     try:
-        import reports
-    except ImportError:
-        print("[studies] note: reports package not available; skipping the report", file=sys.stderr)
-        return
-    build = getattr(reports, "build_report", None)
-    if build is None:
-        print("[studies] note: reports.build_report not available yet; skipping the report", file=sys.stderr)
-        return
-    try:
-        out = build(name, url, out_dir=out_dir)
-        print(f"[studies] report: {out if out else out_dir}")
-    except Exception as e:  # the study's results are safe in the store; say what broke and go on
+        print(f"[studies] report: {reports.build_report(name, url, out_dir=out_dir)}")
+    except Exception as e:
         msg = str(e).strip().splitlines()
         print(
             f"[studies] warning: report failed: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr
@@ -206,20 +211,20 @@ def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.workers < 1:
+        if args.workers is not None and args.workers < 1:
             raise UsageError("studies.run: --workers must be >= 1")
         if args.n_trials is not None and args.n_trials < 1:
             raise UsageError("studies.run: --n-trials must be >= 1")
         spec = load_spec(args.study_file)
         spec.study(args.name)
         cli = parse_overrides(args.overrides)
-        cores = os.cpu_count() or 1
-        if args.backend == "ray":
-            per = int(args.cpus_per_trial or max(1, cores // args.workers))
-        else:
-            per = cores // args.workers if args.workers > 1 else 0
-        extra = thread_overrides(_set_keys(spec, args.name, cli), per) if per else {}
-        plan = spec.plan(args.name, preset=args.preset, cli_set=cli, extra=extra)
+        # Threads per trial: the optuna backend divides this machine's cores among its workers; the ray
+        # backend derives them from the cluster's resources per trial (ray_backend.trial_resources).
+        user_keys = _set_keys(spec, args.name, cli)
+        workers = args.workers or 1
+        per = (os.cpu_count() or 1) // workers if args.backend == "optuna" and workers > 1 else 0
+        extra = thread_overrides(user_keys, per) if per else {}
+        plan = make_plan(spec, args.name, preset=args.preset, cli_set=cli, extra=extra)
         url = args.storage or spec.storage
         if args.dry_run:
             dry_run(plan)
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
+    from studies.execute import ClusterError
+    from studies.models import FAILED, INTERRUPTED
+
     try:
         if args.backend == "ray":
             from studies.ray_backend import run_study_ray
@@ -250,29 +258,34 @@ def main(argv: list[str] | None = None) -> int:
                 n_trials=args.n_trials,
                 retry_failed=args.retry_failed,
                 address=args.address,
-                cpus_per_trial=args.cpus_per_trial or per,
+                cpus_per_trial=args.cpus_per_trial,
                 gpus_per_trial=args.gpus_per_trial,
+                user_keys=user_keys,
             )
         else:
             from studies.optuna_backend import run_study
 
             outcomes = run_study(
-                plan, url, workers=args.workers, n_trials=args.n_trials, retry_failed=args.retry_failed
+                plan, url, workers=workers, n_trials=args.n_trials, retry_failed=args.retry_failed
             )
         print(summary(plan, store))
     except KeyboardInterrupt:
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except ClusterError as e:
+        print(f"studies.run: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         msg = str(e).strip().splitlines()
         print(f"studies.run: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
         return 1
     if not args.no_report:
         write_report(args.name, url)
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status in (FAILED, INTERRUPTED)]
     if failed:
         print(
-            f"studies.run: {len(failed)} trial(s) failed in this run (reasons in harness_trials.error)",
+            f"studies.run: {len(failed)} trial(s) failed or were interrupted in this run "
+            "(reasons in harness_trials.error; interrupted ones rerun on the next invocation)",
             file=sys.stderr,
         )
         return 1

@@ -1,13 +1,8 @@
-"""study.yaml: schema, validation (with line numbers) and the trial list of each study.
+"""study.yaml: schema and parsing, with the line of every key kept for error messages.
 
     spec = load_spec("study.yaml")                 # SpecError "study.yaml:12: ..." on any problem
     study = spec.study("ablation_tasks")          # SpecError listing the valid names
-    plan = spec.plan("ablation_tasks", preset=None, cli_set={"train.stages": "1"})
-    plan.points   -> [GridPoint(number, row, variant, seed, overrides)]  (ablation: rows x variants x seeds)
-    plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
-
-Every config a study can produce is built with core.config.make_config before anything runs, so a
-typo in a `set` is reported with its file and line, not half-way through a study.
+    (studies.plan.make_plan resolves a study into its trial configs, blaming bad values on their line)
 
 File shape:
     storage: sqlite:///runs/studies.db      # default --storage
@@ -39,7 +34,6 @@ File shape:
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +41,8 @@ from typing import Any
 
 import yaml
 
-from core.config import PRESETS, ConfigError, make_config
+from core.config import ConfigError, make_config
+from studies.store import DEFAULT_URL
 
 TOP_KEYS = {"storage", "base", "studies"}
 BASE_KEYS = {"preset", "set"}
@@ -60,7 +55,6 @@ METRICS = ("final.miou", "final.miou_post", "initial_pgt.miou", "initial_pgt.pre
 STAGE_METRICS = ("val.miou", "val.miou_post", "pgt.miou", "pgt.precision", "pgt.recall")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
-DEFAULT_STORAGE = "sqlite:///runs/studies.db"
 
 
 class SpecError(ValueError):
@@ -88,7 +82,7 @@ def _path_str(path: tuple) -> str:
 
 
 @dataclass
-class _Ctx:
+class SourceLines:
     file: str
     lines: dict[tuple, int]
 
@@ -154,78 +148,8 @@ class Study:
     n_trials: int = 20
     pruner: str = "median"
     params: tuple[Param, ...] = ()
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    number: int  # position in the grid (stable: rows, then variants, then seeds)
-    row: str
-    variant: str | None
-    seed: int
-    overrides: dict[str, Any]
-
-    @property
-    def key(self) -> tuple:
-        return (self.row, self.variant, self.seed)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"row": self.row, "seed": self.seed}
-        if self.variant is not None:
-            p["variant"] = self.variant
-        return p
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One study ready to run: its preset, its trial configs (validated), its optuna search space."""
-
-    study: Study
-    preset: str
-    base_overrides: dict[str, Any]  # base.set <- study.set (before rows, params and --set)
-    cli_overrides: dict[str, Any]
-    points: tuple[GridPoint, ...] = ()
-
-    @property
-    def is_grid(self) -> bool:
-        return self.study.kind == "ablation"
-
-    def search_space(self) -> dict[str, Any]:
-        """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""
-        import optuna.distributions as d
-
-        s = self.study
-        if self.is_grid:
-            space = {"row": d.CategoricalDistribution([r.label for r in s.rows])}
-            if s.variants:
-                space["variant"] = d.CategoricalDistribution([v.label for v in s.variants])
-            space["seed"] = d.CategoricalDistribution(list(s.seeds))
-            return space
-        return {p.name: p.distribution() for p in s.params}
-
-    def grid_values(self) -> dict[str, list]:
-        s = self.study
-        g: dict[str, list] = {"row": [r.label for r in s.rows]}
-        if s.variants:
-            g["variant"] = [v.label for v in s.variants]
-        g["seed"] = list(s.seeds)
-        return g
-
-    def point_for_params(self, params: dict[str, Any]) -> GridPoint:
-        key = (params["row"], params.get("variant"), params["seed"])
-        for p in self.points:
-            if p.key == key:
-                return p
-        raise KeyError(f"no grid point {key}")
-
-    def overrides_for_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Overrides of one tuning trial: base <- study <- sampled params <- --set <- seed."""
-        o = dict(self.base_overrides)
-        o["seed"] = self.study.seed
-        o.update(self.cli_overrides)
-        o.update(params)
-        return o
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the study's YAML mapping
+    lines: dict = field(default_factory=dict, compare=False, repr=False)  # YAML path -> line (for blame)
 
 
 @dataclass(frozen=True)
@@ -241,79 +165,15 @@ class Spec:
             raise SpecError(f"{self.path}: unknown study {name!r} (valid: {', '.join(self.studies)})")
         return self.studies[name]
 
-    def plan(
-        self,
-        name: str,
-        preset: str | None = None,
-        cli_set: dict[str, Any] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> Plan:
-        """Resolve and validate every trial config of study `name` (make_config on each)."""
-        study = self.study(name)
-        preset = preset or self.preset
-        cli = dict(cli_set or {})
-        ctx = _Ctx(self.path, study.raw.get("__lines__", {}))
-        base = {**self.base_set, **study.set}
-        allcli = {**(extra or {}), **cli}
-        if preset not in PRESETS:
-            raise SpecError(f"--preset: unknown preset {preset!r} (expected one of {list(PRESETS)})")
-        try:
-            make_config(preset, {**base, **allcli})
-        except ConfigError as e:
-            # Blame the source: a preset may be incomplete on its own (paper needs data.root from --set),
-            # so judge the preset together with --set, and the study's set on top of both.
-            try:
-                make_config(preset, allcli)
-            except ConfigError:
-                raise SpecError(f"{'--set' if cli else '--preset'}: {e}") from None
-            raise ctx.err(("studies", name, "set"), str(e)) from None
-        points: list[GridPoint] = []
-        if study.kind == "ablation":
-            n = 0
-            variants: list[Row | None] = list(study.variants) or [None]
-            for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
-                o = {**base, **row.set, **(var.set if var else {})}
-                where = (
-                    ("studies", name, "variants", vi, "set")
-                    if var is not None and var.set
-                    else ("studies", name, "rows", ri, "set")
-                )
-                for seed in study.seeds:
-                    ov = {**o, "seed": seed, **allcli}
-                    try:
-                        make_config(preset, ov)
-                    except ConfigError as e:
-                        try:  # the row alone, or only with its variant?
-                            make_config(preset, {**base, **row.set, "seed": seed, **allcli})
-                        except ConfigError:
-                            where = ("studies", name, "rows", ri, "set")
-                        raise ctx.err(where, str(e)) from None
-                    points.append(GridPoint(n, row.label, var.label if var else None, seed, ov))
-                    n += 1
-        else:
-            for p in study.params:
-                path = ("studies", name, "params", p.name)
-                if p.name in cli:
-                    raise SpecError(
-                        f"--set {p.name}: this key is tuned by study {name!r}; drop it from --set"
-                    )
-                values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
-                for v in values:
-                    try:
-                        make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
-                    except ConfigError as e:
-                        raise ctx.err(path, str(e)) from None
-        return Plan(study, preset, base, allcli, tuple(points))
-
 
 # ------------------------------------------------------------------------------------ parsing
-def _expect(ctx: _Ctx, path: tuple, value: Any, typ: type | tuple, what: str) -> Any:
+def _expect(ctx: SourceLines, path: tuple, value: Any, typ: type | tuple, what: str) -> Any:
     if not isinstance(value, typ) or (typ in (int, float, (int, float)) and isinstance(value, bool)):
         raise ctx.err(path, f"expected {what}, got {value!r}")
     return value
 
 
-def _keys(ctx: _Ctx, path: tuple, d: Any, allowed: set[str], required: tuple = ()) -> dict:
+def _keys(ctx: SourceLines, path: tuple, d: Any, allowed: set[str], required: tuple = ()) -> dict:
     _expect(ctx, path, d, dict, "a mapping")
     for k in d:
         if k not in allowed:
@@ -324,20 +184,20 @@ def _keys(ctx: _Ctx, path: tuple, d: Any, allowed: set[str], required: tuple = (
     return d
 
 
-def _set(ctx: _Ctx, path: tuple, d: Any) -> dict[str, Any]:
+def _set(ctx: SourceLines, path: tuple, d: Any) -> dict[str, Any]:
     if d is None:
         return {}
     _expect(ctx, path, d, dict, "a mapping of config keys to values")
     return {str(k): v for k, v in d.items()}
 
 
-def _label(ctx: _Ctx, path: tuple, v: Any) -> str:
+def _label(ctx: SourceLines, path: tuple, v: Any) -> str:
     if isinstance(v, bool) or not isinstance(v, (str, int, float)) or str(v) == "":
         raise ctx.err(path, f"expected a non-empty label, got {v!r}")
     return str(v)
 
 
-def _rows(ctx: _Ctx, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple[Row, ...]:
+def _rows(ctx: SourceLines, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple[Row, ...]:
     _expect(ctx, path, items, list, "a list of {label, set} entries")
     if not items:
         raise ctx.err(path, "needs at least one entry")
@@ -367,7 +227,7 @@ def _rows(ctx: _Ctx, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple
     return tuple(out)
 
 
-def _param(ctx: _Ctx, path: tuple, name: str, d: Any) -> Param:
+def _param(ctx: SourceLines, path: tuple, name: str, d: Any) -> Param:
     _keys(ctx, path, d, PARAM_KEYS, ("type",))
     typ = d["type"]
     if typ not in ("float", "int", "categorical"):
@@ -416,7 +276,7 @@ def _param(ctx: _Ctx, path: tuple, name: str, d: Any) -> Param:
     )
 
 
-def _study(ctx: _Ctx, name: str, d: Any) -> Study:
+def _study(ctx: SourceLines, name: str, d: Any) -> Study:
     path = ("studies", name)
     _expect(ctx, path, d, dict, "a mapping")
     kind = d.get("kind")
@@ -450,7 +310,8 @@ def _study(ctx: _Ctx, name: str, d: Any) -> Study:
         stage_metric=stage_metric,
         direction=direction,
         set=_set(ctx, path + ("set",), d.get("set")),
-        raw={"__lines__": ctx.lines, **d},
+        raw=dict(d),
+        lines=ctx.lines,
     )
     if kind == "ablation":
         seeds = _expect(ctx, path + ("seeds",), d["seeds"], list, "a list of integer seeds")
@@ -524,11 +385,11 @@ def parse_spec(text: str, path: str = "study.yaml") -> Spec:
     lines: dict[tuple, int] = {}
     if node is not None:
         _index_lines(node, (), lines)
-    ctx = _Ctx(path, lines)
+    ctx = SourceLines(path, lines)
     if data is None:
         raise SpecError(f"{path}: empty file (expected 'studies:')")
     _keys(ctx, (), data, TOP_KEYS, ("studies",))
-    storage = data.get("storage", DEFAULT_STORAGE)
+    storage = data.get("storage", DEFAULT_URL)
     _expect(ctx, ("storage",), storage, str, "a database URL")
     base = data.get("base") or {}
     _keys(ctx, ("base",), base, BASE_KEYS)

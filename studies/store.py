@@ -71,6 +71,15 @@ def finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def dig(d: Any, path: str) -> Any:
+    """A result.json leaf by dotted path ("final.miou"); None when missing."""
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str, allow_nan=True)
 

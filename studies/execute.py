@@ -1,0 +1,305 @@
+"""What every backend shares: one trial from config to store, its heartbeat, grid-point claims, recovery.
+
+    job = Job(study=..., url=..., preset=..., optuna_number=..., row=..., ...)   # keywords only
+    out = execute(job, on_stage)          # config -> core.trial.run_trial -> harness tables -> Outcome
+    owner = claim_next(plan, store, ...)  # exactly-once grid points across processes and machines
+
+A grid point (row, variant, seed) runs only after its runner has taken the point's claim row in the
+database (studies.store.Store.claim_point: a unique insert, or a compare-and-set takeover of a dead
+claimant). The claimant's process keeps its claims fresh with a ClaimKeeper thread; the trial's own
+process keeps the trial row fresh with a Heartbeat thread. Identifiers: `harness_id` is the row id of
+harness_trials, `optuna_number` the trial's number in its Optuna study, `optuna_trial_id` Optuna's
+storage id, `grid_index` a point's position in the study's grid.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from core.config import make_config
+from studies.models import COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING
+from studies.plan import GridPoint, Plan
+from studies.store import Store, dig, finite, point_key
+
+# The trial function: core.trial.run_trial unless injected (a test double: set TRIAL_FN, or
+# STUDIES_TRIAL_FN="module:function" so that worker processes pick it up too).
+TRIAL_FN: Callable | None = None
+HEARTBEAT_S = 30.0
+
+
+def trial_fn() -> Callable:
+    if TRIAL_FN is not None:
+        return TRIAL_FN
+    spec = os.environ.get("STUDIES_TRIAL_FN")
+    if spec:
+        mod, _, name = spec.partition(":")
+        return getattr(importlib.import_module(mod), name)
+    from core.trial import run_trial
+
+    return run_trial
+
+
+class ClusterError(Exception):
+    """The cluster cannot run the study as asked, e.g. no node holds one trial (one line, exit 2)."""
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+@dataclass(kw_only=True)
+class Job:
+    """Everything one trial needs (picklable: it crosses into worker processes and Ray actors)."""
+
+    study: str
+    url: str
+    preset: str
+    optuna_number: int
+    row: str
+    variant: str | None = None
+    seed: int
+    params: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    metric: str
+    stage_metric: str
+    code_version: str = ""
+    pruner: str = "none"
+    optuna_trial_id: int | None = None
+    claim_owner: str | None = None  # set for grid points: the claim this trial runs under
+
+    @property
+    def label(self) -> str:
+        return self.row + (f"/{self.variant}" if self.variant else "")
+
+
+@dataclass(kw_only=True)
+class Outcome:
+    optuna_number: int
+    status: str  # complete | failed | pruned | interrupted
+    value: float | None = None
+    error: str | None = None
+    harness_id: int | None = None
+    result: dict | None = field(default=None, repr=False)
+    collapsed: bool = False  # IoU 0 on every foreground class (studies.quality); set where result is dropped
+
+
+def job_for_point(plan: Plan, point: GridPoint, optuna_number: int, **kw: Any) -> Job:
+    s = plan.study
+    return Job(
+        study=s.name,
+        preset=plan.preset,
+        optuna_number=optuna_number,
+        row=point.row,
+        variant=point.variant,
+        seed=point.seed,
+        params=point.params,
+        overrides=point.overrides,
+        metric=s.metric,
+        stage_metric=s.stage_metric,
+        **kw,
+    )
+
+
+def job_for_params(plan: Plan, params: dict, optuna_number: int, **kw: Any) -> Job:
+    """A tuning trial's job (or a grid trial's, found from its params)."""
+    if plan.is_grid:
+        return job_for_point(plan, plan.point_for_params(params), optuna_number, **kw)
+    s = plan.study
+    return Job(
+        study=s.name,
+        preset=plan.preset,
+        optuna_number=optuna_number,
+        row="trial",
+        seed=s.seed,
+        params=dict(params),
+        overrides=plan.overrides_for_params(params),
+        metric=s.metric,
+        stage_metric=s.stage_metric,
+        pruner=s.pruner,
+        **kw,
+    )
+
+
+_STORES: dict[str, Store] = {}
+
+
+def get_store(url: str) -> Store:
+    """One Store (engine + optuna storage) per process and URL."""
+    if url not in _STORES:
+        _STORES[url] = Store(url)
+    return _STORES[url]
+
+
+class _Beat:
+    """Calls fn every HEARTBEAT_S seconds on a daemon thread until stop(); a missed beat is not an error."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._stop = threading.Event()
+        self._fn = fn
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._fn()
+            except Exception:  # the store is briefly unreachable: the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ClaimKeeper:
+    """The claimant's side: takes grid points and keeps its claims fresh until their trials end."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._owners: set[str] = set()
+        self._lock = threading.Lock()
+        self._beat = _Beat(self._refresh)
+
+    def _refresh(self) -> None:
+        with self._lock:
+            owners = sorted(self._owners)
+        self.store.claim_heartbeat(owners)
+
+    def claim_next(
+        self, plan: Plan, retry_failed: bool, skip: set | frozenset = frozenset()
+    ) -> tuple[GridPoint, str] | None:
+        """The first grid point not done, not running and not in skip that this call could claim."""
+        done, running = point_states(plan, self.store, retry_failed)
+        for p in plan.points:
+            if p.key in done or p.key in running or p.key in skip:
+                continue
+            owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+            if self.store.claim_point(plan.study.name, point_key(*p.key), owner, retake_failed=retry_failed):
+                with self._lock:
+                    self._owners.add(owner)
+                return p, owner
+        return None
+
+    def release(self, owner: str | None, status: str | None) -> None:
+        """The trial under this claim ended with status (None: it never started, or its process died)."""
+        if owner is None:
+            return
+        with self._lock:
+            self._owners.discard(owner)
+        self.store.release_claim(owner, status)
+
+    def forget(self, owner: str) -> None:
+        """Stop refreshing a claim that its trial has already released."""
+        with self._lock:
+            self._owners.discard(owner)
+
+    def close(self) -> None:
+        self._beat.stop()
+
+
+def execute(
+    job: Job,
+    on_stage: Callable[[int, float | None, dict], None] | None = None,
+    pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,),
+    on_begin: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Run one trial and record it in the harness tables. on_stage(stage, stage_metric, metrics) may raise
+    one of pruned_types to stop the trial (recorded as pruned). The claim (if any) is marked done (or
+    freed, for an interrupted trial) once the trial row is closed."""
+    store = get_store(job.url)
+    cfg = make_config(job.preset, job.overrides)
+    harness_id = store.begin_trial(
+        study=job.study,
+        optuna_number=job.optuna_number,
+        row=job.row,
+        variant=job.variant,
+        seed=job.seed,
+        params=job.params,
+        config=cfg.to_dict(),
+        code_version=job.code_version,
+    )
+    if job.claim_owner is not None:
+        store.claim_started(job.claim_owner, harness_id)
+    beat = _Beat(lambda: store.heartbeat(harness_id))
+    if on_begin is not None:
+        on_begin(harness_id)
+
+    def report(stage: int, metrics: dict) -> None:
+        store.record_stage(harness_id, metrics)
+        if on_stage is not None:
+            on_stage(stage, finite(dig(metrics, job.stage_metric)), metrics)
+
+    def close(status: str, result: dict | None = None, error: str | None = None) -> None:
+        store.finish_trial(harness_id, status, result=result, error=error)
+        if job.claim_owner is not None:
+            store.release_claim(job.claim_owner, status)
+
+    try:
+        try:
+            res = trial_fn()(cfg, report=report)
+        except pruned_types as e:
+            close(PRUNED, error=str(e) or "pruned")
+            return Outcome(
+                optuna_number=job.optuna_number,
+                status=PRUNED,
+                error=str(e) or "pruned",
+                harness_id=harness_id,
+            )
+        except KeyboardInterrupt:
+            close(INTERRUPTED, error="stopped by the user (Ctrl-C)")
+            raise
+        except Exception as e:
+            err = one_line(e)
+            close(FAILED, error=err)
+            return Outcome(optuna_number=job.optuna_number, status=FAILED, error=err, harness_id=harness_id)
+        d = res.to_dict() if hasattr(res, "to_dict") else dict(res)
+        value = finite(dig(d, job.metric))
+        status, err = d.get("status", COMPLETE), d.get("error")
+        if status == COMPLETE and value is None:
+            status, err = FAILED, f"metric {job.metric} is missing or not finite"
+        close(status, result=d, error=err)
+        return Outcome(
+            optuna_number=job.optuna_number,
+            status=status,
+            value=value,
+            error=err,
+            harness_id=harness_id,
+            result=d,
+        )
+    finally:
+        beat.stop()
+
+
+# ------------------------------------------------------------------------------- resume / faults
+def point_states(plan: Plan, store: Store, retry_failed: bool = False) -> tuple[set, set]:
+    """(done, running) grid keys from the harness table. Interrupted trials count as not done; failed
+    ones count as done unless retry_failed."""
+    done, running = set(), set()
+    for t in store.trials(plan.study.name):
+        key = (t["row"], t["variant"], t["seed"])
+        if t["status"] in (COMPLETE, PRUNED) or (t["status"] == FAILED and not retry_failed):
+            done.add(key)
+        elif t["status"] == RUNNING:
+            running.add(key)
+    return done, running
+
+
+def finished_count(plan: Plan, store: Store) -> int:
+    """Tuning trials that count towards n_trials (everything but interrupted ones)."""
+    return sum(1 for t in store.trials(plan.study.name) if t["status"] != INTERRUPTED)
+
+
+def recover_harness(plan: Plan, store: Store, grace_s: float | None = None) -> list[int]:
+    """Mark what a killed process left running as interrupted; return those harness_ids. Their claims
+    are taken over by the next claimant (their owner is dead or silent)."""
+    kw = {} if grace_s is None else {"grace_s": grace_s}
+    live = store.live_running(plan.study.name, **kw)
+    return store.mark_stale_running(plan.study.name, keep=live)

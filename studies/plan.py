@@ -1,0 +1,152 @@
+"""A study's plan: its preset, every trial config resolved and validated, its grid points or search space.
+
+    plan = make_plan(spec, "ablation_tasks", preset=None, cli_set={"train.stages": "1"})
+    plan.points   -> [GridPoint(grid_index, row, variant, seed, overrides)]  (rows x variants x seeds)
+    plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
+
+Every config a study can produce is built with core.config.make_config before anything runs, and a
+bad value is blamed on its source: the study file's line (rows, variants, study set), --set or --preset.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from core.config import PRESETS, ConfigError, make_config
+from studies.spec import Row, SourceLines, Spec, SpecError, Study
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    grid_index: int  # position in the grid (stable: rows, then variants, then seeds)
+    row: str
+    variant: str | None
+    seed: int
+    overrides: dict[str, Any]
+
+    @property
+    def key(self) -> tuple:
+        return (self.row, self.variant, self.seed)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"row": self.row, "seed": self.seed}
+        if self.variant is not None:
+            p["variant"] = self.variant
+        return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One study ready to run: its preset, its trial configs (validated), its optuna search space."""
+
+    study: Study
+    preset: str
+    base_overrides: dict[str, Any]  # base.set <- study.set (before rows, params and --set)
+    cli_overrides: dict[str, Any]
+    points: tuple[GridPoint, ...] = ()
+
+    @property
+    def is_grid(self) -> bool:
+        return self.study.kind == "ablation"
+
+    def search_space(self) -> dict[str, Any]:
+        """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""
+        import optuna.distributions as d
+
+        s = self.study
+        if self.is_grid:
+            space = {"row": d.CategoricalDistribution([r.label for r in s.rows])}
+            if s.variants:
+                space["variant"] = d.CategoricalDistribution([v.label for v in s.variants])
+            space["seed"] = d.CategoricalDistribution(list(s.seeds))
+            return space
+        return {p.name: p.distribution() for p in s.params}
+
+    def grid_values(self) -> dict[str, list]:
+        s = self.study
+        g: dict[str, list] = {"row": [r.label for r in s.rows]}
+        if s.variants:
+            g["variant"] = [v.label for v in s.variants]
+        g["seed"] = list(s.seeds)
+        return g
+
+    def point_for_params(self, params: dict[str, Any]) -> GridPoint:
+        key = (params["row"], params.get("variant"), params["seed"])
+        for p in self.points:
+            if p.key == key:
+                return p
+        raise KeyError(f"no grid point {key}")
+
+    def overrides_for_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Overrides of one tuning trial: base <- study <- sampled params <- --set <- seed."""
+        o = dict(self.base_overrides)
+        o["seed"] = self.study.seed
+        o.update(self.cli_overrides)
+        o.update(params)
+        return o
+
+
+def make_plan(
+    spec: Spec,
+    name: str,
+    preset: str | None = None,
+    cli_set: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Plan:
+    """Resolve and validate every trial config of study `name` (make_config on each)."""
+    study = spec.study(name)
+    preset = preset or spec.preset
+    cli = dict(cli_set or {})
+    ctx = SourceLines(spec.path, study.lines)
+    base = {**spec.base_set, **study.set}
+    allcli = {**(extra or {}), **cli}
+    if preset not in PRESETS:
+        raise SpecError(f"--preset: unknown preset {preset!r} (expected one of {list(PRESETS)})")
+    try:
+        make_config(preset, {**base, **allcli})
+    except ConfigError as e:
+        # Blame the source: a preset may be incomplete on its own (paper needs data.root from --set),
+        # so judge the preset together with --set, and the study's set on top of both.
+        try:
+            make_config(preset, allcli)
+        except ConfigError:
+            raise SpecError(f"{'--set' if cli else '--preset'}: {e}") from None
+        raise ctx.err(("studies", name, "set"), str(e)) from None
+    points: list[GridPoint] = []
+    if study.kind == "ablation":
+        n = 0
+        variants: list[Row | None] = list(study.variants) or [None]
+        for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
+            o = {**base, **row.set, **(var.set if var else {})}
+            where = (
+                ("studies", name, "variants", vi, "set")
+                if var is not None and var.set
+                else ("studies", name, "rows", ri, "set")
+            )
+            for seed in study.seeds:
+                ov = {**o, "seed": seed, **allcli}
+                try:
+                    make_config(preset, ov)
+                except ConfigError as e:
+                    try:  # the row alone, or only with its variant?
+                        make_config(preset, {**base, **row.set, "seed": seed, **allcli})
+                    except ConfigError:
+                        where = ("studies", name, "rows", ri, "set")
+                    raise ctx.err(where, str(e)) from None
+                points.append(GridPoint(n, row.label, var.label if var else None, seed, ov))
+                n += 1
+    else:
+        for p in study.params:
+            path = ("studies", name, "params", p.name)
+            if p.name in cli:
+                raise SpecError(f"--set {p.name}: this key is tuned by study {name!r}; drop it from --set")
+            values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
+            for v in values:
+                try:
+                    make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
+                except ConfigError as e:
+                    raise ctx.err(path, str(e)) from None
+    return Plan(study, preset, base, allcli, tuple(points))
