@@ -1,18 +1,12 @@
 """Config rules and the paper preset's settings as the authors' released code trains (issue 12)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from core.config import ConfigError, make_config
 from core.pretrain import check_init_weights, resolve_init_weights
-
-ROOT = Path(__file__).resolve().parents[1]
-VOC = ["data.root=/voc", "data.saliency=sr"]
+from tests.conftest import VOC, run_module
 
 
 def test_paper_preset_trains_as_the_released_code():
@@ -35,23 +29,7 @@ def test_voc_at_full_width_needs_init_weights_or_an_explicit_none(tmp_path):
     make_config("paper", [*VOC, "model.width=0.125"])  # a narrow VOC net may start from scratch
     make_config("smoke", ["model.width=1.0"])  # only VOC asks for ImageNet weights
     assert resolve_init_weights("none", 1.0) is None and check_init_weights("none", 1.0) is None
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.trial",
-            "--preset",
-            "paper",
-            "--set",
-            *VOC,
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    p = run_module("core.trial", ["--preset", "paper", "--set", *VOC, "--out", str(tmp_path / "o")])
     assert p.returncode == 2 and "model.init_weights" in p.stderr and p.stderr.strip().count("\n") == 0
 
 

@@ -1,4 +1,4 @@
-"""Tests for core.model: shapes per ablation setting, affinity maths, gradients, checkpoint format and loading."""
+"""Tests for core.model: shapes per ablation setting, affinity maths, gradients, checkpoints and loading."""
 
 import itertools
 import json
@@ -12,6 +12,7 @@ from core.config import ConfigError, make_config
 from core.losses import auxsegnet_loss
 from core.model import AuxSegNet, Classifier, ResNet38, load_backbone, refine_with_affinity
 from core.model.affinity import NonLocal, cross_task_affinity, make_sa_fusion, propagate_features, sa_weights
+from tests.conftest import VOC
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "resnet38_auxsegnet_state_dict.json"
 if not REF.exists():
@@ -445,7 +446,7 @@ def test_fused_cross_task_matches_plain_maths_values_and_grads():
 
 # ------------------------------------------------------------------ paper preset: as the released code trains
 def _paper_cfg(*extra):
-    return make_config("paper", ["data.root=/voc", "data.saliency=sr", f"model.width={W}", *extra])
+    return make_config("paper", [*VOC, f"model.width={W}", *extra])
 
 
 def test_frozen_bn_and_conv1a_survive_a_training_step():

@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -14,8 +12,7 @@ import pytest
 from reports import ReportError, build_report
 from reports.__main__ import main
 from studies.store import Store
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_module
 
 
 def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38), iou=None, env=None, names=None):
@@ -411,14 +408,7 @@ def test_unknown_study_empty_store_and_cli(store, url, tmp_path):
     with pytest.raises(ReportError, match="no results store"):
         build_report("tasks", f"sqlite:///{tmp_path / 'missing.db'}", tmp_path)
     assert not (tmp_path / "missing.db").exists()
-    proc = subprocess.run(
-        [sys.executable, "-m", "reports", "nope", "--storage", empty, "--out", str(tmp_path)],
-        check=False,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module("reports", ["nope", "--storage", empty, "--out", str(tmp_path)], timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
     store.upsert_study("bare", {"kind": "ablation", "seeds": 2, "rows": [{"label": "a"}]}, "smoke")

@@ -15,16 +15,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, TINY_SET
+
 PY = sys.executable
-TINY = {
-    "train.warmup_epochs": 1,
-    "train.stage_epochs": 1,
-    "train.stages": 1,
-    "eval.post": False,
-    "train.threads": 1,
-    "train.workers": 1,
-}
+TINY = {**TINY_SET, "train.threads": 1}
 
 
 def recording_trial(cfg, report=None):
@@ -40,22 +34,14 @@ def recording_trial(cfg, report=None):
     return res
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_runs(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def shared_runs(runs):
     """One runs/ folder (dataset + warm-up cache) for the whole file; the trial function records results."""
-    runs = tmp_path_factory.mktemp("runs")
-    old = {k: os.environ.get(k) for k in ("AUXSEG_RUNS", "STUDIES_TRIAL_FN", "PYTHONPATH")}
-    os.environ["AUXSEG_RUNS"] = str(runs)
-    os.environ["STUDIES_TRIAL_FN"] = "tests.test_studies:recording_trial"
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO)] + ([old["PYTHONPATH"]] if old["PYTHONPATH"] else [])
-    )
-    yield runs
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    old = os.environ.get("PYTHONPATH")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STUDIES_TRIAL_FN", "tests.test_studies:recording_trial")
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT)] + ([old] if old else [])))
+        yield runs
 
 
 @pytest.fixture
@@ -73,7 +59,8 @@ def write_study(
     all_rows = [
         "      - {label: seg, set: {model.branches: [seg], model.affinity: none, model.constraints: []}}",
         "      - {label: full, set: {}}",
-        "      - {label: seg+sal, set: {model.branches: [seg, sal], model.affinity: none, model.constraints: []}}",
+        "      - {label: seg+sal, set: {model.branches: [seg, sal], model.affinity: none,"
+        " model.constraints: []}}",
     ][:rows]
     text = f"""storage: {db}
 base:
@@ -182,7 +169,7 @@ def test_dry_run_lists_every_grid_point_once(tmp_path, capsys):
 def test_real_study_yaml_validates_and_grids_are_complete():
     from studies.spec import load_spec
 
-    spec = load_spec(REPO / "study.yaml")
+    spec = load_spec(ROOT / "study.yaml")
     for name in (
         "ablation_tasks",
         "ablation_affinity",

@@ -3,9 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,28 +15,7 @@ from core.metrics import confusion, miou
 from core.model import Classifier, ResNet38, load_backbone
 from core.pretrain import FORMAT
 from core.trial import run_trial
-
-ROOT = Path(__file__).resolve().parents[1]
-# The fast variant: one warm-up epoch, one short stage, no post-processing.
-TINY = [
-    "train.warmup_epochs=1",
-    "train.stage_epochs=1",
-    "train.stages=1",
-    "eval.post=false",
-    "train.workers=1",
-]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("runs")
-    old = os.environ.get("AUXSEG_RUNS")
-    os.environ["AUXSEG_RUNS"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("AUXSEG_RUNS")
-    else:
-        os.environ["AUXSEG_RUNS"] = old
+from tests.conftest import TINY, VOC, run_module
 
 
 def _metrics(res):
@@ -120,45 +96,13 @@ def test_report_exception_propagates(runs):
 def test_cli_writes_result_json_and_rejects_bad_keys(runs, tmp_path):
     env = dict(os.environ, AUXSEG_RUNS=str(runs))
     out = tmp_path / "one"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.trial",
-            "--preset",
-            "smoke",
-            "--set",
-            *TINY,
-            "model.affinity=seg",
-            "model.constraints=seg",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    args = ["--preset", "smoke", "--set", *TINY, "model.affinity=seg", "model.constraints=seg"]
+    p = run_module("core.trial", [*args, "--out", str(out)], env=env)
     assert p.returncode == 0, p.stderr
     d = json.loads((out / "result.json").read_text())
     assert d["config"]["model"]["affinity"] == "seg" and d["status"] == "complete"
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.trial",
-            "--preset",
-            "smoke",
-            "--set",
-            "model.bogus=1",
-            "--out",
-            str(tmp_path / "bad"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    args = ["--preset", "smoke", "--set", "model.bogus=1", "--out", str(tmp_path / "bad")]
+    bad = run_module("core.trial", args, env=env)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "model.bogus" in bad.stderr
     assert not (tmp_path / "bad" / "result.json").exists()
@@ -182,51 +126,19 @@ def test_atomic_cache_never_trusts_a_half_written_entry(tmp_path):
 
 
 def test_missing_voc_folder_is_one_line_error(tmp_path):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.trial",
-            "--preset",
-            "smoke",
-            "--set",
-            "data.name=voc",
-            f"data.root={tmp_path / 'nope'}",
-            "data.saliency=sr",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    voc = ["data.name=voc", f"data.root={tmp_path / 'nope'}", "data.saliency=sr"]
+    p = run_module("core.trial", ["--preset", "smoke", "--set", *voc, "--out", str(tmp_path / "o")])
     assert p.returncode == 2 and "nope" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
 def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
     # the README's VOC route: the paper's 321 crop (41x41 maps) must pass validation
-    voc = ["data.root=/voc", "data.saliency=sr", "model.init_weights=none"]
+    voc = [*VOC, "model.init_weights=none"]
     assert make_config("paper", voc).train.crop == 321
     with pytest.raises(ConfigError, match="train.crop"):
         make_config("paper", [*voc, "train.crop=4"])
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.trial",
-            "--preset",
-            "paper",
-            "--set",
-            "data.saliency=sr",
-            f"data.root={tmp_path / 'novoc'}",
-            "model.init_weights=none",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    novoc = ["data.saliency=sr", f"data.root={tmp_path / 'novoc'}", "model.init_weights=none"]
+    p = run_module("core.trial", ["--preset", "paper", "--set", *novoc, "--out", str(tmp_path / "o")])
     assert p.returncode == 2 and "novoc" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
@@ -242,24 +154,8 @@ def test_init_weights_errors_are_one_line(runs, tmp_path):
         (wide, ["wide.pt", "pretrained at width 0.125", "python -m core.pretrain --width 0.0625"]),
     )
     for value, needles in cases:
-        p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "core.trial",
-                "--preset",
-                "smoke",
-                "--set",
-                *TINY,
-                f"model.init_weights={value}",
-                "--out",
-                str(tmp_path / "o"),
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        args = ["--preset", "smoke", "--set", *TINY, f"model.init_weights={value}"]
+        p = run_module("core.trial", [*args, "--out", str(tmp_path / "o")], env=env)
         assert p.returncode == 2, p.stderr
         assert all(n in p.stderr for n in needles), p.stderr
         assert p.stderr.strip().count("\n") == 0
@@ -295,27 +191,8 @@ def test_pretrained_checkpoint_errors_name_the_rebuild_command(tmp_path, monkeyp
 
 def test_pretrain_cli_writes_a_loadable_backbone(tmp_path):
     out = tmp_path / "bb.pt"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.pretrain",
-            "--width",
-            "0.0625",
-            "--size",
-            "32",
-            "--images",
-            "32",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    args = ["--width", "0.0625", "--size", "32", "--images", "32", "--epochs", "1", "--out", str(out)]
+    p = run_module("core.pretrain", args)
     assert p.returncode == 0, p.stderr
     assert "sha256" in p.stdout and out.is_file()
     from core.pretrain import check_init_weights, read_meta
