@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,9 @@ def make_sampler(plan: Plan) -> optuna.samplers.BaseSampler:
 
 
 def fixed_sampler(point: GridPoint) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.PartialFixedSampler(point.params, optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.4; its interface has not changed since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.PartialFixedSampler(point.params, optuna.samplers.RandomSampler(seed=0))
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

@@ -230,14 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(plan)
             return 0
         check_user_data(plan)
-        from sqlalchemy.exc import ArgumentError
-
-        from studies.store import Store
+        from studies.store import Store, StoreError, check_reachable
 
         try:
+            check_reachable(url)
             store = Store(url)
-        except ArgumentError as e:
-            raise UsageError(f"--storage: {str(e).splitlines()[0]}") from None
+        except StoreError as e:
+            raise UsageError(f"--storage: {e}") from None
     except (UsageError, SpecError, ConfigError, DataError) as e:  # PretrainedError is a ConfigError
         print(str(e), file=sys.stderr)
         return 2

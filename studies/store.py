@@ -319,7 +319,7 @@ class Store:
     """The harness tables on one SQLAlchemy URL (the same database Optuna uses)."""
 
     def __init__(self, url: str = DEFAULT_URL, create: bool = True):
-        self.url = url
+        self.url = normalize_url(url)  # one driver for ours and Optuna's engine (postgresql+psycopg)
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._optuna_storage = None
@@ -362,9 +362,17 @@ class Store:
         if self._optuna_storage is None:
             import optuna
 
-            storage = retry_locked(
-                optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url)
-            )
+            for i in range(3):  # several processes creating Optuna's tables at once: the losers retry
+                try:
+                    storage = retry_locked(
+                        optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url)
+                    )
+                    break
+                except Exception as exc:
+                    text = f"{exc} {exc.__cause__}"
+                    if ("already exists" not in text and "duplicate key" not in text) or i == 2:
+                        raise
+                    time.sleep(0.2 * (i + 1))
             if is_sqlite(self.url):
                 event.listen(storage.engine, "connect", _sqlite_on_connect)
                 storage.engine.dispose()  # connections opened before the listener get reopened with it

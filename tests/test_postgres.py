@@ -121,12 +121,6 @@ def test_plain_url_opens_the_harness_tables(pg_url, scheme):
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=sa.exc.NoSuchModuleError,
-    reason="Store.optuna_storage hands the raw URL to RDBStorage (SQLAlchemy knows no postgres://, and "
-    "before 2.1 reads postgresql:// as psycopg2): pass normalize_url(self.url) there, then drop this mark",
-)
 def test_postgres_scheme_opens_optuna_storage(pg_url):
     from studies.store import Store
 

@@ -167,6 +167,7 @@ def test_dry_run_lists_every_grid_point_once(tmp_path, capsys):
 
 
 def test_real_study_yaml_validates_and_grids_are_complete():
+    from studies.plan import make_plan
     from studies.spec import load_spec
 
     spec = load_spec(ROOT / "study.yaml")
@@ -178,7 +179,7 @@ def test_real_study_yaml_validates_and_grids_are_complete():
         "tune_loss_weights",
         "tune_label_thresholds",
     ):
-        plan = spec.plan(name, preset="smoke")
+        plan = make_plan(spec, name, preset="smoke")
         s = plan.study
         if s.kind == "ablation":
             assert len(s.seeds) >= 3
@@ -413,12 +414,12 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
     assert p.returncode == 0, p.stderr
     after = store.trials("g")
     complete = check_store_matches(db, "g", recorded(results_dir), n=4)
-    # no completed trial lost or changed; the killed one failed ("interrupted") and its point rerun
+    # no completed trial lost or changed; the killed one is interrupted and its point rerun
     for tid, t in done_before.items():
         a = [x for x in after if x["id"] == tid][0]
         assert a["status"] == "complete" and a["finished_at"] == t["finished_at"]
     k = [x for x in after if x["id"] == killed[0]["id"]][0]
-    assert k["status"] == "failed" and k["error"].startswith("interrupted")
+    assert k["status"] == "interrupted" and "died" in k["error"]
     assert (k["row"], k["seed"]) in {(t["row"], t["seed"]) for t in complete}
     assert len(after) == 5
     from optuna.trial import TrialState
@@ -501,7 +502,7 @@ def test_store_api_and_stale_trials(tmp_path):
     }
     tid = store.begin_trial(
         study="x",
-        number=0,
+        optuna_number=0,
         row="seg",
         variant=None,
         seed=3,
@@ -520,14 +521,14 @@ def test_store_api_and_stale_trials(tmp_path):
     )
     assert store.stages(tid)[0]["pgt_precision"] == 0.9
     live = store.begin_trial(
-        study="x", number=1, row="seg", variant=None, seed=4, params={}, config={}, code_version="unknown"
+        study="x", optuna_number=1, row="seg", variant=None, seed=4, params={}, config={}, code_version="unknown"
     )
     dead = store.begin_trial(
-        study="x", number=2, row="seg", variant=None, seed=5, params={}, config={}, code_version="unknown"
+        study="x", optuna_number=2, row="seg", variant=None, seed=5, params={}, config={}, code_version="unknown"
     )
     assert store.live_running("x") == {live, dead}  # this process is alive
     assert store.mark_stale_running("x", keep={live}) == [dead]
-    assert store.trials("x", status="failed")[0]["error"].startswith("interrupted")
+    assert "died" in store.trials("x", status="interrupted")[0]["error"]
     df = pd.read_sql("harness_trials", store.engine)
-    assert list(df["status"]) == ["complete", "running", "failed"]
+    assert list(df["status"]) == ["complete", "running", "interrupted"]
     assert store.engine.connect().exec_driver_sql("pragma journal_mode").scalar() == "wal"
