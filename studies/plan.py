@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.config import PRESETS, ConfigError, make_config
-from studies.spec import Row, SourceLines, Spec, SpecError, Study
+from studies.spec import SourceLines, Spec, SpecError, Study, Variant
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def make_plan(
     points: list[GridPoint] = []
     if study.kind == "ablation":
         n = 0
-        variants: list[Row | None] = list(study.variants) or [None]
+        variants: list[Variant | None] = list(study.variants) or [None]
         for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
             o = {**base, **row.set, **(var.set if var else {})}
             where = (

@@ -143,7 +143,7 @@ def _fmt(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def summary(plan: Plan, store) -> str:
+def study_summary(plan: Plan, store) -> str:
     """row, variant, n, mean +- std of the metric (percent), failed/pruned/collapsed counts: all trials in the
     store. Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
     from studies.quality import result_collapsed
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes = run_study(
                 plan, url, workers=workers, n_trials=args.n_trials, retry_failed=args.retry_failed
             )
-        print(summary(plan, store))
+        print(study_summary(plan, store))
     except KeyboardInterrupt:
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

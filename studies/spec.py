@@ -50,6 +50,7 @@ COMMON_KEYS = {"kind", "description", "paper_table", "metric", "stage_metric", "
 ABLATION_KEYS = COMMON_KEYS | {"seeds", "baseline", "columns", "rows", "variants", "paper_reference"}
 TUNING_KEYS = COMMON_KEYS | {"seed", "sampler", "sampler_seed", "n_trials", "pruner", "params"}
 ROW_KEYS = {"label", "set", "columns", "paper", "description"}
+VARIANT_KEYS = ROW_KEYS - {"columns"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
 METRICS = ("final.miou", "final.miou_post", "initial_pgt.miou", "initial_pgt.precision", "initial_pgt.recall")
 STAGE_METRICS = ("val.miou", "val.miou_post", "pgt.miou", "pgt.precision", "pgt.recall")
@@ -99,9 +100,21 @@ class SourceLines:
 # ---------------------------------------------------------------------------------- the schema
 @dataclass(frozen=True)
 class Row:
+    """One row of an ablation table: a labelled set of overrides, its check-mark cells, the paper's figure."""
+
     label: str
     set: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
+    paper: Any = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The grid's second axis (Table 6: baseline / full per saliency model): overrides on top of a row."""
+
+    label: str
+    set: dict[str, Any] = field(default_factory=dict)
     paper: Any = None
     description: str = ""
 
@@ -140,7 +153,7 @@ class Study:
     baseline: str | None = None
     columns: tuple[str, ...] = ()
     rows: tuple[Row, ...] = ()
-    variants: tuple[Row, ...] = ()
+    variants: tuple[Variant, ...] = ()
     paper_reference: tuple = ()
     seed: int = 0
     sampler: str = "tpe"
@@ -197,14 +210,16 @@ def _label(ctx: SourceLines, path: tuple, v: Any) -> str:
     return str(v)
 
 
-def _rows(ctx: SourceLines, path: tuple, items: Any, columns: tuple[str, ...]) -> tuple[Row, ...]:
+def _rows(
+    ctx: SourceLines, path: tuple, items: Any, columns: tuple[str, ...], variants: bool = False
+) -> tuple[Row, ...] | tuple[Variant, ...]:
     _expect(ctx, path, items, list, "a list of {label, set} entries")
     if not items:
         raise ctx.err(path, "needs at least one entry")
     out, seen = [], set()
     for i, r in enumerate(items):
         p = path + (i,)
-        _keys(ctx, p, r, ROW_KEYS, ("label",))
+        _keys(ctx, p, r, VARIANT_KEYS if variants else ROW_KEYS, ("label",))
         label = _label(ctx, p + ("label",), r["label"])
         if label in seen:
             raise ctx.err(p + ("label",), f"duplicate label {label!r}")
@@ -219,11 +234,13 @@ def _rows(ctx: SourceLines, path: tuple, items: Any, columns: tuple[str, ...]) -
         paper = r.get("paper")
         if paper is not None and not isinstance(paper, (int, float, dict)) or isinstance(paper, bool):
             raise ctx.err(p + ("paper",), f"expected a number or a mapping of numbers, got {paper!r}")
-        out.append(
-            Row(
-                label, _set(ctx, p + ("set",), r.get("set")), dict(cols), paper, str(r.get("description", ""))
-            )
+        common = dict(
+            label=label,
+            set=_set(ctx, p + ("set",), r.get("set")),
+            paper=paper,
+            description=str(r.get("description", "")),
         )
+        out.append(Variant(**common) if variants else Row(**common, columns=dict(cols)))
     return tuple(out)
 
 
@@ -325,7 +342,9 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         _expect(ctx, path + ("columns",), columns, list, "a list of column names")
         columns = tuple(str(c) for c in columns)
         rows = _rows(ctx, path + ("rows",), d["rows"], columns)
-        variants = _rows(ctx, path + ("variants",), d["variants"], ()) if "variants" in d else ()
+        variants = (
+            _rows(ctx, path + ("variants",), d["variants"], (), variants=True) if "variants" in d else ()
+        )
         baseline = d.get("baseline", rows[0].label)
         if str(baseline) not in [r.label for r in rows]:
             raise ctx.err(
