@@ -1,6 +1,6 @@
 """Study reports: markdown tables in the paper's layout (Tables 3-6, Fig. 6) with paired-by-seed Δ against
 the baseline (reports.paired), the metric per seed, per-class IoU (reports.per_class), collapsed trials
-flagged (studies.quality), and seaborn figures, built from the results store.
+flagged (studies.quality), and seaborn figures, built from the results store (read by reports.load).
 `build_report(name, storage_url, out_dir)` or `python -m reports NAME`."""
 
 from __future__ import annotations
@@ -8,17 +8,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .tables import ReportError, load_study
+from studies.store import DEFAULT_URL
 
-__all__ = ["DEFAULT_OUT", "DEFAULT_STORAGE", "ReportError", "build_report"]
+from .load import ReportError, load_study
 
-DEFAULT_STORAGE = "sqlite:///runs/studies.db"
+__all__ = ["DEFAULT_OUT", "ReportError", "build_report"]
+
 DEFAULT_OUT = "runs/reports"
 
 
-def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | Path = DEFAULT_OUT) -> Path:
+def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path = DEFAULT_OUT) -> Path:
     """Write out_dir/NAME.md (and NAME_*.png beside it) for study NAME; return the markdown path.
-    Raises ReportError for a missing/empty store or an unknown study."""
+    Raises ReportError (one line) for a store that cannot be read, an empty store or an unknown study."""
     from . import figures, per_class, tables
 
     study = load_study(name, storage_url)
@@ -26,7 +27,7 @@ def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     spec = study.spec
-    tuning = spec.get("kind") == "tuning"
+    tuning = spec["kind"] == "tuning"
     md = [f"# Study report: {name}", "", tables.provenance(study), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
@@ -52,7 +53,7 @@ def build_report(name: str, storage_url: str = DEFAULT_STORAGE, out_dir: str | P
         )
     elif spec.get("variants") or study.trials["variant"].ne("").any():
         section("Results (Table 6 layout)", with_seeds(tables.variants_table(study)), bars)
-    elif spec.get("paper_table") == 5 or spec.get("paper_stages"):
+    elif spec.get("paper_table") == 5:
         section("Results per stage (Table 5 layout)", with_seeds(tables.stages_table(study)), bars)
     else:
         table = f" (Table {spec['paper_table']} layout)" if spec.get("paper_table") else ""

@@ -8,13 +8,15 @@ import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from . import DEFAULT_OUT, DEFAULT_STORAGE, ReportError, build_report
+from studies.store import DEFAULT_URL
+
+from . import DEFAULT_OUT, ReportError, build_report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reports", description=__doc__)
     ap.add_argument("name", help="study name (as in study.yaml)")
-    ap.add_argument("--storage", default=DEFAULT_STORAGE, help=f"SQLAlchemy URL (default {DEFAULT_STORAGE})")
+    ap.add_argument("--storage", default=DEFAULT_URL, help=f"SQLAlchemy URL (default {DEFAULT_URL})")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     args = ap.parse_args(argv)
     try:

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .tables import PGT, Study, metric_label, multi_stage_groups
+from .load import StudyResults
+from .tables import PGT, metric_label, multi_stage_groups
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -29,9 +30,10 @@ def _group(df: pd.DataFrame) -> pd.Series:
     return df["row"].astype(str) + df["variant"].map(lambda v: f" [{v}]" if v else "")
 
 
-def metric_bars(study: Study, out_dir: Path, filename: str) -> str | None:
-    """Per-row bar (mean, error bar = std over seeds); each seed's values joined across rows by a thin line
-    (one line per seed, so paired differences are visible); collapsed trials crossed out; hue = variant if any."""
+def metric_bars(study: StudyResults, out_dir: Path, filename: str) -> str | None:
+    """Per-row bar (mean, error bar = std over seeds); each seed's values joined across rows by a thin
+    line (one line per seed, so paired differences are visible); collapsed trials crossed out; hue = variant
+    if any."""
     d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
     if d.empty:
         return None
@@ -105,8 +107,9 @@ def per_class_heatmap(frame: pd.DataFrame | None, out_dir: Path, filename: str, 
     return _save(fig, out_dir, filename)
 
 
-def stage_curves(study: Study, out_dir: Path, filename: str) -> str | None:
-    """Left: val mIoU vs stage; right: pseudo-label precision / recall / mIoU of the labels each stage trained on."""
+def stage_curves(study: StudyResults, out_dir: Path, filename: str) -> str | None:
+    """Left: val mIoU vs stage; right: pseudo-label precision / recall / mIoU of the labels each stage
+    trained on."""
     groups = multi_stage_groups(study)
     if not groups:
         return None
@@ -151,7 +154,7 @@ def stage_curves(study: Study, out_dir: Path, filename: str) -> str | None:
     return _save(fig, out_dir, filename)
 
 
-def param_scatter(study: Study, out_dir: Path, filename: str) -> str | None:
+def param_scatter(study: StudyResults, out_dir: Path, filename: str) -> str | None:
     """Tuning: objective vs each parameter, one panel per parameter."""
     d = study.complete[study.complete["value"].notna()]
     keys = study.param_keys()
@@ -171,12 +174,12 @@ def param_scatter(study: Study, out_dir: Path, filename: str) -> str | None:
     return _save(fig, out_dir, filename)
 
 
-def history(study: Study, out_dir: Path, filename: str) -> str | None:
+def history(study: StudyResults, out_dir: Path, filename: str) -> str | None:
     """Tuning: objective per trial and the best-so-far curve."""
     d = study.complete[study.complete["value"].notna()].sort_values(["optuna_number", "id"])
     if d.empty:
         return None
-    maximize = study.spec.get("direction", "maximize") != "minimize"
+    maximize = study.direction != "minimize"
     d = d.assign(
         trial=d["optuna_number"].fillna(pd.Series(range(len(d)), index=d.index)), pct=100 * d["value"]
     )

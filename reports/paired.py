@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
+from studies.store import finite
+
 
 @dataclass(frozen=True)
 class PairedDelta:
@@ -21,14 +23,6 @@ class PairedDelta:
     hi: float
     n: int  # paired seeds
     better: int  # pairs where a beats b in the study's direction (ties are not better)
-
-
-def _finite(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def paired_delta(
@@ -42,7 +36,7 @@ def paired_delta(
     """
     d = []
     for seed, x in a.items():
-        x, y = _finite(x), _finite(b.get(seed))
+        x, y = finite(x), finite(b.get(seed))
         if x is not None and y is not None:
             d.append(x - y)
     n = len(d)

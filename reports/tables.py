@@ -1,25 +1,21 @@
-"""Read one study from the results store (pandas) and render its tables as markdown.
+"""A study's tables as markdown (reports.load reads the study from the store).
 
-Every number comes from the store: the harness tables (harness_studies / harness_trials /
-harness_stages) and, for tuning studies, Optuna's own tables in the same database. The only figures
-not computed here are the paper's reference numbers, which come from the study spec stored with the
-study. Metrics are fractions in the store and printed as percent with one decimal.
+The only figures not computed from the store are the paper's reference numbers, which come from the study
+spec stored with the study. Metrics are fractions in the store and printed as percent with one decimal.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
-import sqlalchemy as sa
 
-from studies.quality import COLLAPSED_MEANING, is_collapsed, last_stage_iou
+from studies.quality import COLLAPSED_MEANING
+from studies.store import dig, finite
 
+from .load import StudyResults, optuna_study
 from .paired import better_cell, delta_cell, paired_delta
 
 PAPER_COL = "Paper (VOC val)"
@@ -31,157 +27,21 @@ NOTE = (
 PAPER_NOTE = NOTE.format(col=PAPER_COL, split="val")
 PGT = ("precision", "recall", "miou")
 REPRO_NOTE = (
-    "Metrics are bit-identical only for the same machine (CPU model and kernel level), torch build and thread "
-    "count; compare across machines with the paired Δ, not raw values."
+    "Metrics are bit-identical only for the same machine (CPU model and kernel level), torch build and "
+    "thread count; compare across machines with the paired Δ, not raw values."
 )
 PAIRED_NOTE = (
-    "*Δ of means: mean of the row − mean of the baseline row, each over its own complete seeds. Δ paired: mean "
-    "over seeds of (row − baseline row, same seed), seeds where both trials are complete, in percent points; "
-    "[95% CI] = mean ± t(0.975, n−1)·sd/√n (Student t, needs n ≥ 2). seeds better: paired seeds where the row "
-    "beats the baseline ({direction}).*"
+    "*Δ of means: mean of the row − mean of the baseline row, each over its own complete seeds. Δ paired: "
+    "mean over seeds of (row − baseline row, same seed), seeds where both trials are complete, in percent "
+    "points; [95% CI] = mean ± t(0.975, n−1)·sd/√n (Student t, needs n ≥ 2). seeds better: paired seeds "
+    "where the row beats the baseline ({direction}).*"
 )
+NOT_COMPLETE = ("failed", "interrupted")  # listed under "Failed trials"; pruned and running trials are not
 
 
-class ReportError(Exception):
-    """A report cannot be built (no store, empty store, unknown study)."""
-
-
-@dataclass
-class Study:
-    name: str
-    url: str
-    spec: dict
-    preset: str | None
-    created_at: object
-    trials: pd.DataFrame  # one row per trial; `value` = spec metric, `result`/`params`/`config` parsed,
-    # `per_class_iou` = the last stage's val per-class IoU, `collapsed` = studies.quality.is_collapsed of it
-    stages: pd.DataFrame  # one row per (trial, stage), joined with the trial's row/variant/seed/status
-
-    @property
-    def metric(self) -> str:
-        return self.spec.get("metric") or "final.miou"
-
-    @property
-    def direction(self) -> str:
-        return self.spec.get("direction") or "maximize"
-
-    @property
-    def complete(self) -> pd.DataFrame:
-        return self.trials[self.trials.status == "complete"]
-
-    def variant_order(self) -> list[str]:
-        """The spec's variant labels, then any others found; [""] for a study without variants."""
-        labels = [v["label"] for v in self.spec.get("variants") or [] if isinstance(v, dict) and "label" in v]
-        found = [v for v in self.trials["variant"].unique() if v not in labels]
-        return labels + sorted(found) or [""]
-
-    def row_order(self) -> list[str]:
-        labels = [r["label"] for r in self.spec.get("rows") or [] if "label" in r]
-        return labels + [r for r in self.trials["row"].dropna().unique() if r not in labels]
-
-    def param_keys(self) -> list[str]:
-        """Tuned parameter names: the spec's order, then any others found in the trials."""
-        return list(
-            dict.fromkeys(
-                [*(self.spec.get("params") or {}), *(p for ps in self.trials["params"] for p in ps)]
-            )
-        )
-
-    def row_spec(self, label: str) -> dict:
-        return next((r for r in self.spec.get("rows") or [] if r.get("label") == label), {})
-
-    def expected_seeds(self, label: str) -> int | None:
-        seeds = self.row_spec(label).get("seeds", self.spec.get("seeds"))
-        return len(seeds) if isinstance(seeds, (list, tuple)) else seeds if isinstance(seeds, int) else None
-
-
-# ----------------------------------------------------------------------------------------------- loading
-def _json(s):
-    return json.loads(s) if isinstance(s, str) and s else None
-
-
-def dotted(d, path: str):
-    for key in path.split("."):
-        if not isinstance(d, dict) or d.get(key) is None:
-            return None
-        d = d[key]
-    return d
-
-
-def load_study(name: str, url: str) -> Study:
-    db = sa.engine.make_url(url)
-    if (
-        db.get_backend_name() == "sqlite"
-        and db.database not in (None, "", ":memory:")
-        and not Path(db.database).exists()
-    ):
-        raise ReportError(f"no results store at {url} (run `python -m studies.run {name}` first)")
-    from studies.store import Store  # the store's engine: WAL + busy timeout while trials are writing
-
-    engine = Store(url, create=False).engine
-    try:
-        with engine.connect() as conn:
-            if not sa.inspect(conn).has_table("harness_studies"):
-                raise ReportError(f"results store {url} is empty (no harness tables)")
-            studies = pd.read_sql(sa.text("SELECT * FROM harness_studies"), conn)
-            if studies.empty:
-                raise ReportError(f"results store {url} holds no studies")
-            if name not in set(studies["name"]):
-                raise ReportError(
-                    f"unknown study {name!r} in {url}; known: {', '.join(sorted(studies['name']))}"
-                )
-            s = studies[studies["name"] == name].iloc[0]
-            sid = {"sid": int(s["id"])}
-            trials = pd.read_sql(
-                sa.text("SELECT * FROM harness_trials WHERE study_id = :sid ORDER BY optuna_number, id"),
-                conn,
-                params=sid,
-            )
-            stages = pd.read_sql(
-                sa.text(
-                    "SELECT g.*, t.row, t.variant, t.seed, t.status FROM harness_stages g "
-                    "JOIN harness_trials t ON g.trial_id = t.id WHERE t.study_id = :sid ORDER BY g.trial_id, g.stage"
-                ),
-                conn,
-                params=sid,
-            )
-    finally:
-        engine.dispose()
-    spec = _json(s["spec_json"]) or {}
-    if isinstance(spec.get("params"), list):  # [{name, type, ...}] -> {name: {type, ...}}
-        spec["params"] = {p["name"]: p for p in spec["params"] if isinstance(p, dict) and "name" in p}
-    for df in (trials, stages):
-        df["variant"] = df["variant"].fillna("").astype(str)
-    trials["result"] = trials["result_json"].map(_json)
-    trials["params"] = trials["params_json"].map(lambda p: _json(p) or {})
-    trials["config"] = trials["config_json"].map(lambda c: _json(c) or {})
-    study = Study(name, url, spec, s.get("preset"), s.get("created_at"), trials, stages)
-    column = study.metric.replace(".", "_")
-    trials["value"] = [
-        _num(dotted(r, study.metric)) if r else _num(row.get(column))
-        for r, (_, row) in zip(trials["result"], trials.iterrows())
-    ]
-    # Collapse is decided here, from the stored stages, so stores written before the flag existed get it too.
-    last = stages.sort_values("stage").groupby("trial_id").tail(1)
-    last_iou = dict(zip(last["trial_id"], last["per_class_iou_json"].map(_json)))
-    trials["per_class_iou"] = pd.Series(
-        [
-            last_iou.get(i) if last_iou.get(i) is not None else last_stage_iou(r)
-            for i, r in zip(trials["id"], trials["result"])
-        ],
-        index=trials.index,
-        dtype=object,
-    )
-    trials["collapsed"] = trials["per_class_iou"].map(is_collapsed).astype(bool)
-    return study
-
-
-def _num(x):
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return math.nan
-    return x
+def leaf(df: pd.DataFrame, path: str) -> pd.Series:
+    """result.json leaf `path` of each trial in df, as floats (NaN where missing)."""
+    return pd.Series([finite(dig(r, path)) for r in df["result"]], index=df.index, dtype=float)
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -208,7 +68,9 @@ def mean_std(values: pd.Series) -> str:
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
-    cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")
+    def cell(c) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
 
@@ -223,13 +85,13 @@ def metric_label(metric: str) -> str:
     return {"miou": "mIoU (%)", "miou_post": "mIoU post-proc. (%)"}.get(last, f"{metric} (%)")
 
 
-def n_cell(study: Study, label: str, variant: str | None = None) -> str:
+def n_cell(study: StudyResults, label: str, variant: str | None = None) -> str:
     t = study.trials[
         (study.trials["row"] == label)
         & ((study.trials["variant"] == variant) if variant is not None else True)
     ]
     n = int(((t.status == "complete") & t["value"].notna()).sum())
-    expected = study.expected_seeds(label)
+    expected = study.n_seeds
     other = ", ".join(f"{k} {s}" for s, k in t.status.value_counts().items() if s != "complete")
     if expected is not None and n < expected:
         return f"{n}/{expected} (incomplete{'; ' + other if other else ''})"
@@ -242,7 +104,7 @@ def seed_values(df: pd.DataFrame, column: str = "value") -> dict[int, float]:
     return {int(k): float(v) for k, v in d.groupby("seed")[column].mean().items()}
 
 
-def config_cell(study: Study, label: str) -> str:
+def config_cell(study: StudyResults, label: str) -> str:
     """The row's label, plus '⚠ collapsed (k/n seeds)' when k of its n complete trials collapsed
     (per variant, 'baseline: k/n seeds', in a study with variants)."""
     done = study.complete[study.complete["row"] == label]
@@ -255,19 +117,19 @@ def config_cell(study: Study, label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def provenance(study: Study, out_url_hint: str | None = None) -> str:
+def provenance(study: StudyResults) -> str:
     t, spec = study.trials, study.spec
     counts = t.status.value_counts()
-    status = " / ".join(f"{counts.get(k, 0)} {k}" for k in ("complete", "failed", "pruned", "running"))
+    shown = ("complete", "failed", "pruned", "running")  # always, then any other status present (interrupted)
+    status = " / ".join(
+        f"{counts.get(k, 0)} {k}" for k in [*shown, *(k for k in counts.index if k not in shown)]
+    )
     cfgs = [r.get("config") or {} for r in t["result"].dropna()] + list(t["config"])
     # The resolved root (result.dataset) names the generated benchmark folder when data.root was empty.
     roots = {(r.get("dataset") or {}).get("root") for r in t["result"].dropna()} - {None}
+    root = ", ".join(sorted(roots)) or "(generated)"
     data = sorted(
-        {
-            f"{dotted(c, 'data.name')} at {dotted(c, 'data.root') or ', '.join(sorted(roots)) or '(generated)'}"
-            for c in cfgs
-            if dotted(c, "data.name")
-        }
+        {f"{dig(c, 'data.name')} at {dig(c, 'data.root') or root}" for c in cfgs if dig(c, "data.name")}
     )
     sizes = sorted(
         {
@@ -280,13 +142,13 @@ def provenance(study: Study, out_url_hint: str | None = None) -> str:
     cached = pd.to_numeric(t["warmup_cached"], errors="coerce").fillna(0).astype(bool)
     preset = f" --preset {study.preset}" if study.preset else ""
     lines = [
-        f"- **Study:** `{study.name}` ({spec.get('kind', 'ablation')}"
+        f"- **Study:** `{study.name}` ({spec['kind']}"
         + (f", paper Table {spec['paper_table']}" if spec.get("paper_table") else "")
         + ")",
         f"- **Description:** {spec.get('description', '–')}",
         (
-            f"- **Metric:** `{study.metric}` ({spec.get('direction', 'maximize')}); percent, mean ± std over seeds "
-            "(std with ddof=1, – for n=1)"
+            f"- **Metric:** `{study.metric}` ({study.direction}); percent, mean ± std over seeds (std with "
+            "ddof=1, – for n=1)"
         ),
         f"- **Trials:** {len(t)} ({status})",
         f"- **Code version(s):** {', '.join(sorted(t.code_version.dropna().astype(str).unique())) or '–'}",
@@ -321,7 +183,7 @@ def _environment(e) -> str:
     return f"torch {e.get('torch') or '?'}, {e.get('threads', '?')} threads, {cpu}"
 
 
-def environments(study: Study) -> str:
+def environments(study: StudyResults) -> str:
     """The distinct (torch, threads, CPU / GPU) combinations of the trials' results, with counts;
     results from before result.environment existed count as '– (not recorded)'."""
     counts = Counter(
@@ -330,7 +192,7 @@ def environments(study: Study) -> str:
     return "; ".join(f"{k} ({n} trial{'' if n == 1 else 's'})" for k, n in counts.most_common()) or "–"
 
 
-def ablation_table(study: Study) -> str:
+def ablation_table(study: StudyResults) -> str:
     """Tables 3/4 layout: one row per configuration, check-mark columns, mean ± std, n, Δ of means, paired Δ
     against the baseline row (95% CI) and seeds better, paper."""
     rows, done = study.row_order(), study.complete
@@ -371,23 +233,20 @@ def ablation_table(study: Study) -> str:
     return text + ("\n\n" + PAPER_NOTE if has_paper else "")
 
 
-def stage_paper(study: Study, label: str) -> dict[int, float]:
-    """The paper's per-stage numbers: row `paper` {0: 64.1, ...} / [64.1, ...], or the study's `paper_stages`."""
+def stage_paper(study: StudyResults, label: str) -> dict[int, float]:
+    """The paper's per-stage numbers: the row's `paper` mapping {0: 64.1, ...} (the stage is the digits of the
+    key, so "stage 1" works too); {} for a row without one."""
     p = study.row_spec(label).get("paper")
-    p = p if isinstance(p, (dict, list)) else study.spec.get("paper_stages") or {}
-    items = p.items() if isinstance(p, dict) else enumerate(p)
-    digits = {
-        int("".join(c for c in str(k) if c.isdigit())): v
-        for k, v in items
-        if any(c.isdigit() for c in str(k)) and isinstance(v, (int, float))
-    }
-    return digits
+    if not isinstance(p, dict):
+        return {}
+    digits = {k: "".join(c for c in str(k) if c.isdigit()) for k in p}
+    return {int(digits[k]): v for k, v in p.items() if digits[k] and isinstance(v, (int, float))}
 
 
-def stages_table(study: Study) -> str:
-    """Table 5 layout: one column per stage (the spec's stage_metric, default val mIoU), mean ± std over seeds."""
+def stages_table(study: StudyResults) -> str:
+    """Table 5 layout: one column per stage (the spec's stage_metric), mean ± std over seeds."""
     g = study.stages[study.stages.status == "complete"]
-    column = (study.spec.get("stage_metric") or "val.miou").replace(".", "_")
+    column = study.stage_metric.replace(".", "_")
     stages = sorted(g["stage"].dropna().astype(int).unique())
     header = ["Config", *(f"Stage {s}" for s in stages), "n"]
     body, papers = [], []
@@ -414,7 +273,7 @@ def stages_table(study: Study) -> str:
     return text + ("\n\n" + PAPER_NOTE if papers else "")
 
 
-def paper_reference(study: Study) -> str | None:
+def paper_reference(study: StudyResults) -> str | None:
     """The spec's `paper_reference` rows (the paper's own configurations), printed as-is."""
     ref = [r for r in study.spec.get("paper_reference") or [] if isinstance(r, dict)]
     if not ref:
@@ -440,14 +299,13 @@ def paper_reference(study: Study) -> str | None:
     return table + "\n\n" + NOTE.format(col="These rows", split="val")
 
 
-def variants_table(study: Study) -> str:
+def variants_table(study: StudyResults) -> str:
     """Table 6 layout: Baseline (baseline variant final.miou), Final* (full variant final.miou),
     Δ = Final* − Baseline (of means, and paired by seed with its 95% CI and seeds better), Final (full variant
     final.miou_post, post-processed), and Final* paired by seed against the baseline row's Final*.
     The columns are mIoU, so "better" means higher whatever the study's direction."""
     done = study.complete.copy()
-    done["miou"] = [_num(dotted(r, "final.miou")) for r in done["result"]]
-    done["post"] = [_num(dotted(r, "final.miou_post")) for r in done["result"]]
+    done["miou"], done["post"] = leaf(done, "final.miou"), leaf(done, "final.miou_post")
     labels = study.variant_order()
     base_v = "baseline" if "baseline" in labels else labels[0]
     full_v = "full" if "full" in labels else labels[-1]
@@ -492,9 +350,9 @@ def variants_table(study: Study) -> str:
     text = markdown(header + ([f"{PAPER_COL} B / F* / Δ / F"] if has_paper else []), body)
     text += (
         "\n\n*\\* without post-processing. Final = full variant with post-processing (`final.miou_post`; "
-        "– when post-processing was off). Δ = Final* − Baseline within the row: of the means, and paired by seed "
-        "(mean of the per-seed differences in percent points, [95% CI] = mean ± t(0.975, n−1)·sd/√n, seeds "
-        "better = seeds where Final* > Baseline)."
+        "– when post-processing was off). Δ = Final* − Baseline within the row: of the means, and paired by "
+        "seed (mean of the per-seed differences in percent points, [95% CI] = mean ± t(0.975, n−1)·sd/√n, "
+        "seeds better = seeds where Final* > Baseline)."
         + (
             f" Final* Δ paired vs {base_row}: this row's Final* − {base_row}'s Final*, same seed."
             if base_row
@@ -505,7 +363,7 @@ def variants_table(study: Study) -> str:
     return text + ("\n\n" + PAPER_NOTE if has_paper else "")
 
 
-def multi_stage_groups(study: Study) -> list[tuple[str, str]]:
+def multi_stage_groups(study: StudyResults) -> list[tuple[str, str]]:
     """(row, variant) groups whose complete trials ran at least two stages."""
     g = study.stages[study.stages.status == "complete"]
     n = g.groupby(["row", "variant", "trial_id"])["stage"].nunique().groupby(["row", "variant"]).max()
@@ -513,7 +371,7 @@ def multi_stage_groups(study: Study) -> list[tuple[str, str]]:
     return sorted((k for k, v in n.items() if v >= 2), key=lambda k: (order.get(k[0], 1e9), k[1]))
 
 
-def pgt_table(study: Study) -> str | None:
+def pgt_table(study: StudyResults) -> str | None:
     """Fig. 6 quantities: precision / recall / mIoU of the initial labels and of the labels each stage
     trained on, mean ± std over the group's complete trials; one block per multi-stage (row, variant)."""
     groups = multi_stage_groups(study)
@@ -525,12 +383,7 @@ def pgt_table(study: Study) -> str | None:
     for row, variant in groups:
         name = row + (f" [{variant}]" if variant else "")
         t = done[(done["row"] == row) & (done["variant"] == variant)]
-        init = [
-            t[f"initial_{k}"].where(
-                t[f"initial_{k}"].notna(), [_num(dotted(r, f"initial_pgt.{k}")) for r in t["result"]]
-            )
-            for k in PGT
-        ]
+        init = [t[f"initial_{k}"].where(t[f"initial_{k}"].notna(), leaf(t, f"initial_pgt.{k}")) for k in PGT]
         body.append([name, "initial (stage 0)", *map(mean_std, init), int(init[0].notna().sum())])
         s = g[(g["row"] == row) & (g["variant"] == variant)]
         for stage in sorted(set(s["stage"].astype(int)) - {0}):
@@ -544,17 +397,17 @@ def pgt_table(study: Study) -> str | None:
                 ]
             )
     return markdown(header, body) + (
-        "\n\n*Pseudo-label quality on the training set (the paper's Fig. 6 quantities): `stage s` = the labels "
-        "stage s trained on (after s label updates). Shown for every configuration whose trials ran two or "
-        "more stages; complete trials only.*"
+        "\n\n*Pseudo-label quality on the training set (the paper's Fig. 6 quantities): `stage s` = the "
+        "labels stage s trained on (after s label updates). Shown for every configuration whose trials ran "
+        "two or more stages; complete trials only.*"
     )
 
 
-def tuning_tables(study: Study, k: int = 10) -> str:
+def tuning_tables(study: StudyResults, k: int = 10) -> str:
     """Top-k trials (params, value) and Optuna's parameter importances."""
     import optuna
 
-    maximize = study.spec.get("direction", "maximize") != "minimize"
+    maximize = study.direction != "minimize"
     done = study.complete[study.complete["value"].notna()].sort_values("value", ascending=not maximize)
     keys = study.param_keys()
     body = [
@@ -569,8 +422,8 @@ def tuning_tables(study: Study, k: int = 10) -> str:
     ]
     out = [
         (
-            f"**Top {min(k, len(done))} of {len(done)} complete trials** ({'max' if maximize else 'min'}imising "
-            f"`{study.metric}`):"
+            f"**Top {min(k, len(done))} of {len(done)} complete trials** "
+            f"({'max' if maximize else 'min'}imising `{study.metric}`):"
         ),
         "",
         markdown(["Rank", "Trial", metric_label(study.metric), *keys, "seed"], body)
@@ -581,9 +434,7 @@ def tuning_tables(study: Study, k: int = 10) -> str:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            imp = optuna.importance.get_param_importances(
-                optuna.load_study(study_name=study.name, storage=study.url)
-            )
+            imp = optuna.importance.get_param_importances(optuna_study(study))
         small = [str(w.message) for w in caught if "too small" in str(w.message)]
         if small or not imp:
             raise ValueError(small[0] if small else "no parameters")
@@ -594,12 +445,11 @@ def tuning_tables(study: Study, k: int = 10) -> str:
             markdown(["Parameter", "Importance"], [[p, f"{v:.3f}"] for p, v in imp.items()]),
         ]
     except Exception as e:  # noqa: BLE001  too few trials, no Optuna study, single-valued parameters ...
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         out += [
             "",
-            (
-                f"*Parameter importances unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                "(needs enough complete trials with varying parameters in the Optuna study).*"
-            ),
+            f"*Parameter importances unavailable: {why} "
+            "(needs enough complete trials with varying parameters in the Optuna study).*",
         ]
     return "\n".join(out)
 
@@ -608,26 +458,36 @@ def _fmt_param(v) -> str:
     return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def failures(study: Study) -> str | None:
-    f = study.trials[study.trials.status == "failed"]
+def failures(study: StudyResults) -> str | None:
+    """The failed and interrupted trials with the last line of their error; a Status column (and a note)
+    when some were interrupted."""
+    f = study.trials[study.trials.status.isin(NOT_COMPLETE)]
     if f.empty:
         return None
-    return markdown(
-        ["Trial", "Config", "Variant", "Seed", "Error"],
+    interrupted = bool((f.status == "interrupted").any())
+    table = markdown(
+        ["Trial", "Config", "Variant", "Seed", *(["Status"] if interrupted else []), "Error"],
         [
             [
                 t.optuna_number,
                 t.row,
                 t.variant or "",
                 t.seed,
+                *([t.status] if interrupted else []),
                 (t.error or "").strip().splitlines()[-1][:160] if t.error else "",
             ]
             for t in f.itertuples()
         ],
     )
+    return table + (
+        "\n\n*interrupted: the trial's process died (or was stopped) while it ran; it never counts as "
+        "complete, and the next `python -m studies.run` runs its grid point again.*"
+        if interrupted
+        else ""
+    )
 
 
-def groups(study: Study) -> list[tuple[str, str]]:
+def groups(study: StudyResults) -> list[tuple[str, str]]:
     """(row, variant) in the report's order: rows as in the spec, variants as in the spec."""
     return [(r, v) for r in study.row_order() for v in study.variant_order()]
 
@@ -636,7 +496,7 @@ def group_label(row: str, variant: str) -> str:
     return row + (f" [{variant}]" if variant else "")
 
 
-def per_seed_table(study: Study) -> str | None:
+def per_seed_table(study: StudyResults) -> str | None:
     """The metric of every (row, variant) and seed, percent: the numbers behind the means and paired Δ."""
     seeds = sorted(int(s) for s in study.trials["seed"].dropna().unique())
     if not seeds:
@@ -653,12 +513,12 @@ def per_seed_table(study: Study) -> str | None:
             cells.append("–" if t.empty else pct(t["value"].mean()) + (" ⚠" if t["collapsed"].any() else ""))
         body.append([row, *([variant] if variants else []), *cells])
     return (
-        f"**{metric_label(study.metric)} per seed** (`{study.metric}`; – = no complete trial, ⚠ = collapsed):\n\n"
-        + markdown(header, body)
+        f"**{metric_label(study.metric)} per seed** (`{study.metric}`; – = no complete trial, "
+        "⚠ = collapsed):\n\n" + markdown(header, body)
     )
 
 
-def collapsed_warnings(study: Study) -> str | None:
+def collapsed_warnings(study: StudyResults) -> str | None:
     """The complete trials that collapsed (studies.quality.is_collapsed on the last stage's per-class IoU)."""
     c = study.complete[study.complete["collapsed"]]
     if c.empty:
@@ -679,7 +539,7 @@ def collapsed_warnings(study: Study) -> str | None:
     )
     return (
         f"**⚠ {len(c)} collapsed trial{'' if len(c) == 1 else 's'}** (marked ⚠ in the tables): the network "
-        "gets IoU 0 on every foreground class of the val set after its last stage. They are kept in the means "
-        "and paired Δ below, so a marked row may be a failed run rather than a worse configuration.\n\n"
+        "gets IoU 0 on every foreground class of the val set after its last stage. They are kept in the "
+        "means and paired Δ below, so a marked row may be a failed run rather than a worse configuration.\n\n"
         + table
     )

@@ -411,12 +411,32 @@ def test_unknown_study_empty_store_and_cli(store, url, tmp_path):
     proc = run_module("reports", ["nope", "--storage", empty, "--out", str(tmp_path)], timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
-    store.upsert_study("bare", {"kind": "ablation", "seeds": 2, "rows": [{"label": "a"}]}, "smoke")
+    store.upsert_study("bare", {"kind": "ablation", "seeds": [0, 1], "rows": [{"label": "a"}]}, "smoke")
     assert (
         main(["bare", "--storage", url, "--out", str(tmp_path / "o")]) == 0
     )  # no trials yet: still a report
     md = (tmp_path / "o" / "bare.md").read_text()
     assert table_row(md, "a")[1:3] == ["–", "0/2 (incomplete)"]
+
+
+@pytest.mark.parametrize("storage", ["notaurl", "foo://x"])
+def test_cli_bad_storage_url_is_one_line(storage, tmp_path, capsys):
+    assert main(["tasks", "--storage", storage, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "malformed store URL" in err if storage == "notaurl" else "unknown database kind" in err
+
+
+def test_interrupted_trials_listed_never_complete(store, url, tmp_path):
+    store.upsert_study("crash", {"kind": "ablation", "seeds": [0, 1], "rows": [{"label": "a"}]}, "smoke")
+    add(store, "crash", 0, "a", 0, result(0.5))
+    tid = add(store, "crash", 1, "a", 1, status="running")
+    assert store.mark_stale_running("crash") == [tid]  # its process died: status interrupted
+    md = build_report("crash", url, tmp_path).read_text()
+    assert "2 (1 complete / 0 failed / 0 pruned / 0 running / 1 interrupted)" in md
+    assert table_row(md, "a")[1:3] == ["50.0 ± –", "1/2 (incomplete; 1 interrupted)"]
+    assert table_row(md, "Trial") == ["Trial", "Config", "Variant", "Seed", "Status", "Error"]
+    assert table_row(md, "1")[:5] == ["1", "a", "", "1", "interrupted"]
 
 
 # ----------------------------------------------------------------------------------- paired statistics
@@ -573,8 +593,8 @@ def test_per_class_table_and_heat_map(store, url, tmp_path):
 
 
 def test_per_class_names_fallback(collapse, store, url):
+    from reports.load import load_study
     from reports.per_class import per_class_frame
-    from reports.tables import load_study
 
     frame = per_class_frame(load_study("collapse", url))  # 4 classes, no dataset.class_names
     assert list(frame.index) == ["background", "class 1", "class 2", "class 3"]
