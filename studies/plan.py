@@ -11,7 +11,7 @@ bad value is blamed on its source: the study file's line (rows, variants, study 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import PRESETS, ConfigError, make_config
@@ -45,8 +45,9 @@ class Plan:
     study: Study
     preset: str
     base_overrides: dict[str, Any]  # base.set <- study.set (before rows, params and --set)
-    cli_overrides: dict[str, Any]
+    cli_overrides: dict[str, Any]  # --set, plus what the runner derives (threads per trial)
     points: tuple[GridPoint, ...] = ()
+    user_set: dict[str, Any] = field(default_factory=dict)  # --set exactly as the user gave it
 
     @property
     def is_grid(self) -> bool:
@@ -149,4 +150,4 @@ def make_plan(
                     make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
                 except ConfigError as e:
                     raise ctx.err(path, str(e)) from None
-    return Plan(study, preset, base, allcli, tuple(points))
+    return Plan(study, preset, base, allcli, tuple(points), user_set=cli)

@@ -45,6 +45,15 @@ def check_user_data(plan: Plan) -> None:
     seen: set = set()
     for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
         cfg = make_config(plan.preset, ov)
+        if cfg.train.device.startswith("cuda") and cfg.train.device not in seen:
+            seen.add(cfg.train.device)
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    f"train.device={cfg.train.device}: this machine has no CUDA device "
+                    f"(torch {torch.__version__}); use train.device=cpu"
+                )
         if (cfg.model.init_weights, cfg.model.width) not in seen:
             seen.add((cfg.model.init_weights, cfg.model.width))
             check_init_weights(cfg.model.init_weights, cfg.model.width)
@@ -53,9 +62,28 @@ def check_user_data(plan: Plan) -> None:
             load_data(cfg, validate=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m studies.run", description="Run or resume one study of study.yaml.")
-    p.add_argument("name", help="study name in the study file")
+def _help_epilog(study_file: str = "study.yaml") -> str:
+    from core.config import PRESETS
+
+    lines = [f"presets: {', '.join(PRESETS)}"]
+    try:
+        spec = load_spec(study_file)
+        width = max(len(n) for n in spec.studies)
+        lines.append(f"studies in {study_file}:")
+        lines += [f"  {n:<{width}}  {st.description}" for n, st in spec.studies.items()]
+    except (SpecError, ValueError):
+        lines.append(f"studies: (none listed: {study_file} is missing or invalid)")
+    return "\n".join(lines)
+
+
+def build_parser(study_file: str = "study.yaml") -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m studies.run",
+        description="Run or resume one study of study.yaml.",
+        epilog=_help_epilog(study_file),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", nargs="?", help="study name in the study file (listed below)")
     p.add_argument("--study-file", default="study.yaml")
     p.add_argument("--preset", default=None, help="config preset (default: base.preset of the study file)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: storage of the study file)")
@@ -107,18 +135,56 @@ def _set_keys(spec: Spec, name: str, cli: dict) -> set[str]:
     return keys
 
 
-def dry_run(plan: Plan) -> None:
+def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
+    """The study's stored trials, and the wall times of complete trials run with the same preset (any
+    study of the store); ([], []) when the store does not exist yet."""
+    from studies.store import Store, StoreError
+
+    store = Store(url, create=False)
+    try:
+        store.check_readable()
+    except StoreError:
+        return [], []
+    except Exception as e:  # unreachable server: the dry run still lists the plan
+        print(f"storage: cannot read it ({type(e).__name__}); progress unknown")
+        return [], []
+    trials = store.trials(plan.study.name) if plan.study.name in store.study_names() else []
+    seconds = []
+    for name in store.study_names():
+        if store.study_record(name)["preset"] == plan.preset:
+            seconds += [
+                t["seconds"] for t in store.trials(name) if t["status"] == "complete" and t["seconds"]
+            ]
+    store.close()
+    return trials, seconds
+
+
+def dry_run(plan: Plan, url: str, workers: int) -> None:
+    from studies.store import redact_url
+
     s = plan.study
     print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
+    trials, seconds = stored_progress(plan, url)
+    done_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in ("complete", "pruned")}
+    failed_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == "failed"}
+    print(f"storage: {redact_url(url)} ({len(trials)} trial(s) of this study stored)")
     if plan.is_grid:
         print(
             f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
             f"{len(s.seeds)} seeds; metric {s.metric}"
         )
-        print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  overrides")
+        print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  {'state':<8} overrides")
         for p in plan.points:
             ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
-            print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {ov}")
+            state = "done" if p.key in done_keys else "failed" if p.key in failed_keys else "todo"
+            print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {state:<8} {ov}")
+        print(f"{'row':<34} {'variant':<10} done / left")
+        for r in s.rows:
+            for v in list(s.variants) or [None]:
+                pts = [p for p in plan.points if p.row == r.label and p.variant == (v.label if v else None)]
+                n_done = sum(p.key in done_keys for p in pts)
+                print(f"{r.label:<34} {v.label if v else '-':<10} {n_done:>4} / {len(pts) - n_done}")
+        left = sum(p.key not in done_keys and p.key not in failed_keys for p in plan.points)
     else:
         print(
             f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
@@ -135,6 +201,16 @@ def dry_run(plan: Plan) -> None:
             print(f"  {p.name}: {p.type} {rng}")
         ov = " ".join(f"{k}={_fmt(v)}" for k, v in plan.overrides_for_params({}).items())
         print(f"  fixed overrides: {ov}")
+        left = max(0, s.n_trials - sum(t["status"] != "interrupted" for t in trials))
+        print(f"done: {s.n_trials - left}, left: {left}")
+    if seconds and left:
+        per = statistics.median(seconds)
+        print(
+            f"estimate: {left} trial(s) x {per:.0f} s (median of {len(seconds)} complete trial(s) of preset "
+            f"{plan.preset} in this store) / {workers} worker(s) = {left * per / workers / 60:.1f} min"
+        )
+    elif left:
+        print(f"estimate: none yet (no complete trial of preset {plan.preset} in this store)")
 
 
 def _fmt(v: Any) -> str:
@@ -208,9 +284,31 @@ def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
         )
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, plus the study name taken back from --set when it came after it
+    (`--set loss.sal=0.5 ablation_tasks`): a --set item without '=' is the name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    study_file = "study.yaml"
+    for i, a in enumerate(argv):
+        if a == "--study-file" and i + 1 < len(argv):
+            study_file = argv[i + 1]
+        elif a.startswith("--study-file="):
+            study_file = a.split("=", 1)[1]
+    args = build_parser(study_file).parse_args(argv)
+    bare = [o for o in args.overrides if "=" not in o]
+    if bare:
+        if args.name is not None or len(bare) > 1:
+            raise UsageError(f"studies.run: --set {bare[0]}: expected KEY=VALUE (see --help)")
+        args.name = bare[0]
+        args.overrides = [o for o in args.overrides if "=" in o]
+    if args.name is None:
+        raise UsageError("studies.run: the following arguments are required: name (see --help)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         if args.workers is not None and args.workers < 1:
             raise UsageError("studies.run: --workers must be >= 1")
         if args.n_trials is not None and args.n_trials < 1:
@@ -227,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(spec, args.name, preset=args.preset, cli_set=cli, extra=extra)
         url = args.storage or spec.storage
         if args.dry_run:
-            dry_run(plan)
+            dry_run(plan, url, workers)
             return 0
         check_user_data(plan)
         from studies.store import Store, StoreError, check_reachable

@@ -1,0 +1,72 @@
+"""studies.run's command line fails early and in one line, and tells what it will do: the study name after
+--set, --help listing studies and presets, train.device=cuda on a CPU machine, --dry-run with the
+storage, progress per row and a time estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_claims import write_grid
+
+
+@pytest.fixture
+def grid(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIES_TRIAL_FN", "tests.test_claims:sleepy_trial")
+    monkeypatch.setenv("CLAIMS_TEST_SLEEP", "0.05")
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    return write_grid(tmp_path, url, rows=2, seeds=2), url
+
+
+def test_study_name_after_set_is_the_name(grid, capsys):
+    from studies.run import main
+
+    y, _ = grid
+    assert main(["--study-file", str(y), "--set", "loss.sal=0.5", "g", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("study g (ablation") and "loss.sal=0.5" in out
+    assert main(["--study-file", str(y), "--set", "loss.sal=0.5", "g", "h", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "expected KEY=VALUE" in err
+
+
+def test_help_lists_studies_and_presets(grid, capsys):
+    from studies.run import main
+
+    y, _ = grid
+    assert main(["--study-file", str(y), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "presets: smoke, default, paper" in out and f"studies in {y}:" in out and "\n  g  " in out
+
+
+def test_cuda_on_a_cpu_machine_is_one_line_before_any_trial(grid, capsys):
+    import torch
+
+    from studies.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    y, _ = grid
+    assert main(["g", "--study-file", str(y), "--set", "train.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.device=cuda: this machine has no CUDA")
+    assert not (y.parent / "studies.db").exists()  # checked before the store is even opened
+
+
+def test_dry_run_shows_storage_progress_and_estimate(grid, capsys):
+    from studies.run import main
+
+    y, url = grid
+    assert main(["g", "--study-file", str(y), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"storage: {url} (0 trial(s) of this study stored)" in out
+    assert "r0                                 -             0 / 2" in out
+    assert "estimate: none yet" in out
+    assert main(["g", "--study-file", str(y), "--n-trials", "3", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["g", "--study-file", str(y), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 trial(s) of this study stored)" in out
+    assert "r0                                 -             2 / 0" in out
+    assert "r1                                 -             1 / 1" in out
+    assert "estimate: 1 trial(s) x " in out and "/ 2 worker(s)" in out
