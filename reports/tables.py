@@ -7,13 +7,14 @@ spec stored with the study. Metrics are fractions in the store and printed as pe
 from __future__ import annotations
 
 import math
+import shlex
 import warnings
 from collections import Counter
 
 import pandas as pd
 
 from studies.quality import COLLAPSED_MEANING
-from studies.store import dig, finite
+from studies.store import dig, finite, redact_url
 
 from .load import StudyResults, optuna_study
 from .paired import better_cell, delta_cell, paired_delta
@@ -117,6 +118,20 @@ def config_cell(study: StudyResults, label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tables
+def cli_set(spec: dict) -> str:
+    """The run's --set overrides (stored with the study spec by studies.run) as command-line text."""
+    items = spec.get("_cli_set") or {}
+    if not items:
+        return ""
+
+    def fmt(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return ",".join(map(str, v)) if v else "[]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " --set " + " ".join(shlex.quote(f"{k}={fmt(v)}") for k, v in items.items())
+
+
 def provenance(study: StudyResults) -> str:
     t, spec = study.trials, study.spec
     counts = t.status.value_counts()
@@ -141,6 +156,7 @@ def provenance(study: StudyResults) -> str:
     seconds = pd.to_numeric(t["seconds"], errors="coerce").fillna(0).sum()
     cached = pd.to_numeric(t["warmup_cached"], errors="coerce").fillna(0).astype(bool)
     preset = f" --preset {study.preset}" if study.preset else ""
+    url = redact_url(study.url)  # a report is shared; a database password is not
     lines = [
         f"- **Study:** `{study.name}` ({spec['kind']}"
         + (f", paper Table {spec['paper_table']}" if spec.get("paper_table") else "")
@@ -166,8 +182,8 @@ def provenance(study: StudyResults) -> str:
             f"{pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC')}"
         ),
         (
-            f"- **Reproduce:** `python -m studies.run {study.name}{preset} --storage {study.url}` "
-            f"(report only: `python -m reports {study.name} --storage {study.url}`)"
+            f"- **Reproduce:** `python -m studies.run {study.name}{preset}{cli_set(spec)} --storage {url}` "
+            f"(report only: `python -m reports {study.name} --storage {url}`)"
         ),
     ]
     return "\n".join(lines)

@@ -152,11 +152,11 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
-def make_engine(url: str) -> sa.Engine:
-    """An engine for url (normalize_url'd); for SQLite: parent folder created, WAL on, busy timeout on
-    every connection."""
+def make_engine(url: str, create: bool = True) -> sa.Engine:
+    """An engine for url (normalize_url'd); for SQLite: parent folder created (when create), WAL on,
+    busy timeout on every connection."""
     url = normalize_url(url)
-    if is_sqlite(url):
+    if is_sqlite(url) and create:
         db = sa.engine.make_url(url).database
         if db and db != ":memory:" and not db.startswith("file:"):
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ class Store:
 
     def __init__(self, url: str = DEFAULT_URL, create: bool = True):
         self.url = normalize_url(url)  # one driver for ours and Optuna's engine (postgresql+psycopg)
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, create=create)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._optuna_storage = None
         if create:
@@ -349,12 +349,12 @@ class Store:
         db = sa.engine.make_url(self.url)
         if is_sqlite(self.url) and db.database not in (None, "", ":memory:"):
             if not Path(db.database).exists():
-                raise StoreError(f"no results store at {self.url}")
+                raise StoreError(f"no results store at {redact_url(self.url)}")
         with self.engine.connect() as conn:
             if not sa.inspect(conn).has_table("harness_studies"):
-                raise StoreError(f"results store {self.url} is empty (no harness tables)")
+                raise StoreError(f"results store {redact_url(self.url)} is empty (no harness tables)")
         if not self.study_names():
-            raise StoreError(f"results store {self.url} holds no studies")
+            raise StoreError(f"results store {redact_url(self.url)} holds no studies")
 
     # -- optuna ---------------------------------------------------------------------------------
     def optuna_storage(self):
@@ -412,7 +412,7 @@ class Store:
             row = s.scalar(sa.select(StudyRow).where(StudyRow.name == name))
             if row is None:
                 known = ", ".join(sorted(self.study_names())) or "none"
-                raise StoreError(f"unknown study {name!r} in {self.url}; known: {known}")
+                raise StoreError(f"unknown study {name!r} in {redact_url(self.url)}; known: {known}")
             return {
                 "id": row.id,
                 "name": row.name,

@@ -70,3 +70,15 @@ def test_dry_run_shows_storage_progress_and_estimate(grid, capsys):
     assert "r0                                 -             2 / 0" in out
     assert "r1                                 -             1 / 1" in out
     assert "estimate: 1 trial(s) x " in out and "/ 2 worker(s)" in out
+
+
+def test_report_reproduce_line_carries_the_set_overrides(grid, capsys, tmp_path):
+    from studies.run import main
+
+    y, url = grid
+    assert (
+        main(["g", "--study-file", str(y), "--n-trials", "1", "--set", "loss.sal=0.5", "train.lr=3e-4"]) == 0
+    )
+    md = (tmp_path / "runs" / "reports" / "g.md").read_text()
+    line = [x for x in md.splitlines() if x.startswith("- **Reproduce:**")][0]
+    assert "python -m studies.run g --preset smoke --set loss.sal=0.5 train.lr=3e-4 --storage" in line

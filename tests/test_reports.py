@@ -59,7 +59,7 @@ def result(final, post=None, stages=None, init=(0.8, 0.4, 0.38), iou=None, env=N
 def add(store, study, number, row, seed, res=None, status="complete", variant=None, params=None):
     tid = store.begin_trial(
         study=study,
-        number=number,
+        optuna_number=number,
         row=row,
         variant=variant,
         seed=seed,
@@ -557,8 +557,9 @@ def test_collapsed_trial_marked_and_listed(collapse, url, tmp_path, monkeypatch)
 def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
     from types import SimpleNamespace
 
-    from studies.optuna_backend import Job, Outcome, trial_attrs
-    from studies.run import summary
+    from studies.execute import Job, Outcome
+    from studies.optuna_backend import trial_attrs
+    from studies.run import study_summary as summary
 
     plan = SimpleNamespace(
         is_grid=True,
@@ -567,11 +568,13 @@ def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
     )  # fmt: skip
     lines = summary(plan, store).splitlines()
     assert lines[3].startswith("B ") and lines[3].endswith("1 collapsed") and "collapsed" not in lines[2]
-    job = Job("collapse", url, "smoke", 4, "B", None, 1, {}, {}, "final.miou", "val.miou", "abc123")
+    job = Job(study="collapse", url=url, preset="smoke", optuna_number=4, row="B", seed=1,
+              metric="final.miou", stage_metric="val.miou", code_version="abc123")  # fmt: skip
     bad = result(0.17, iou=[0.7, 0.0, None])
-    assert trial_attrs(job, Outcome(4, "complete", 0.17, result=bad))["collapsed"] is True
-    assert trial_attrs(job, Outcome(4, "complete", 0.45, result=result(0.45)))["collapsed"] is False
-    assert trial_attrs(job, Outcome(4, "failed", None, "boom"))["collapsed"] is False
+    done = {"optuna_number": 4, "status": "complete"}
+    assert trial_attrs(job, Outcome(**done, value=0.17, result=bad))["collapsed"] is True
+    assert trial_attrs(job, Outcome(**done, value=0.45, result=result(0.45)))["collapsed"] is False
+    assert trial_attrs(job, Outcome(optuna_number=4, status="failed", error="boom"))["collapsed"] is False
 
 
 # ----------------------------------------------------------------------------- per-class IoU, provenance
