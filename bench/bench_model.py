@@ -63,7 +63,8 @@ def saved_bytes(fn, *args):
 
 
 def naive_cross_task(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sal_W):
-    """The same maths written plainly: two softmaxes, a concatenation, out-of-place ReLU, a 2-channel softmax."""
+    """The same maths written plainly: two softmaxes, a concatenation, out-of-place ReLU, a 2-channel
+    softmax."""
     A_seg = torch.softmax(torch.bmm(*seg_att.query_key(f_seg)), -1)
     A_sal = torch.softmax(torch.bmm(*sal_att.query_key(f_sal)), -1)
     Wt = torch.softmax(sa[2](F.relu(sa[0](torch.stack([A_seg, A_sal], 1)))), dim=1)
@@ -108,7 +109,8 @@ def main(argv=None):
     print("\n== HW x HW affinity memory (float32, kept for backward) ==")
     print(
         "analytic: seg affinity keeps 1 map (A_seg); cross_task keeps 7 maps "
-        "([A_seg, A_sal] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); a plain implementation keeps 9"
+        "([A_seg, A_sal] 2, ReLU(conv3x3) 2, W1 1, A_CT raw + row-normalised 2); "
+        "a plain implementation keeps 9"
     )
     print("measured: bytes of distinct storages saved by autograd for the affinity module alone (D=128)")
     print(
@@ -121,7 +123,8 @@ def main(argv=None):
                 side = 64
                 hw, amap = side * side, 4 * (side * side) ** 2 * 4
                 print(
-                    f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | {amap / MiB:9.1f} "
+                    f"{crop:>5} {side:>3}x{side:<2} {hw:>5} {batch:>5} {amap / MiB:7.1f}Mi | "
+                    f"{amap / MiB:9.1f} "
                     f"{'-':>9} | {7 * amap / MiB:11.1f} {'-':>9} | {9 * amap / MiB:11.1f} {'-':>9}  (MiB)"
                 )
                 continue

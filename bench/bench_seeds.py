@@ -3,12 +3,13 @@
     python -m bench.bench_seeds [--preset default] [--seeds 0 1 2]
         [--variant LABEL KEY=VALUE ...] ... [--env LABEL VAR=VALUE ...] [--set KEY=VALUE ...]
 
-Runs the full model (all branches, cross-task affinity, both constraints) for one stage (--stages N:
-N stages, the last one's val mIoU is the metric) without post-processing, over the seeds, once per variant. The first variant is the baseline; with no
---variant given the baselines are "scratch" (model.init_weights="", the pre-pretraining setting) and
-"pretrained" (the preset as it is). Each trial runs in its own process (`python -m core.trial`), so
---env can change what a trial's process sees, e.g. `--env avx2 ATEN_CPU_CAPABILITY=avx2` runs the
-preset with another CPU kernel level: the closest this machine gets to running on another machine.
+Runs the full model (all branches, cross-task affinity, both constraints) for one stage (--stages N: N
+stages, the last one's val mIoU is the metric) without post-processing, over the seeds, once per
+variant. The first variant is the baseline; with no --variant given the baselines are "scratch"
+(model.init_weights="", the pre-pretraining setting) and "pretrained" (the preset as it is). Each trial
+runs in its own process (`python -m core.trial`), so --env can change what a trial's process sees, e.g.
+`--env avx2 ATEN_CPU_CAPABILITY=avx2` runs the preset with another CPU kernel level: the closest this
+machine gets to running on another machine.
 
 Prints per seed the last stage's val mIoU of every variant, mean +- std per variant, and per variant the
 paired differences to the baseline with a Student-t 95% interval.
@@ -101,7 +102,8 @@ def main() -> int:
                 print(
                     f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
                     f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
-                    f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} {r['warmup']['seconds']:.0f}s  "
+                    f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} "
+                    f"{r['warmup']['seconds']:.0f}s  "
                     f"trial {time.time() - t0:.0f}s  [{e.get('cpu_capability')}, {e.get('threads')} threads]",
                     flush=True,
                 )

@@ -58,7 +58,8 @@ def main() -> int:
                 for st in res.stages
             )
             print(
-                f"seed {seed} {label:<8} initial P/R/mIoU {pct(p0['precision'])}/{pct(p0['recall'])}/{pct(p0['miou'])} "
+                f"seed {seed} {label:<8} initial P/R/mIoU "
+                f"{pct(p0['precision'])}/{pct(p0['recall'])}/{pct(p0['miou'])} "
                 f"| {stages} | {res.seconds:.0f}s (warm-up cached: {res.warmup['cached']})",
                 flush=True,
             )

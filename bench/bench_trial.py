@@ -61,7 +61,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     net = build_net(cfg, ds.num_classes).to(device)
-    # Labels to train on: a CAM-free stand-in (the image's saliency fused with its classes) is enough for timing.
+    # Labels to train on: a CAM-free stand-in (the image's saliency fused with its classes) is enough for
+    # timing.
     seg = [
         np.where(tr.saliency(i) > 0.5, int(np.argmax(tr.labels(i))) + 1, 0).astype(np.uint8)
         for i in range(len(tr))
