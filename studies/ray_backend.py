@@ -193,9 +193,10 @@ class HarnessSearch(OptunaSearch):
             out.result = t[0]["result"] if t else None
             out.collapsed = result_collapsed(out.result)
         try:
+            if result.get("node"):  # before tell(): Optuna refuses attributes on a finished trial
+                storage = self._ot_study._storage
+                retry_locked(storage.set_trial_user_attr, job.optuna_trial_id, "ray_node", result["node"])
             tell(self._ot_study, job, out)
-            if result.get("node"):
-                self._ot_study._storage.set_trial_user_attr(job.optuna_trial_id, "ray_node", result["node"])
         except Exception as e:
             self.h_log(f"[studies] could not tell Optuna about trial #{job.optuna_number}: {one_line(e)}")
         self.h_outcomes.append(out)
