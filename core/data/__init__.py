@@ -2,9 +2,9 @@
 
 from .saliency import DEFAULT_SALIENCY, SALIENCY_SOURCES, saliency_metrics
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize, paired_random_transform
-from .voc import DataError, VOCDataset
+from .voc import VOC_CLASSES, DataError, VOCDataset
 
-_SYNTHETIC = ("generate", "ensure_generated", "PRESETS", "VOC_CLASSES", "format_summary")
+_SYNTHETIC = ("generate", "ensure_generated", "PRESETS", "format_summary")
 
 __all__ = [
     "DEFAULT_SALIENCY",

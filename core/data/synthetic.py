@@ -44,7 +44,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .saliency import DEFAULT_SALIENCY, SALIENCY_SOURCES, saliency_metrics
-from .voc import _voc_colormap
+from .voc import VOC_CLASSES, _voc_colormap
 
 __all__ = [
     "PRESETS",
@@ -58,29 +58,6 @@ __all__ = [
 
 GENERATOR_VERSION = 2
 
-VOC_CLASSES = [
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-]
 
 _COMMON = {
     "max_objects": 3,

@@ -30,9 +30,10 @@ from PIL import Image
 
 from .saliency import SALIENCY_SOURCES
 
-__all__ = ["DataError", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "DataError", "VOCDataset"]
 
-_VOC_NAMES = [
+# PASCAL VOC 2012 class order, index 0 = background.
+VOC_CLASSES = [
     "background",
     "aeroplane",
     "bicycle",
@@ -420,7 +421,7 @@ class VOCDataset:
         if self._class_names is not None:
             return list(self._class_names)
         if self.num_classes == 21:
-            return list(_VOC_NAMES)
+            return list(VOC_CLASSES)
         return ["background"] + [f"class{c}" for c in range(1, self.num_classes)]
 
     # ---------------------------------------------------------------- checks

@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.ablation import BRANCHES, CONSTRAINTS, check_config
+
 from .affinity import NonLocal, cross_task, make_sa_fusion, propagate_features, refine_with_affinity
 from .backbone import ResNet38
-
-BRANCHES = ("seg", "cls", "sal")
-AFFINITIES = ("none", "seg", "cross_task")
-CONSTRAINTS = ("seg", "sal")
 
 
 def head_width(width: float, channels: int = 0) -> int:
@@ -118,31 +116,6 @@ def normalize_cam(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return cam / (cam.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
-def check_config(branches, affinity, constraints):
-    """Validate an ablation setting (Tables 3-4); returns normalised (branches, affinity, constraints)."""
-    for name, given, allowed in (("branches", branches, BRANCHES), ("constraints", constraints, CONSTRAINTS)):
-        if isinstance(given, str):
-            raise ValueError(f"{name} must be a collection of names, got the string {given!r}")  # noqa: TRY004 - a config error
-        bad = sorted(set(given) - set(allowed))
-        if bad:
-            raise ValueError(f"unknown {name} {bad}; choose from {allowed}")
-    branches = tuple(b for b in BRANCHES if b in set(branches))
-    constraints = tuple(c for c in CONSTRAINTS if c in set(constraints))
-    if "seg" not in branches:
-        raise ValueError(f"the seg branch is always required, got branches={branches}")
-    if affinity not in AFFINITIES:
-        raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
-    if affinity == "cross_task" and "sal" not in branches:
-        raise ValueError("affinity='cross_task' needs the sal branch")
-    if affinity == "none" and constraints:
-        raise ValueError(f"constraints {constraints} need an affinity (affinity='none')")
-    if affinity != "none" and "seg" not in constraints:
-        raise ValueError(f"affinity={affinity!r} needs the 'seg' constraint, got constraints={constraints}")
-    if "sal" in constraints and affinity != "cross_task":
-        raise ValueError("the 'sal' constraint needs affinity='cross_task' (and the sal branch)")
-    return branches, affinity, constraints
-
-
 class AuxSegNet(nn.Module):
     def __init__(
         self,
@@ -208,7 +181,8 @@ class AuxSegNet(nn.Module):
 
     def reset_head_parameters(self):
         """As the official code: Xavier-uniform weights and zero biases for fc8 and the seg / sal convs;
-        PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``, cross_att)."""
+        PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``,
+        cross_att)."""
         for name in self.HEADS:
             m = getattr(self, name, None)
             if isinstance(m, NonLocal):
@@ -229,9 +203,12 @@ class AuxSegNet(nn.Module):
     def _task_predict(self, task, f):
         return getattr(self, f"{task}_conv4")(F.relu(getattr(self, f"{task}_conv3")(f)))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, 3, H, W) -> logits at feature resolution h = ceil(H / 8): seg (B, C, h, w); with the
+        branches on, cls (B, C-1) and, in eval mode, cam (B, C-1, h, w); sal (B, 1, h, w); with an
+        affinity, affinity A (B, hw, hw) and seg_ref (and sal_ref with the sal constraint) refined by A."""
         feat = self.backbone(x)
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         if "cls" in self.branches:
             out["cls"] = self.fc8(F.adaptive_avg_pool2d(self.dropout(feat), 1)).flatten(1)
             if not self.training:
@@ -264,8 +241,9 @@ class AuxSegNet(nn.Module):
                 out["sal_ref"] = refine_with_affinity(out["sal"], A)
         return out
 
-    def cams(self, x, normalize: bool = False):
-        """ReLU CAMs (B, C-1, h, w) = relu(fc8 applied to F) (no dropout); per-class max-normalised if asked."""
+    def cams(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """ReLU CAMs (B, C-1, h, w) = relu(fc8 applied to F) (no dropout); per-class max-normalised if
+        asked."""
         if "cls" not in self.branches:
             raise ValueError("cams() needs the cls branch")
         cam = F.relu(F.conv2d(self.backbone(x), self.fc8.weight))
