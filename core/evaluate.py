@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,17 +16,27 @@ from core.config import Config
 from core.crf import crf_label_job
 from core.data import VOCDataset, normalize
 from core.metrics import confusion, miou
+from core.model import AuxSegNet
 from core.parallel import bounded_map
+from core.records import ValMetrics
+
+# A fresh autocast context per network pass (core.train.autocast), or None for full precision.
+AmpContext = Callable[[], contextlib.AbstractContextManager]
 
 
-def segment_logits(out: dict) -> torch.Tensor:
+def segment_logits(out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Inference uses the affinity-refined segmentation when the model has one (paper, Inference)."""
     return out["seg_ref"] if "seg_ref" in out else out["seg"]
 
 
 @torch.no_grad()
 def predict_probs(
-    net, img: np.ndarray, device: torch.device, scales=(1.0,), flip: bool = False, amp_ctx=None
+    net: AuxSegNet,
+    img: np.ndarray,
+    device: torch.device,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp_ctx: AmpContext | None = None,
 ) -> np.ndarray:
     """Class probabilities (C, H, W) averaged over scales (and horizontal flips)."""
     h, w = img.shape[:2]
@@ -43,15 +56,15 @@ def predict_probs(
 
 
 def evaluate(
-    net,
+    net: AuxSegNet,
     ds: VOCDataset,
     cfg: Config,
     device: torch.device,
     post: bool,
-    pool=None,
-    amp_ctx=None,
+    pool: Executor | None = None,
+    amp_ctx: AmpContext | None = None,
     desc: str = "eval",
-) -> dict:
+) -> ValMetrics:
     """{miou, miou_post (None unless post), per_class_iou} on ds (its ground-truth masks).
 
     Network passes run here; the CRF of each image runs in the pool while the next image is predicted.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.records import PgtMetrics
+
 IGNORE = 255
 
 
@@ -47,6 +49,6 @@ def fg_precision_recall(conf: np.ndarray) -> tuple[float, float]:
     return correct / max(labelled_fg, 1.0), correct / max(true_fg, 1.0)
 
 
-def pgt_summary(conf: np.ndarray) -> dict[str, float]:
+def pgt_summary(conf: np.ndarray) -> PgtMetrics:
     p, r = fg_precision_recall(conf)
     return {"precision": p, "recall": r, "miou": miou(conf)[0]}

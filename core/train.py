@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from core.config import Config
 from core.data import VOCDataset, paired_random_transform
 from core.losses import auxsegnet_loss, cls_loss
+from core.model import AuxSegNet, Classifier
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -27,7 +29,7 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
-def autocast(cfg: Config, device: torch.device):
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on a GPU when train.amp (an opt-in speed-up for the paper preset, which trains in fp32
     as the authors); the CPU path runs in fp32 so results are reproducible."""
     if device.type == "cuda" and cfg.train.amp:
@@ -47,7 +49,11 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
 
 
 def make_optimizer(
-    net, lr: float, head_lr_mult: float, cfg: Config, fusion_lr_mult: float | None = None
+    net: Classifier | AuxSegNet,
+    lr: float,
+    head_lr_mult: float,
+    cfg: Config,
+    fusion_lr_mult: float | None = None,
 ) -> torch.optim.Optimizer:
     """SGD (momentum train.momentum) or Adam over the net's parameter groups (frozen parameters are not in
     them); ``fusion_lr_mult`` puts AuxSegNet's cross_att at its own multiple of lr."""
@@ -60,7 +66,7 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum)
 
 
-def stage_optimizer(net, cfg: Config) -> torch.optim.Optimizer:
+def stage_optimizer(net: AuxSegNet, cfg: Config) -> torch.optim.Optimizer:
     """The stage-training optimiser: backbone at train.lr, heads at train.head_lr_mult x, cross_att at
     train.fusion_lr_mult x (0: with the heads)."""
     t = cfg.train
@@ -74,7 +80,7 @@ def set_poly(opt: torch.optim.Optimizer, step: int, total: int, power: float) ->
 
 def batches(
     ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callable[[int], dict] | None = None
-):
+) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform."""
     order = rng.permutation(len(ds))
     bs = cfg.train.batch_size
@@ -97,13 +103,15 @@ def batches(
         yield out
 
 
-def _check(loss: torch.Tensor, where: str, terms: dict | None = None) -> None:
+def _check(loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor] | None = None) -> None:
     if not torch.isfinite(loss):
         detail = ", ".join(f"{k}={v.item():.4g}" for k, v in (terms or {}).items())
         raise NonFiniteLoss(f"non-finite loss at {where}" + (f" ({detail})" if detail else ""))
 
 
-def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np.random.Generator) -> None:
+def train_warmup(
+    clf: Classifier, ds: VOCDataset, cfg: Config, device: torch.device, rng: np.random.Generator
+) -> None:
     """Classification warm-up: backbone + fc8 on image-level labels only."""
     epochs = cfg.train.warmup_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
@@ -129,7 +137,7 @@ def train_warmup(clf, ds: VOCDataset, cfg: Config, device: torch.device, rng: np
 
 
 def train_stage(
-    net,
+    net: AuxSegNet,
     ds: VOCDataset,
     seg_labels: list[np.ndarray],
     sal_targets: list[np.ndarray] | None,
@@ -145,7 +153,7 @@ def train_stage(
     opt = stage_optimizer(net, cfg)
     weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
 
-    def extra(i: int) -> dict:
+    def extra(i: int) -> dict[str, np.ndarray]:
         out = {"seg": seg_labels[i]}
         if sal_targets is not None:
             out["sal"] = sal_targets[i]

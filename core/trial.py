@@ -11,6 +11,7 @@ after the worker pool is shut down. A NaN/inf loss returns a failed TrialResult 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,8 +19,9 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -35,6 +37,15 @@ from core.metrics import pgt_summary
 from core.model import AuxSegNet, Classifier, load_backbone, refine_with_affinity
 from core.parallel import bounded_map, make_pool
 from core.pretrain import check_init_weights, resolve_init_weights, weights_fingerprint
+from core.records import (
+    DatasetRecord,
+    EnvironmentRecord,
+    FinalMetrics,
+    PgtMetrics,
+    StageRecord,
+    TrialRecord,
+    WarmupRecord,
+)
 from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
@@ -72,7 +83,7 @@ def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
 
 
-Report = Callable[[int, dict], None]
+Report = Callable[[int, StageRecord], None]
 
 
 @dataclasses.dataclass
@@ -80,17 +91,18 @@ class TrialResult:
     status: str  # complete | failed
     error: str | None
     config: dict
-    initial_pgt: dict | None = None
-    stages: list[dict] = dataclasses.field(default_factory=list)
-    final: dict | None = None
-    warmup: dict | None = None
+    initial_pgt: PgtMetrics | None = None
+    stages: list[StageRecord] = dataclasses.field(default_factory=list)
+    final: FinalMetrics | None = None
+    warmup: WarmupRecord | None = None
     seconds: float = 0.0
-    timings: dict = dataclasses.field(default_factory=dict)
-    dataset: dict | None = None
-    environment: dict | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    dataset: DatasetRecord | None = None
+    environment: EnvironmentRecord | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> TrialRecord:
+        """The result.json record (see core.records)."""
+        return cast(TrialRecord, dataclasses.asdict(self))
 
 
 def cpu_model() -> str:
@@ -104,10 +116,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device) -> EnvironmentRecord:
     """What a result's numbers depend on beyond config and seed: bit-identical results need the same
     torch build, CPU (or GPU) kernels and intra-op thread count."""
-    env = {
+    env: EnvironmentRecord = {
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -267,9 +279,9 @@ def make_labels(
     cfg: Config,
     cams: Callable[[int], np.ndarray],
     pred_sal: Callable[[int], np.ndarray | None],
-    pool,
+    pool: Executor | None,
     desc: str,
-):
+) -> tuple[list[np.ndarray], list[np.ndarray], PgtMetrics]:
     """Run the per-image label update over the pool; returns seg labels, saliency targets, pgt metrics."""
     segs, targets = [], []
     conf = None
@@ -382,7 +394,10 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
         clf.load_state_dict(clf_state)
         net.load_from_classifier(clf)
         net = to_device(net, cfg, device)
-        amp = lambda: autocast(cfg, device)
+
+        def amp() -> contextlib.AbstractContextManager:
+            return autocast(cfg, device)
+
         has_sal = "sal" in cfg.model.branches
         for s in range(cfg.train.stages):
             t_stage = time.time()
@@ -394,7 +409,7 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             post = cfg.eval.post and (last or cfg.eval.post_every_stage)
             metrics = evaluate(net, val, cfg, device, post, pool, amp_ctx=amp, desc=f"eval {s}")
             timings["eval"] = timings.get("eval", 0.0) + time.time() - t
-            record = {"stage": s, "val": metrics, "pgt": pgt, "seconds": time.time() - t_stage}
+            record: StageRecord = {"stage": s, "val": metrics, "pgt": pgt, "seconds": time.time() - t_stage}
             result.stages.append(record)
             if report is not None:
                 report(s, record)
@@ -419,7 +434,9 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
 
 
 def summary(res: TrialResult) -> str:
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
     m = res.config["model"]
     lines = [
         f"trial {res.status}" + (f": {res.error}" if res.error else ""),

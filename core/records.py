@@ -1,0 +1,84 @@
+"""The shape of a trial's result record (``TrialResult.to_dict()``, written as result.json).
+
+    {status, error, config, initial_pgt, stages: [{stage, val, pgt, seconds}, ...], final, warmup,
+     seconds, timings, dataset, environment}
+
+Plain typed dicts: they describe what core.trial, core.evaluate and core.metrics already return; nothing
+checks them at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class PgtMetrics(TypedDict):
+    """Pseudo-label quality against the true masks (core.metrics.pgt_summary)."""
+
+    precision: float
+    recall: float
+    miou: float
+
+
+class ValMetrics(TypedDict):
+    """Segmentation on val (core.evaluate.evaluate); miou_post is None without post-processing."""
+
+    miou: float
+    miou_post: float | None
+    per_class_iou: list[float | None]  # None: the class is in neither ground truth nor prediction
+
+
+class StageRecord(TypedDict):
+    """One stage: val metrics of the net trained on pseudo labels of quality pgt; what report() gets."""
+
+    stage: int
+    val: ValMetrics
+    pgt: PgtMetrics
+    seconds: float
+
+
+class FinalMetrics(TypedDict):
+    """The last stage's val mIoU without and with post-processing."""
+
+    miou: float
+    miou_post: float | None
+
+
+class WarmupRecord(TypedDict):
+    cached: bool
+    seconds: float  # of the run that trained it, when cached
+
+
+class DatasetRecord(TypedDict):
+    root: str
+    n_train: int
+    n_val: int
+    num_classes: int
+    saliency: str
+    class_names: list[str]
+
+
+class EnvironmentRecord(TypedDict):
+    torch: str
+    python: str
+    threads: int
+    device: str
+    cpu: str
+    cpu_capability: str
+    gpu: str | None
+
+
+class TrialRecord(TypedDict):
+    """result.json: one trial."""
+
+    status: str  # complete | failed
+    error: str | None
+    config: dict[str, Any]  # Config.to_dict()
+    initial_pgt: PgtMetrics | None
+    stages: list[StageRecord]
+    final: FinalMetrics | None
+    warmup: WarmupRecord | None
+    seconds: float
+    timings: dict[str, float]
+    dataset: DatasetRecord | None
+    environment: EnvironmentRecord | None
