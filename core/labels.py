@@ -1,4 +1,5 @@
-"""Pseudo labels: CAM + saliency fusion and the Eq. 1 saliency update (numpy only: runs in worker processes)."""
+"""Pseudo labels: CAM + saliency fusion and the Eq. 1 saliency update (numpy only: runs in worker
+processes)."""
 
 from __future__ import annotations
 

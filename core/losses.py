@@ -26,7 +26,8 @@ def cls_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Eq. 8, L_sal1 / L_sal2: BCE-with-logits of (refined) saliency (B, 1, h, w) vs 0/1 labels (B, H, W), 255 ignored.
+    # Eq. 8, L_sal1 / L_sal2: BCE-with-logits of (refined) saliency (B, 1, h, w) vs 0/1 labels (B, H, W),
+    # 255 ignored.
     logits = _upsample(logits, target.shape[-2:])[:, 0]
     valid = target != IGNORE
     t = torch.where(valid, target, torch.zeros_like(target)).to(logits.dtype)
@@ -35,7 +36,8 @@ def sal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Eq. 8, L_seg1 / L_seg2: pixel-wise CE of (refined) seg logits (B, C, h, w) vs labels (B, H, W), 255 ignored.
+    # Eq. 8, L_seg1 / L_seg2: pixel-wise CE of (refined) seg logits (B, C, h, w) vs labels (B, H, W),
+    # 255 ignored.
     logits = _upsample(logits, target.shape[-2:])
     total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
     return total / (target != IGNORE).sum().clamp(min=1)

@@ -178,7 +178,8 @@ def sha256_file(path: Path) -> str:
 def render_set(
     n: int, size: int, seed: int, cues: tuple, desc: str = "render"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """n images (uint8 N x size x size x 3, JPEG q95 like the benchmark) and multi-hot labels (N x classes)."""
+    """n images (uint8 N x size x size x 3, JPEG q95 like the benchmark) and multi-hot labels
+    (N x classes)."""
     p = dict(PRESETS["default"], size=size)
     imgs = np.empty((n, size, size, 3), np.uint8)
     labels = np.zeros((n, len(cues)), np.float32)
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     v = meta["val"]
     print(json.dumps(meta, indent=1))
     print(
-        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(out)}) in {meta['seconds']:.0f}s; "
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {sha256_file(out)}) "
+        f"in {meta['seconds']:.0f}s; "
         f"held-out labels P {100 * v['precision']:.1f} R {100 * v['recall']:.1f} F1 {100 * v['f1']:.1f}"
     )
     return 0

@@ -10,8 +10,8 @@ Every source is a function ``fn(img_uint8_HxWx3) -> float32 HxW in [0, 1]`` (pur
           keep the regions of each boolean map (and its complement) that do not touch the image border,
           L2-normalise and average these attention maps.
 - ``mbd`` minimum barrier distance, MBD+ (Zhang et al., ICCV 2015): barrier (max - min) cost of the best
-          path to the image border per Lab channel, plus border-colour contrast, sigmoid contrast enhancement. The default (best
-          measured quality on the synthetic benchmark).
+          path to the image border per Lab channel, plus border-colour contrast, sigmoid contrast
+          enhancement. The default (best measured quality on the synthetic benchmark).
 
 ``saliency_metrics`` gives the two numbers the generator reports: mean absolute error and the
 F-measure (beta^2 = 0.3) at the adaptive threshold 2 x mean saliency.

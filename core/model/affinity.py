@@ -53,7 +53,8 @@ from torch import nn
 
 
 class NonLocal(nn.Module):
-    """The affinity half of an embedded-Gaussian non-local block (Eq. 2-3): ``forward(x) -> A``, A (B, HW, HW).
+    """The affinity half of an embedded-Gaussian non-local block (Eq. 2-3): ``forward(x) -> A``,
+    A (B, HW, HW).
 
     ``g`` and ``W_z`` exist only so the official checkpoint loads (see the module docstring); they are
     frozen and never used. The feature update F_out = F_in + W(A g(F_in)) is :func:`propagate_features`.
@@ -103,7 +104,8 @@ def refine_with_affinity(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def make_sa_fusion() -> nn.Sequential:
-    """SA of Eq. 4: conv3x3(2->2, no bias) -> ReLU -> conv1x1(2->2) (softmax applied in :func:`cross_task_affinity`)."""
+    """SA of Eq. 4: conv3x3(2->2, no bias) -> ReLU -> conv1x1(2->2) (softmax applied in
+    :func:`cross_task_affinity`)."""
     return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Conv2d(2, 2, 1))
 
 

@@ -32,7 +32,8 @@ def scaled(channels: int, width: float, minimum: int = 8) -> int:
 
 
 class ResBlock(nn.Module):
-    """Pre-activation basic block: bn-relu -> conv3x3 (stride, first_dilation) -> bn-relu -> conv3x3 (dilation).
+    """Pre-activation basic block: bn-relu -> conv3x3 (stride, first_dilation) -> bn-relu -> conv3x3
+    (dilation).
 
     The shortcut is a 1x1 conv (``conv_branch1``) applied to the bn-relu'd input where the full-width
     block changes shape (``projection``), identity otherwise.
@@ -60,7 +61,8 @@ class ResBlock(nn.Module):
 
 
 class ResBlockBottleneck(nn.Module):
-    """Pre-activation bottleneck (b6, b7): 1x1 -> 3x3 (dilation) -> 1x1, Dropout2d after the inner bn-relus."""
+    """Pre-activation bottleneck (b6, b7): 1x1 -> 3x3 (dilation) -> 1x1, Dropout2d after the inner
+    bn-relus."""
 
     def __init__(self, cin, c1, c2, cout, dilation=1, dropout=0.0):
         super().__init__()
@@ -100,7 +102,10 @@ class ResNet38(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.width = float(width)
         self.freeze_bn = freeze_bn
-        c = lambda n: scaled(n, width)
+
+        def c(n: int) -> int:
+            return scaled(n, width)
+
         self.conv1a = nn.Conv2d(3, c(64), 3, padding=1, bias=False)
         self.b2 = ResBlock(c(64), c(128), c(128), stride=2, projection=True)
         self.b2_1 = ResBlock(c(128), c(128), c(128), projection=False)
