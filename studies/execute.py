@@ -76,6 +76,7 @@ class Job:
     pruner: str = "none"
     optuna_trial_id: int | None = None
     claim_owner: str | None = None  # set for grid points: the claim this trial runs under
+    value_scale: float = 100.0  # metric (a fraction) -> Optuna value (optuna_backend.value_scale)
 
     @property
     def label(self) -> str:

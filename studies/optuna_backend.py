@@ -20,6 +20,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from datetime import timezone
 from typing import Any
 
 import optuna
@@ -90,16 +91,32 @@ def open_study(plan: Plan, store: Store) -> optuna.Study:
         direction=s.direction,
         load_if_exists=True,
     )
-    for k, v in {
+    attrs = {
         "kind": s.kind,
         "metric": s.metric,
         "stage_metric": s.stage_metric,
         "preset": plan.preset,
         "description": s.description,
         "paper_table": s.paper_table,
-    }.items():
-        retry_locked(study.set_user_attr, k, v)
+    }
+    if "value_unit" not in study.user_attrs:
+        # A study started before values were percent keeps fractions, so one study never mixes units.
+        attrs["value_unit"] = "fraction" if study.get_trials(deepcopy=False) else PERCENT
+    for k, v in attrs.items():
+        if v is not None and v != "":
+            retry_locked(study.set_user_attr, k, v)
+    unit = "%" if attrs.get("value_unit", study.user_attrs.get("value_unit")) == PERCENT else "fraction"
+    retry_locked(study.set_metric_names, [f"{s.metric} ({unit})"])
     return study
+
+
+PERCENT = "percent"
+
+
+def value_scale(study: optuna.Study) -> float:
+    """Optuna values (objective, intermediate values, metric user attributes) are percent, as in the
+    CLI summary and the report; studies begun before that keep fractions (user attr value_unit)."""
+    return 100.0 if study.user_attrs.get("value_unit", PERCENT) == PERCENT else 1.0
 
 
 def ask_point(study: optuna.Study, plan: Plan, point: GridPoint) -> optuna.Trial:
@@ -115,45 +132,62 @@ def ask_point(study: optuna.Study, plan: Plan, point: GridPoint) -> optuna.Trial
     raise RuntimeError(f"study {plan.study.name}: too many stale enqueued trials")
 
 
+METRIC_ATTRS = {  # user attribute -> result.json leaf ("last." = the last stage's entry)
+    "final_miou": "final.miou",
+    "final_miou_post": "final.miou_post",
+    "initial_pgt_precision": "initial_pgt.precision",
+    "initial_pgt_recall": "initial_pgt.recall",
+    "initial_pgt_miou": "initial_pgt.miou",
+    "pgt_precision": "last.pgt.precision",
+    "pgt_recall": "last.pgt.recall",
+    "pgt_miou": "last.pgt.miou",
+}
+
+
 def trial_attrs(job: Job, out: Outcome) -> dict[str, Any]:
-    """Optuna user attributes: the metrics that are not the objective (visible in the dashboard)."""
+    """Optuna user attributes (what the dashboard shows beside the objective): the status, the error,
+    whether the trial collapsed, the other metrics in the study's unit, and the timing. Nothing that is
+    None, nothing that repeats a param (row, variant, seed of a grid point)."""
     r = out.result or {}
-    last = (r.get("stages") or [{}])[-1] if r else {}
-    attrs: dict[str, Any] = {
-        "status": out.status,
-        "error": out.error,
-        "harness_trial_id": out.harness_id,
-        "row": job.row,
-        "variant": job.variant,
-        "seed": job.seed,
-        "host": socket.gethostname(),
-        "collapsed": result_collapsed(r),
-    }
+    scale = job.value_scale
+    attrs: dict[str, Any] = {"status": out.status, "error": out.error, "collapsed": result_collapsed(r)}
+    if not job.params.get("seed") and job.row == "trial":
+        attrs["seed"] = job.seed  # a tuning trial's training seed is not one of its params
     if r:
-        attrs.update(
-            {
-                "final_miou": finite(dig(r, "final.miou")),
-                "miou_post": finite(dig(r, "final.miou_post")),
-                "initial_pgt_precision": finite(dig(r, "initial_pgt.precision")),
-                "initial_pgt_recall": finite(dig(r, "initial_pgt.recall")),
-                "initial_pgt_miou": finite(dig(r, "initial_pgt.miou")),
-                "pgt_precision": finite(dig(last, "pgt.precision")),
-                "pgt_recall": finite(dig(last, "pgt.recall")),
-                "pgt_miou": finite(dig(last, "pgt.miou")),
-                "warmup_cached": dig(r, "warmup.cached"),
-                "warmup_seconds": finite(dig(r, "warmup.seconds")),
-                "seconds": finite(r.get("seconds")),
-            }
-        )
-    return attrs
+        leaves = {"last": (r.get("stages") or [{}])[-1], **r}
+        for name, path in METRIC_ATTRS.items():
+            v = finite(dig(leaves, path))
+            attrs[name] = None if v is None else round(v * scale, 4)
+        attrs["warmup_cached"] = dig(r, "warmup.cached")
+        attrs["warmup_seconds"] = finite(dig(r, "warmup.seconds"))
+        attrs["seconds"] = finite(r.get("seconds"))
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+def system_attrs(out: Outcome) -> dict[str, Any]:
+    """Bookkeeping the dashboard need not show: the harness row of this trial and the host it ran on."""
+    return {
+        k: v for k, v in {"harness_id": out.harness_id, "host": socket.gethostname()}.items() if v is not None
+    }
 
 
 def tell(study: optuna.Study, job: Job, out: Outcome) -> None:
+    """Close the Optuna trial (attributes first: Optuna refuses them on a finished trial). A trial that
+    another process already closed (recover_optuna of a concurrent run) is left as it is."""
+    try:
+        _tell(study, job, out)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _tell(study: optuna.Study, job: Job, out: Outcome) -> None:
     storage = study._storage
     for k, v in trial_attrs(job, out).items():
         retry_locked(storage.set_trial_user_attr, job.optuna_trial_id, k, v)
+    for k, v in system_attrs(out).items():
+        retry_locked(storage.set_trial_system_attr, job.optuna_trial_id, k, v)
     if out.status == COMPLETE:
-        retry_locked(study.tell, job.optuna_number, out.value, skip_if_finished=True)
+        retry_locked(study.tell, job.optuna_number, out.value * job.value_scale, skip_if_finished=True)
     else:
         state = TrialState.PRUNED if out.status == PRUNED else TrialState.FAIL
         retry_locked(study.tell, job.optuna_number, state=state, skip_if_finished=True)
@@ -170,7 +204,7 @@ def run_optuna_job(job: Job) -> Outcome:
     def on_stage(stage: int, value: float | None, metrics: dict) -> None:
         if value is None:
             return
-        retry_locked(trial.report, value, stage)
+        retry_locked(trial.report, value * job.value_scale, stage)
         if job.pruner != "none" and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at stage {stage} ({job.stage_metric} {value:.4f})")
 
@@ -197,10 +231,28 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
         h = by_number.get(ft.number)
         if h is not None and h["status"] == RUNNING:
             continue  # alive (recover_harness kept it)
+        owner = {**ft.user_attrs, **ft.system_attrs}  # user attrs: trials asked before this version
+        if owner.get("owner_host") == host and owner.get("owner_pid") is not None:
+            if pid_alive(owner["owner_pid"]):
+                continue  # its process will tell Optuna itself
+        else:  # another host's (or unknown) trial: leave it alone while it is recent
+            if h is not None and h["finished_at"] is not None:  # the store keeps naive UTC
+                last = h["finished_at"].replace(tzinfo=timezone.utc).timestamp()
+            else:  # Optuna keeps naive local time
+                last = ft.datetime_start.timestamp() if ft.datetime_start is not None else None
+            if last is None or now - last < grace:
+                continue
         if h is not None and h["status"] != INTERRUPTED and ft.state == TrialState.RUNNING:
-            # finished in the harness, killed before telling Optuna: tell now
+            # finished in the harness, its process killed before telling Optuna: tell now
             value = finite(dig(h["result"], plan.study.metric)) if h["status"] == COMPLETE else None
-            job = job_for_params(plan, ft.params, ft.number, url=store.url, optuna_trial_id=ft._trial_id)
+            job = job_for_params(
+                plan,
+                ft.params,
+                ft.number,
+                url=store.url,
+                optuna_trial_id=ft._trial_id,
+                value_scale=value_scale(study),
+            )
             out = Outcome(
                 optuna_number=ft.number,
                 status=h["status"],
@@ -211,23 +263,21 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
             )
             tell(study, job, out)
             continue
-        if h is None:  # asked but never started: whose was it?
-            owner_host, owner_pid = ft.user_attrs.get("owner_host"), ft.user_attrs.get("owner_pid")
-            if owner_host == host and owner_pid is not None:
-                if pid_alive(owner_pid):
-                    continue
-            elif ft.datetime_start is None or (now - ft.datetime_start.timestamp()) < grace:
-                continue
-        retry_locked(
-            study._storage.set_trial_user_attr,
-            ft._trial_id,
-            "error",
-            (h or {}).get("error") or "its process died before the trial started",
-        )
-        retry_locked(study._storage.set_trial_user_attr, ft._trial_id, "status", INTERRUPTED)
-        retry_locked(study._storage.set_trial_state_values, ft._trial_id, TrialState.FAIL)
+        why = (h or {}).get("error") or "its process died before the trial started"
+        try:
+            retry_locked(study._storage.set_trial_user_attr, ft._trial_id, "error", why)
+            retry_locked(study._storage.set_trial_user_attr, ft._trial_id, "status", INTERRUPTED)
+            retry_locked(study._storage.set_trial_state_values, ft._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # closed meanwhile by its own process
         failed.append(ft.number)
     return failed
+
+
+def mark_owner(study: optuna.Study, optuna_trial_id: int) -> None:
+    """Who asked for this trial (recover_optuna: is a trial that never started still someone's?)."""
+    for k, v in {"owner_host": socket.gethostname(), "owner_pid": os.getpid()}.items():
+        retry_locked(study._storage.set_trial_system_attr, optuna_trial_id, k, v)
 
 
 class Dispatcher:
@@ -250,13 +300,13 @@ class Dispatcher:
             self.budget = max(0, target - finished_count(plan, store))
 
     def _mark_owner(self, trial: optuna.Trial) -> None:
-        for k, v in {"owner_host": socket.gethostname(), "owner_pid": os.getpid()}.items():
-            retry_locked(trial.set_user_attr, k, v)
+        mark_owner(self.study, trial._trial_id)
 
     def next_job(self) -> Job | None:
         if self.budget <= 0:
             return None
-        plan, kw = self.plan, {"url": self.store.url, "code_version": self.cv}
+        kw = {"url": self.store.url, "code_version": self.cv, "value_scale": value_scale(self.study)}
+        plan = self.plan
         if not plan.is_grid:
             trial = retry_locked(self.study.ask, plan.search_space())
             self._mark_owner(trial)
@@ -293,7 +343,7 @@ def _worker_init(env: dict[str, str]) -> None:
 
 
 def log_outcome(log: Callable[[str], None], metric: str, job: Job, out: Outcome) -> None:
-    v = "" if out.value is None else f" {metric}={out.value:.4f}"
+    v = "" if out.value is None else f" {metric} {100 * out.value:.2f} %"
     extra = f" ({out.error})" if out.error else ""
     extra += f" [collapsed: {COLLAPSED_MEANING}]" if out.collapsed else ""
     log(f"[studies] trial #{job.optuna_number} {job.label} seed {job.seed}: {out.status}{v}{extra}")

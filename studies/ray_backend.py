@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +45,11 @@ from studies.optuna_backend import (
     log_outcome,
     log_recovered,
     make_sampler,
+    mark_owner,
     open_study,
     recover_optuna,
     tell,
+    value_scale,
 )
 from studies.plan import Plan
 from studies.quality import result_collapsed
@@ -141,8 +142,7 @@ class HarnessSearch(OptunaSearch):
                 self.h_keeper.release(owner, None)
             raise
         ot = self._ot_trials[trial_id]
-        ot.set_user_attr("owner_host", socket.gethostname())
-        ot.set_user_attr("owner_pid", os.getpid())
+        mark_owner(self._ot_study, ot._trial_id)
         self.h_budget -= 1
         self.h_jobs[trial_id] = job_for_params(
             plan,
@@ -151,13 +151,15 @@ class HarnessSearch(OptunaSearch):
             url=self.h_store.url,
             optuna_trial_id=ot._trial_id,
             claim_owner=owner,
+            value_scale=value_scale(self._ot_study),
         )
         return {**cfg, "_number": ot.number, "_trial_id": ot._trial_id, "_claim_owner": owner}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("final") or trial_id in self._completed_trials:
             return
-        retry_locked(self._ot_trials[trial_id].report, result["score"], result["stage"])
+        scale = self.h_jobs[trial_id].value_scale
+        retry_locked(self._ot_trials[trial_id].report, result["score"] * scale, result["stage"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -283,20 +285,7 @@ def run_study_ray(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     url = absolute_url(url)
-    store = get_store(url)
-    study = open_study(plan, store)
-    log_recovered(log, recover_optuna(plan, store, study))
     s = plan.study
-    if plan.is_grid:
-        done, running = point_states(plan, store, retry_failed)
-        num = len([p for p in plan.points if p.key not in done | running])
-        num = min(num, n_trials) if n_trials is not None else num
-    else:
-        num = max(0, (n_trials if n_trials is not None else s.n_trials) - finished_count(plan, store))
-    if num == 0:
-        log("[studies] nothing to run: every trial of this study is finished")
-        return []
-
     repo = str(Path(__file__).resolve().parents[1])
     env = {
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
@@ -316,11 +305,34 @@ def run_study_ray(
             configure_logging=False,
         )
         kw.update(ray_init or {})
-        ray.init(**kw)
+        try:
+            ray.init(**kw)
+        except ConnectionError as e:
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE")
+                else "; with token authentication set RAY_AUTH_MODE=token"
+            )
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at {address}: {one_line(e)}{hint}"
+            ) from None
         started = True
     searcher = None
     try:
+        # The cluster is checked before the study is touched: a request no node can hold changes nothing.
         cpus, gpus, slots = trial_resources(ray.nodes(), cpus_per_trial, gpus_per_trial, address or "local")
+        store = get_store(url)
+        study = open_study(plan, store)
+        log_recovered(log, recover_optuna(plan, store, study))
+        if plan.is_grid:
+            done, running = point_states(plan, store, retry_failed)
+            num = len([p for p in plan.points if p.key not in done | running])
+            num = min(num, n_trials) if n_trials is not None else num
+        else:
+            num = max(0, (n_trials if n_trials is not None else s.n_trials) - finished_count(plan, store))
+        if num == 0:
+            log("[studies] nothing to run: every trial of this study is finished")
+            return []
         extra = {k: max(1, int(cpus)) for k in ("train.threads", "train.workers") if k not in user_keys}
         mode = "max" if s.direction == "maximize" else "min"
         searcher = HarnessSearch(
@@ -371,7 +383,7 @@ def run_study_ray(
             searcher.close()
         if started:
             ray.shutdown()
-    return searcher.h_outcomes
+    return searcher.h_outcomes if searcher is not None else []
 
 
 def _preset_stages(plan: Plan) -> int:

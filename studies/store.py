@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from studies.models import (
@@ -300,6 +300,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def created_concurrently(create: Callable[[], T], attempts: int = 5) -> T:
+    """create() (tables, Optuna's schema), retried when another process created the same objects between
+    its check and ours: 'already exists', or a unique violation on the catalog / alembic_version."""
+    for i in range(attempts):
+        try:
+            return create()
+        except Exception as exc:
+            text = f"{exc} {exc.__cause__}"
+            racing = ("already exists", "duplicate key", "UNIQUE constraint failed")
+            if not any(r in text for r in racing) or i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
 # ------------------------------------------------------------------------------------------- Store
 class StoreError(Exception):
     """The store cannot be opened or read (missing file, empty store, unknown study); one line."""
@@ -328,12 +343,7 @@ class Store:
             self._migrate_statuses()
 
     def _create_tables(self) -> None:
-        for i in range(3):
-            try:
-                return retry_locked(Base.metadata.create_all, self.engine)
-            except OperationalError as exc:  # another process created them between check and create
-                if "already exists" not in str(exc) or i == 2:
-                    raise
+        created_concurrently(lambda: retry_locked(Base.metadata.create_all, self.engine))
 
     @_retrying
     def _migrate_statuses(self) -> None:
@@ -362,17 +372,11 @@ class Store:
         if self._optuna_storage is None:
             import optuna
 
-            for i in range(3):  # several processes creating Optuna's tables at once: the losers retry
-                try:
-                    storage = retry_locked(
-                        optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url)
-                    )
-                    break
-                except Exception as exc:
-                    text = f"{exc} {exc.__cause__}"
-                    if ("already exists" not in text and "duplicate key" not in text) or i == 2:
-                        raise
-                    time.sleep(0.2 * (i + 1))
+            storage = created_concurrently(
+                lambda: retry_locked(
+                    optuna.storages.RDBStorage, self.url, engine_kwargs=engine_kwargs(self.url)
+                )
+            )
             if is_sqlite(self.url):
                 event.listen(storage.engine, "connect", _sqlite_on_connect)
                 storage.engine.dispose()  # connections opened before the listener get reopened with it
