@@ -68,6 +68,7 @@ class _Images:
         return self.images[i]
 
 
+@pytest.mark.slow
 def test_refined_cam_renorm_reaches_network_cues():
     from core.trial import build_net, network_cues
 

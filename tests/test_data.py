@@ -62,6 +62,7 @@ def test_layout_written(smoke):
     assert p["size"] % 8 == 0 and PRESETS["default"]["size"] % 8 == 0
 
 
+@pytest.mark.slow
 def test_cli_prints_summary(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--preset", "smoke", "--seed", "3"]) == 0
     text = capsys.readouterr().out
@@ -69,6 +70,7 @@ def test_cli_prints_summary(tmp_path, capsys):
     assert (tmp_path / "d" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_deterministic(smoke, tmp_path):
     out, _ = smoke
     generate(tmp_path / "again", "smoke", seed=0)
@@ -80,6 +82,7 @@ def test_deterministic(smoke, tmp_path):
     assert all(a[k] != c[k] for k in jpgs)
 
 
+@pytest.mark.slow
 def test_ensure_generated_reuses(smoke, tmp_path):
     d = tmp_path / "ens"
     s1 = ensure_generated(d, "smoke", 0)

@@ -303,6 +303,7 @@ def full_backbone():
     return ResNet38(1.0)
 
 
+@pytest.mark.slow
 def test_load_backbone_strict_from_state_dict_and_path(ref, full_backbone, tmp_path):
     sd = _random_backbone_sd(ref, prefix="module.")
     bb = load_backbone(sd, into=full_backbone)
@@ -344,6 +345,7 @@ def test_load_backbone_errors(ref, full_backbone, tmp_path):
         load_backbone(sd, into=ResNet38(0.0625))
 
 
+@pytest.mark.slow
 def test_classifier_and_transfer_to_auxsegnet():
     torch.manual_seed(0)
     clf = Classifier(21, W)

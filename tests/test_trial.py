@@ -23,6 +23,7 @@ def _metrics(res):
     return d["initial_pgt"], [(s["val"], s["pgt"]) for s in d["stages"]], d["final"]
 
 
+@pytest.mark.slow
 def test_full_smoke_trial(runs):
     """Warm-up, >= 2 stages with label updates (CRF in a 2-process pool), post-processed evaluation."""
     reports = []
@@ -49,6 +50,7 @@ def test_full_smoke_trial(runs):
     assert d["environment"]["threads"] >= 1 and d["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_cache_reuse(runs):
     a = run_trial(make_config("smoke", TINY + ["seed=3"]))
     b = run_trial(make_config("smoke", TINY + ["seed=3"]))
@@ -63,6 +65,7 @@ def test_same_seed_same_metrics_and_cache_reuse(runs):
         assert e.warmup["cached"] is False and e.environment["threads"] == 1
 
 
+@pytest.mark.slow
 def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_path):
     src = runs / "data" / "synthetic-smoke-seed0"
     ensure_generated(src, preset="smoke", seed=0)
@@ -76,12 +79,14 @@ def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_pa
     assert run_trial(cfg).warmup["cached"] is False
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_the_trial_with_a_reason(runs):
     res = run_trial(make_config("smoke", TINY + ["train.lr=1e30"]))
     assert res.status == "failed"
     assert "non-finite loss" in res.error and res.final is None
 
 
+@pytest.mark.slow
 def test_report_exception_propagates(runs):
     class Prune(Exception):
         pass
@@ -93,6 +98,7 @@ def test_report_exception_propagates(runs):
         run_trial(make_config("smoke", TINY), report=report)
 
 
+@pytest.mark.slow
 def test_cli_writes_result_json_and_rejects_bad_keys(runs, tmp_path):
     env = dict(os.environ, AUXSEG_RUNS=str(runs))
     out = tmp_path / "one"
@@ -142,6 +148,7 @@ def test_paper_preset_is_a_valid_config_and_reaches_the_data_check(tmp_path):
     assert p.returncode == 2 and "novoc" in p.stderr and p.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_init_weights_errors_are_one_line(runs, tmp_path):
     env = dict(os.environ, AUXSEG_RUNS=str(runs))
     empty = tmp_path / "w.pth"
@@ -189,6 +196,7 @@ def test_pretrained_checkpoint_errors_name_the_rebuild_command(tmp_path, monkeyp
     assert pretrain.check_init_weights("", 0.0625) is None
 
 
+@pytest.mark.slow
 def test_pretrain_cli_writes_a_loadable_backbone(tmp_path):
     out = tmp_path / "bb.pt"
     args = ["--width", "0.0625", "--size", "32", "--images", "32", "--epochs", "1", "--out", str(out)]
