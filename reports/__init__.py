@@ -6,6 +6,7 @@ flagged (studies.quality), and seaborn figures, built from the results store (re
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from studies.store import DEFAULT_URL
@@ -82,4 +83,10 @@ def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path 
     section("Failed trials", tables.failures(study))
     path = out / f"{stem}.md"
     path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    try:  # the dashboard's study note; the report file is written whatever happens here
+        from .dashboard import publish_note
+
+        publish_note(name, storage_url, path)
+    except Exception as e:
+        print(f"[reports] warning: dashboard note not written: {type(e).__name__}: {e}", file=sys.stderr)
     return path

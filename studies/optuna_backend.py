@@ -106,7 +106,9 @@ def open_study(plan: Plan, store: Store) -> optuna.Study:
         if v is not None and v != "":
             retry_locked(study.set_user_attr, k, v)
     unit = "%" if attrs.get("value_unit", study.user_attrs.get("value_unit")) == PERCENT else "fraction"
-    retry_locked(study.set_metric_names, [f"{s.metric} ({unit})"])
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_locked(study.set_metric_names, [f"{s.metric} ({unit})"])
     return study
 
 
