@@ -1,0 +1,92 @@
+"""What optuna-dashboard shows for a study, read from a real `optuna-dashboard` server's HTTP API: the
+report as the study note, the metric's name and unit, clean user attributes, per-epoch learning curves
+and each trial's gallery artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_claims import write_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def served_study(tmp_path):
+    """A 2 x 2 grid run by `studies.run` with a stand-in trial, then a dashboard server on its store."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = write_grid(tmp_path, url, rows=2, seeds=2)
+    env = {**os.environ, "STUDIES_TRIAL_FN": "tests.test_claims:sleepy_trial", "PYTHONPATH": str(ROOT),
+           "CLAIMS_TEST_SLEEP": "0.01"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "studies.run", "g", "--study-file", str(study)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    port = free_port()
+    server = subprocess.Popen(
+        [str(DASHBOARD), url, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                get(port, "/api/studies")
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("optuna-dashboard did not answer within 20 s")
+        yield port, tmp_path
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_dashboard_shows_the_report_note_metric_name_and_clean_attributes(served_study):
+    port, tmp_path = served_study
+    (summary,) = get(port, "/api/studies")["study_summaries"]
+    d = get(port, f"/api/studies/{summary['study_id']}")
+    note = d["note"]["body"]
+    assert "# Study report: g" in note and "Δ paired (95% CI)" in note
+    assert "\n| r0 |" in note and "\n| r1 |" in note  # the table, one line per row
+    assert f"Report file: `{tmp_path / 'runs' / 'reports' / 'g.md'}`" in note
+    assert "- **Reproduce:** `python -m studies.run g --preset smoke" in note
+    assert d["objective_names"] == ["final.miou (%)"]
+    assert {a["key"]: a["value"] for a in summary["user_attrs"]}["value_unit"] == "percent"
+    assert len(d["trials"]) == 4
+    for t in d["trials"]:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert attrs["status"] == "complete" and attrs["collapsed"] == "False"
+        assert not {"row", "variant", "seed", "harness_trial_id", "owner_host", "owner_pid", "error"} & set(
+            attrs
+        )
+        assert all(v not in (None, "None", "null") for v in attrs.values())
+        seed = int(t["params"][[p["name"] for p in t["params"]].index("seed")]["param_external_value"])
+        assert t["values"] == [pytest.approx(30.0 + seed)]  # percent: the stand-in trial's 0.30 + 0.01 seed
