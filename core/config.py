@@ -89,6 +89,9 @@ class TrainConfig:
     scale_max: float = 1.3
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on a GPU (ignored on the CPU); the authors train in fp32
+    # bf16 autocast on the CPU (needs AVX512-BF16 or AMX; checked when the trial starts). Other floats
+    # than fp32, so a study compares like with like only at one setting.
+    cpu_amp: bool = False
     channels_last: bool = True  # on a GPU
     threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
     workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
@@ -112,6 +115,11 @@ class EvalConfig:
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     flip: bool = True
     crf: bool = True
+    # Learning curves: val mIoU on this many fixed val images (evenly spaced) after every epoch but a
+    # stage's last (which gets the whole val set); 0 turns them off. Never changes training.
+    curve_images: int = 16
+    # Image gallery (core.gallery): this many fixed val images, written when the runner asks for it.
+    gallery_images: int = 8
 
 
 @dataclass(frozen=True)
@@ -348,6 +356,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.stages < 1:
         raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
+    if cfg.eval.gallery_images < 0:
+        raise ConfigError(f"eval.gallery_images must be >= 0 (0: no gallery), got {cfg.eval.gallery_images}")
+    if cfg.eval.curve_images < 0:
+        raise ConfigError(
+            f"eval.curve_images must be >= 0 (0: no learning curves), got {cfg.eval.curve_images}"
+        )
     if t.crop < 8:  # any size >= one output-stride cell works: the paper's 321 gives 41x41 maps
         raise ConfigError(f"train.crop must be >= 8 (the output stride), got {t.crop}")
     if t.optimizer not in ("sgd", "adam"):

@@ -64,8 +64,10 @@ def evaluate(
     pool: Executor | None = None,
     amp_ctx: AmpContext | None = None,
     desc: str = "eval",
+    indices: Sequence[int] | None = None,
 ) -> ValMetrics:
-    """{miou, miou_post (None unless post), per_class_iou} on ds (its ground-truth masks).
+    """{miou, miou_post (None unless post), per_class_iou} on ds (its ground-truth masks), or on the
+    images `indices` of ds only.
 
     Network passes run here; the CRF of each image runs in the pool while the next image is predicted.
     """
@@ -76,14 +78,15 @@ def evaluate(
 
     def post_jobs():
         nonlocal conf
-        for i in tqdm(range(len(ds)), desc=desc, leave=False, disable=None):
+        for i in tqdm(order, desc=desc, leave=False, disable=None):
             img, gt = ds.image(i), ds.mask(i)
             conf += confusion(predict_probs(net, img, device, amp_ctx=amp_ctx).argmax(0), gt, c)
             if post:
                 yield img, predict_probs(net, img, device, cfg.eval.scales, cfg.eval.flip, amp_ctx=amp_ctx)
 
+    order = list(range(len(ds))) if indices is None else list(indices)
     jobs = bounded_map(pool, crf_label_job, post_jobs()) if cfg.eval.crf else map(_argmax_job, post_jobs())
-    for i, pred in enumerate(jobs):
+    for i, pred in zip(order, jobs):
         conf_post += confusion(pred, ds.mask(i), c)
     m, per_class = miou(conf)
     return {"miou": m, "miou_post": miou(conf_post)[0] if post else None, "per_class_iou": per_class}

@@ -28,13 +28,24 @@ class ValMetrics(TypedDict):
     per_class_iou: list[float | None]  # None: the class is in neither ground truth nor prediction
 
 
-class StageRecord(TypedDict):
-    """One stage: val metrics of the net trained on pseudo labels of quality pgt; what report() gets."""
+class CurvePoint(TypedDict):
+    """Val mIoU on the fixed curve subset (eval.curve_images) after one epoch; epoch counts across stages."""
+
+    epoch: int
+    miou: float
+
+
+class StageRecord(TypedDict, total=False):
+    """One stage: val metrics of the net trained on pseudo labels of quality pgt; what report() gets.
+    epoch: the global epoch the stage ends on (its step in a learning curve); curve: the stage's
+    per-epoch points before its last epoch (whose value is `val`, on the whole val set)."""
 
     stage: int
     val: ValMetrics
     pgt: PgtMetrics
     seconds: float
+    epoch: int
+    curve: list[CurvePoint]
 
 
 class FinalMetrics(TypedDict):
@@ -82,3 +93,4 @@ class TrialRecord(TypedDict):
     timings: dict[str, float]
     dataset: DatasetRecord | None
     environment: EnvironmentRecord | None
+    artifacts: dict[str, str]  # name -> file: "gallery" (core.gallery) when the trial wrote one

@@ -29,11 +29,26 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+def cpu_bf16_supported() -> bool:
+    """oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 would be emulated, slowly."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_amp(cfg: Config, device: torch.device) -> None:
+    if device.type == "cpu" and cfg.train.cpu_amp and not cpu_bf16_supported():
+        raise RuntimeError(
+            f"train.cpu_amp=true: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+            "(AVX512-BF16 or AMX); use train.cpu_amp=false"
+        )
+
+
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on a GPU when train.amp (an opt-in speed-up for the paper preset, which trains in fp32
-    as the authors); the CPU path runs in fp32 so results are reproducible."""
+    as the authors), and on the CPU when train.cpu_amp; otherwise fp32."""
     if device.type == "cuda" and cfg.train.amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.train.cpu_amp:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -145,8 +160,10 @@ def train_stage(
     device: torch.device,
     rng: np.random.Generator,
     stage: int,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """One stage of multi-task training on the current pseudo labels; returns mean loss terms."""
+    """One stage of multi-task training on the current pseudo labels; returns mean loss terms.
+    on_epoch(epoch) runs after each epoch (it may evaluate: the net is put back in training mode)."""
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
@@ -183,5 +200,8 @@ def train_stage(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch)
+            net.train()
     bar.close()
     return {k: v / max(step, 1) for k, v in sums.items()}

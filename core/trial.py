@@ -32,12 +32,14 @@ from core.cache import atomic_dir
 from core.config import Config, ConfigError, make_config, parse_overrides
 from core.data import DEFAULT_SALIENCY, DataError, VOCDataset, ensure_generated, normalize
 from core.evaluate import evaluate
+from core.gallery import GalleryRow, render_gallery
 from core.labels import update_labels_one
 from core.metrics import pgt_summary
 from core.model import AuxSegNet, Classifier, load_backbone, refine_with_affinity
 from core.parallel import bounded_map, make_pool
 from core.pretrain import check_init_weights, resolve_init_weights, weights_fingerprint
 from core.records import (
+    CurvePoint,
     DatasetRecord,
     EnvironmentRecord,
     FinalMetrics,
@@ -46,7 +48,15 @@ from core.records import (
     TrialRecord,
     WarmupRecord,
 )
-from core.train import NonFiniteLoss, autocast, resolve_device, to_device, train_stage, train_warmup
+from core.train import (
+    NonFiniteLoss,
+    autocast,
+    check_amp,
+    resolve_device,
+    to_device,
+    train_stage,
+    train_warmup,
+)
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
 CACHE_VERSION = 3
@@ -75,6 +85,8 @@ WARMUP_KEYS = [
     "train.poly_power",
     "train.warmup_head_lr_mult",
     "model.freeze_bn",
+    "train.amp",
+    "train.cpu_amp",
 ]
 
 
@@ -84,6 +96,14 @@ def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
 
 
 Report = Callable[[int, StageRecord], None]
+EpochReport = Callable[[int, float], None]  # (global epoch, val mIoU on the curve subset)
+
+
+def curve_indices(n_val: int, k: int) -> list[int]:
+    """The fixed learning-curve subset: k val images evenly spaced over the split (all if k >= n_val)."""
+    if k <= 0 or n_val == 0:
+        return []
+    return sorted(set(np.linspace(0, n_val - 1, min(k, n_val)).round().astype(int).tolist()))
 
 
 @dataclasses.dataclass
@@ -99,6 +119,7 @@ class TrialResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     dataset: DatasetRecord | None = None
     environment: EnvironmentRecord | None = None
+    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> file (the gallery)
 
     def to_dict(self) -> TrialRecord:
         """The result.json record (see core.records)."""
@@ -340,12 +361,95 @@ def network_cues(
     return cam_at, sal_at
 
 
-def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
+class _View:
+    """The images `idx` of a data set, indexed 0..len-1 (what label_jobs / network_cues read)."""
+
+    def __init__(self, ds: VOCDataset, idx: list[int]):
+        self.ds, self.idx, self.num_classes = ds, idx, ds.num_classes
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def image(self, j: int) -> np.ndarray:
+        return self.ds.image(self.idx[j])
+
+    def mask(self, j: int) -> np.ndarray:
+        return self.ds.mask(self.idx[j])
+
+    def labels(self, j: int) -> np.ndarray:
+        return self.ds.labels(self.idx[j])
+
+    def saliency(self, j: int) -> np.ndarray:
+        return self.ds.saliency(self.idx[j])
+
+
+@torch.no_grad()
+def gallery_rows(
+    cfg: Config, net: AuxSegNet, clf: Classifier, val: VOCDataset, device: torch.device
+) -> list[GalleryRow]:
+    """core.gallery's rows for the fixed val subset (eval.gallery_images, evenly spaced)."""
+    from core.evaluate import predict_probs
+
+    root, sal = resolve_data_root(cfg), cfg.data.saliency or DEFAULT_SALIENCY
+    try:  # the val split's saliency maps, where the data set has them (the benchmark does)
+        val_sal = VOCDataset(root, cfg.data.val_split, saliency=sal, num_classes=val.num_classes)
+    except DataError:
+        val_sal = val
+    view = _View(val_sal, curve_indices(len(val), cfg.eval.gallery_images))
+    warm = compute_cams(clf.to(device), view, device)  # type: ignore[arg-type]
+    cams, pred_sal = network_cues(net, view, warm, cfg, device)  # type: ignore[arg-type]
+    rows: list[GalleryRow] = []
+    for j in range(len(view)):
+        img, labels = view.image(j), view.labels(j)
+        cam = _cam_at(warm[j], img.shape[:2])
+        present = np.flatnonzero(labels)
+        initial = last = None
+        try:
+            pt_sal = view.saliency(j)
+            common = {
+                "img": img,
+                "labels": labels,
+                "pt_sal": pt_sal,
+                "gt": None,
+                "num_classes": val.num_classes,
+                "cam_threshold": cfg.labels.cam_threshold,
+                "sal_threshold": cfg.labels.sal_threshold,
+                "sal_crf": cfg.labels.sal_crf,
+                "sal_binarize": cfg.labels.sal_binarize,
+            }
+            initial = update_labels_one({**common, "cam": cam, "pred_sal": None})["seg"]
+            last = update_labels_one({**common, "cam": cams(j), "pred_sal": pred_sal(j)})["seg"]
+        except DataError:
+            pass
+        rows.append(
+            {
+                "name": Path(str(val.image_path(view.idx[j]))).stem,
+                "image": img,
+                "gt": view.mask(j),
+                "cam": cam[present].max(0) if len(present) else np.zeros(img.shape[:2], np.float32),
+                "initial": initial,
+                "last": last,
+                "pred": predict_probs(net, img, device).argmax(0).astype(np.uint8),
+            }
+        )
+    return rows
+
+
+def run_trial(
+    cfg: Config,
+    report: Report | None = None,
+    on_epoch: EpochReport | None = None,
+    artifacts_dir: str | Path | None = None,
+) -> TrialResult:
+    """One trial. report(stage, record) after each stage; on_epoch(global epoch, subset val mIoU) after
+    every other epoch when eval.curve_images > 0. Either may raise to stop the trial (pruning).
+    artifacts_dir: where the image gallery (core.gallery) is written, if given."""
     t_start = time.time()
     timings: dict[str, float] = {}
     result = TrialResult(status="complete", error=None, config=cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
+    check_amp(cfg, device)
     result.environment = environment(device)
     check_init_weights(cfg.model.init_weights, cfg.model.width)
 
@@ -399,17 +503,40 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             return autocast(cfg, device)
 
         has_sal = "sal" in cfg.model.branches
+        subset = curve_indices(len(val), cfg.eval.curve_images)
+        epochs = cfg.train.stage_epochs
         for s in range(cfg.train.stages):
             t_stage = time.time()
             t = time.time()
-            train_stage(net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s)
-            timings["train"] = timings.get("train", 0.0) + time.time() - t
+            curve: list[CurvePoint] = []
+
+            def epoch_end(epoch: int, s: int = s, curve: list[CurvePoint] = curve) -> None:
+                if not subset or epoch == epochs - 1:  # a stage's last epoch gets the whole val set
+                    return
+                t_curve = time.time()
+                m = evaluate(net, val, cfg, device, False, None, amp, desc="curve", indices=subset)["miou"]
+                timings["curve"] = timings.get("curve", 0.0) + time.time() - t_curve
+                curve.append({"epoch": s * epochs + epoch, "miou": m})
+                if on_epoch is not None:
+                    on_epoch(s * epochs + epoch, m)
+
+            curve_before = timings.get("curve", 0.0)
+            train_stage(net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s, epoch_end)
+            spent_on_curve = timings.get("curve", 0.0) - curve_before
+            timings["train"] = timings.get("train", 0.0) + time.time() - t - spent_on_curve
             t = time.time()
             last = s == cfg.train.stages - 1
             post = cfg.eval.post and (last or cfg.eval.post_every_stage)
             metrics = evaluate(net, val, cfg, device, post, pool, amp_ctx=amp, desc=f"eval {s}")
             timings["eval"] = timings.get("eval", 0.0) + time.time() - t
-            record: StageRecord = {"stage": s, "val": metrics, "pgt": pgt, "seconds": time.time() - t_stage}
+            record: StageRecord = {
+                "stage": s,
+                "val": metrics,
+                "pgt": pgt,
+                "seconds": time.time() - t_stage,
+                "epoch": (s + 1) * epochs - 1,
+                "curve": curve,
+            }
             result.stages.append(record)
             if report is not None:
                 report(s, record)
@@ -423,6 +550,17 @@ def run_trial(cfg: Config, report: Report | None = None) -> TrialResult:
             "miou": result.stages[-1]["val"]["miou"],
             "miou_post": result.stages[-1]["val"]["miou_post"],
         }
+        if artifacts_dir is not None and cfg.eval.gallery_images > 0:
+            t = time.time()
+            try:  # a gallery is for looking at; it never fails the trial
+                path = Path(artifacts_dir) / "gallery.png"
+                title = f"seed {cfg.seed}: {'+'.join(cfg.model.branches)}, affinity {cfg.model.affinity}"
+                rows = gallery_rows(cfg, net, clf, val, device)
+                render_gallery(rows, list(val.class_names), path, title=title)
+                result.artifacts = {"gallery": str(path)}
+            except Exception as e:
+                print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
+            timings["gallery"] = time.time() - t
     except NonFiniteLoss as e:
         result.status, result.error = "failed", str(e)
     finally:
@@ -476,11 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.trial", description="Run one complete AuxSegNet trial.")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
-    ap.add_argument("--out", required=True, help="folder for result.json")
+    ap.add_argument("--out", required=True, help="folder for result.json and gallery.png")
     args = ap.parse_args(argv)
     try:
         cfg = make_config(args.preset, parse_overrides([x for group in args.overrides for x in group]))
-        res = run_trial(cfg)
+        res = run_trial(cfg, artifacts_dir=args.out)
     except (ConfigError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

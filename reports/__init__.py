@@ -80,6 +80,7 @@ def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path 
             figures.stage_curves(study, out, f"{stem}_stages.png"),
         ),
     )
+    section("Galleries", tables.galleries(study, out))
     section("Failed trials", tables.failures(study))
     path = out / f"{stem}.md"
     path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")

@@ -7,9 +7,11 @@ spec stored with the study. Metrics are fractions in the store and printed as pe
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 
@@ -531,6 +533,35 @@ def per_seed_table(study: StudyResults) -> str | None:
     return (
         f"**{metric_label(study.metric)} per seed** (`{study.metric}`; – = no complete trial, "
         "⚠ = collapsed):\n\n" + markdown(header, body)
+    )
+
+
+def galleries(study: StudyResults, out_dir: Path) -> str | None:
+    """Per (row, variant): a link to each seed's image gallery (core.gallery, stored as an Optuna artifact
+    by studies.run), relative to the report's folder; None when no trial has one."""
+    done = study.complete
+    links = {}
+    for t in done.itertuples():
+        path = dig(t.result, "artifacts.gallery") if isinstance(t.result, dict) else None
+        if path:
+            rel = os.path.relpath(path, Path(out_dir).resolve())
+            links.setdefault((t.row, t.variant), []).append((int(t.seed), rel))
+    if not links:
+        return None
+    variants = study.variant_order() != [""]
+    body = [
+        [
+            row,
+            *([variant] if variants else []),
+            " ".join(f"[seed {s}]({p})" for s, p in sorted(links[(row, variant)])),
+        ]
+        for row, variant in groups(study)
+        if (row, variant) in links
+    ]
+    return (
+        "Image | ground truth | CAM | initial pseudo label | last pseudo label | prediction, for the same "
+        "val images in every trial (also on each trial's page in optuna-dashboard):\n\n"
+        + markdown(["Config", *(["Variant"] if variants else []), "Galleries"], body)
     )
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -77,6 +81,7 @@ class Job:
     optuna_trial_id: int | None = None
     claim_owner: str | None = None  # set for grid points: the claim this trial runs under
     value_scale: float = 100.0  # metric (a fraction) -> Optuna value (optuna_backend.value_scale)
+    artifacts: str | None = None  # Optuna artifact store folder for the trial's gallery (None: no gallery)
 
     @property
     def label(self) -> str:
@@ -212,8 +217,10 @@ def execute(
     pruned_types: tuple[type[BaseException], ...] = (optuna.TrialPruned,),
     on_begin: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Run one trial and record it in the harness tables. on_stage(stage, stage_metric, metrics) may raise
-    one of pruned_types to stop the trial (recorded as pruned). The claim (if any) is marked done (or
+    """Run one trial and record it in the harness tables. on_stage(step, value, metrics) gets every
+    intermediate value: the stage metric at the end of each stage and, when it is val.miou, the learning
+    curve after every other epoch (step = global epoch); it may raise one of pruned_types to stop the
+    trial (recorded as pruned). The claim (if any) is marked done (or
     freed, for an interrupted trial) once the trial row is closed."""
     store = get_store(job.url)
     cfg = make_config(job.preset, job.overrides)
@@ -235,17 +242,22 @@ def execute(
 
     def report(stage: int, metrics: dict) -> None:
         store.record_stage(harness_id, metrics)
-        if on_stage is not None:
-            on_stage(stage, finite(dig(metrics, job.stage_metric)), metrics)
+        if on_stage is not None:  # a stage's value lands on the global epoch it ends on
+            on_stage(metrics.get("epoch", stage), finite(dig(metrics, job.stage_metric)), metrics)
+
+    def epoch(step: int, miou: float) -> None:  # learning-curve points (val mIoU on a fixed subset)
+        if on_stage is not None and job.stage_metric == "val.miou":
+            on_stage(step, finite(miou), {"epoch": step, "val": {"miou": miou}, "curve": True})
 
     def close(status: str, result: dict | None = None, error: str | None = None) -> None:
         store.finish_trial(harness_id, status, result=result, error=error)
         if job.claim_owner is not None:
             store.release_claim(job.claim_owner, status)
 
+    scratch = tempfile.mkdtemp(prefix="trial-artifacts-") if job.artifacts else None
     try:
         try:
-            res = trial_fn()(cfg, report=report)
+            res = trial_fn()(cfg, report=report, on_epoch=epoch, artifacts_dir=scratch)
         except pruned_types as e:
             close(PRUNED, error=str(e) or "pruned")
             return Outcome(
@@ -262,6 +274,8 @@ def execute(
             close(FAILED, error=err)
             return Outcome(optuna_number=job.optuna_number, status=FAILED, error=err, harness_id=harness_id)
         d = res.to_dict() if hasattr(res, "to_dict") else dict(res)
+        if job.artifacts and (d.get("artifacts") or {}).get("gallery"):
+            d["artifacts"] = {"gallery": upload_gallery(job, store, d["artifacts"]["gallery"])}
         value = finite(dig(d, job.metric))
         status, err = d.get("status", COMPLETE), d.get("error")
         if status == COMPLETE and value is None:
@@ -277,6 +291,29 @@ def execute(
         )
     finally:
         beat.stop()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def upload_gallery(job: Job, store: Store, path: str) -> str | None:
+    """The trial's gallery PNG as an Optuna artifact (the dashboard shows it on the trial); returns its
+    file in the artifact store, or None (logged) when the upload fails: a gallery never fails a trial."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    try:
+        storage = store.optuna_storage()
+        artifact_id = upload_artifact(
+            artifact_store=FileSystemArtifactStore(job.artifacts),
+            file_path=path,
+            study_or_trial=storage.get_trial(job.optuna_trial_id),
+            storage=storage,
+            mimetype="image/png",
+        )
+        return str(Path(job.artifacts) / artifact_id)
+    except Exception as e:
+        print(f"[studies] warning: gallery of trial #{job.optuna_number} not uploaded: {one_line(e)}",
+              file=sys.stderr)  # fmt: skip
+        return None
 
 
 # ------------------------------------------------------------------------------- resume / faults
@@ -284,12 +321,11 @@ def point_states(plan: Plan, store: Store, retry_failed: bool = False) -> tuple[
     """(done, running) grid keys from the harness table. Interrupted trials count as not done; failed
     ones count as done unless retry_failed."""
     done, running = set(), set()
-    for t in store.trials(plan.study.name):
-        key = (t["row"], t["variant"], t["seed"])
-        if t["status"] in (COMPLETE, PRUNED) or (t["status"] == FAILED and not retry_failed):
-            done.add(key)
-        elif t["status"] == RUNNING:
-            running.add(key)
+    for row, variant, seed, status in store.point_statuses(plan.study.name):
+        if status in (COMPLETE, PRUNED) or (status == FAILED and not retry_failed):
+            done.add((row, variant, seed))
+        elif status == RUNNING:
+            running.add((row, variant, seed))
     return done, running
 
 
@@ -301,6 +337,4 @@ def finished_count(plan: Plan, store: Store) -> int:
 def recover_harness(plan: Plan, store: Store, grace_s: float | None = None) -> list[int]:
     """Mark what a killed process left running as interrupted; return those harness_ids. Their claims
     are taken over by the next claimant (their owner is dead or silent)."""
-    kw = {} if grace_s is None else {"grace_s": grace_s}
-    live = store.live_running(plan.study.name, **kw)
-    return store.mark_stale_running(plan.study.name, keep=live)
+    return store.interrupt_dead(plan.study.name, **({} if grace_s is None else {"grace_s": grace_s}))

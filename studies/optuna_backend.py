@@ -203,12 +203,13 @@ def run_optuna_job(job: Job) -> Outcome:
     )
     trial = optuna.trial.Trial(study, job.optuna_trial_id)
 
-    def on_stage(stage: int, value: float | None, metrics: dict) -> None:
+    def on_stage(step: int, value: float | None, metrics: dict) -> None:
         if value is None:
             return
-        retry_locked(trial.report, value * job.value_scale, stage)
+        retry_locked(trial.report, value * job.value_scale, step)
         if job.pruner != "none" and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at stage {stage} ({job.stage_metric} {value:.4f})")
+            what = "val.miou on the curve subset" if metrics.get("curve") else job.stage_metric
+            raise optuna.TrialPruned(f"pruned at epoch {step} ({what} {100 * value:.2f} %)")
 
     try:
         out = execute(job, on_stage)
@@ -287,9 +288,16 @@ class Dispatcher:
     sampled tuning trial."""
 
     def __init__(
-        self, plan: Plan, store: Store, study: optuna.Study, cv: str, n_trials: int | None, retry_failed: bool
+        self,
+        plan: Plan,
+        store: Store,
+        study: optuna.Study,
+        cv: str,
+        n_trials: int | None,
+        retry_failed: bool,
+        artifacts: str | None = None,
     ):
-        self.plan, self.store, self.study, self.cv = plan, store, study, cv
+        self.plan, self.store, self.study, self.cv, self.artifacts = plan, store, study, cv, artifacts
         self.retry_failed = retry_failed
         self.handed: set = (
             set()
@@ -307,7 +315,12 @@ class Dispatcher:
     def next_job(self) -> Job | None:
         if self.budget <= 0:
             return None
-        kw = {"url": self.store.url, "code_version": self.cv, "value_scale": value_scale(self.study)}
+        kw = {
+            "url": self.store.url,
+            "code_version": self.cv,
+            "value_scale": value_scale(self.study),
+            "artifacts": self.artifacts,
+        }
         plan = self.plan
         if not plan.is_grid:
             trial = retry_locked(self.study.ask, plan.search_space())
@@ -366,12 +379,14 @@ def run_study(
     n_trials: int | None = None,
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
+    artifacts: str | None = None,
 ) -> list[Outcome]:
-    """Run (or resume) a study with Optuna; returns this invocation's outcomes."""
+    """Run (or resume) a study with Optuna; returns this invocation's outcomes. artifacts: the Optuna
+    artifact store folder for the trials' galleries (None: no galleries)."""
     store = get_store(url)
     study = open_study(plan, store)
     log_recovered(log, recover_optuna(plan, store, study))
-    disp = Dispatcher(plan, store, study, code_version(), n_trials, retry_failed)
+    disp = Dispatcher(plan, store, study, code_version(), n_trials, retry_failed, artifacts)
     outcomes: list[Outcome] = []
 
     def done(out: Outcome, job: Job) -> None:

@@ -153,7 +153,13 @@ class HarnessSearch(OptunaSearch):
             claim_owner=owner,
             value_scale=value_scale(self._ot_study),
         )
-        return {**cfg, "_number": ot.number, "_trial_id": ot._trial_id, "_claim_owner": owner}
+        return {
+            **cfg,
+            "_number": ot.number,
+            "_trial_id": ot._trial_id,
+            "_claim_owner": owner,
+            "_value_scale": value_scale(self._ot_study),
+        }
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("final") or trial_id in self._completed_trials:
@@ -181,7 +187,7 @@ class HarnessSearch(OptunaSearch):
             if error:  # the trial's process or node died: rerun on the next invocation
                 status, why = INTERRUPTED, "its Ray worker or node died while the trial was running"
             else:
-                status, why = PRUNED, f"stopped by ASHA after stage {result.get('stage')}"
+                status, why = PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
             out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=hid)
             if hid is None:
                 hid = self._harness_id_of(job)
@@ -221,7 +227,9 @@ class HarnessSearch(OptunaSearch):
             self.h_keeper.close()
 
 
-def _make_trainable(plan: Plan, url: str, cv: str, extra: dict[str, Any]) -> Callable[[dict], None]:
+def _make_trainable(
+    plan: Plan, url: str, cv: str, extra: dict[str, Any], artifacts: str | None
+) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
         import ray
         from ray import tune
@@ -235,16 +243,18 @@ def _make_trainable(plan: Plan, url: str, cv: str, extra: dict[str, Any]) -> Cal
             code_version=cv,
             optuna_trial_id=config["_trial_id"],
             claim_owner=config.get("_claim_owner"),
+            value_scale=config.get("_value_scale", 100.0),
+            artifacts=artifacts,
         )
         job.overrides = {**job.overrides, **extra}
         node = ray.get_runtime_context().get_node_id()
         state: dict[str, Any] = {"harness_id": None, "last": 0.0}
 
-        def on_stage(stage: int, value: float | None, metrics: dict) -> None:
+        def on_stage(step: int, value: float | None, metrics: dict) -> None:
             if value is not None:
                 state["last"] = value
             tune.report(
-                {"score": state["last"], "stage": stage, "final": False, "harness_id": state["harness_id"]}
+                {"score": state["last"], "stage": step, "final": False, "harness_id": state["harness_id"]}
             )
 
         out = execute(job, on_stage, on_begin=lambda hid: state.update(harness_id=hid))
@@ -276,6 +286,7 @@ def run_study_ray(
     log: Callable[[str], None] = print,
     ray_init: dict | None = None,
     user_keys: set[str] | frozenset[str] = frozenset(),
+    artifacts: str | None = None,
 ) -> list[Outcome]:
     """Run (or resume) a study with Ray Tune on this machine (address None) or a running cluster.
     workers: trials at once (default: as many as the cluster's nodes can hold). user_keys: config keys
@@ -347,12 +358,11 @@ def run_study_ray(
         if plan.is_grid or s.pruner == "none":
             scheduler = FIFOScheduler()
         else:
-            stages = int(plan.overrides_for_params({}).get("train.stages") or _preset_stages(plan))
-            scheduler = ASHAScheduler(
+            scheduler = ASHAScheduler(  # one iteration per intermediate value: epochs, plus the final one
                 time_attr="training_iteration",
                 metric="score",
                 mode=mode,
-                max_t=stages + 1,
+                max_t=_total_epochs(plan) + 1,
                 grace_period=1,
                 reduction_factor=2,
             )
@@ -363,7 +373,7 @@ def run_study_ray(
         )
         tuner = tune.Tuner(
             tune.with_resources(
-                _make_trainable(plan, url, code_version(), extra), {"cpu": cpus, "gpu": gpus}
+                _make_trainable(plan, url, code_version(), extra, artifacts), {"cpu": cpus, "gpu": gpus}
             ),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
@@ -386,7 +396,8 @@ def run_study_ray(
     return searcher.h_outcomes if searcher is not None else []
 
 
-def _preset_stages(plan: Plan) -> int:
+def _total_epochs(plan: Plan) -> int:
     from core.config import make_config
 
-    return make_config(plan.preset, plan.overrides_for_params({})).train.stages
+    t = make_config(plan.preset, plan.overrides_for_params({})).train
+    return t.stages * t.stage_epochs

@@ -76,6 +76,21 @@ def _help_epilog(study_file: str = "study.yaml") -> str:
     return "\n".join(lines)
 
 
+def check_artifacts(folder: str) -> str:
+    """The artifact folder, created and proven writable before any trial; its absolute path."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(folder).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--artifacts {folder}: not a writable folder ({e.strerror or e})") from None
+    return str(p)
+
+
 def build_parser(study_file: str = "study.yaml") -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m studies.run",
@@ -107,6 +122,12 @@ def build_parser(study_file: str = "study.yaml") -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trial list and exit")
     p.add_argument("--retry-failed", action="store_true", help="also rerun grid points whose trial failed")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument(
+        "--artifacts",
+        default="runs/artifacts",
+        help="Optuna artifact store folder for the trials' image galleries (default runs/artifacts; "
+        "on several machines a folder every node can write)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
     p.add_argument(
         "--cpus-per-trial",
@@ -328,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(plan, url, workers)
             return 0
         check_user_data(plan)
+        artifacts = check_artifacts(args.artifacts)
         from studies.store import Store, StoreError, check_reachable
 
         try:
@@ -358,12 +380,18 @@ def main(argv: list[str] | None = None) -> int:
                 cpus_per_trial=args.cpus_per_trial,
                 gpus_per_trial=args.gpus_per_trial,
                 user_keys=user_keys,
+                artifacts=artifacts,
             )
         else:
             from studies.optuna_backend import run_study
 
             outcomes = run_study(
-                plan, url, workers=workers, n_trials=args.n_trials, retry_failed=args.retry_failed
+                plan,
+                url,
+                workers=workers,
+                n_trials=args.n_trials,
+                retry_failed=args.retry_failed,
+                artifacts=artifacts,
             )
         print(study_summary(plan, store))
     except KeyboardInterrupt:

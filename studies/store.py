@@ -224,6 +224,11 @@ def _connect_error(kind: str, where: str, u: sa.URL, orig: BaseException, timeou
     msg = " ".join(str(orig).split())
     low = msg.lower()
     fatal = re.search(r"\b(?:FATAL|ERROR):\s*(.*)", msg)
+    if "too many clients" in low or "too many connections" in low:
+        return (
+            f"{kind} at {where} refuses more connections (too many clients: each studies.run process "
+            "holds two; raise max_connections)"
+        )
     if fatal or any(w in low for w in _AUTH_WORDS):  # the server answered and said no
         detail = fatal.group(1) if fatal else re.sub(r"^.*? failed: ", "", msg)
         detail = re.sub(r' for user "[^"]*"$', "", detail.rstrip(". "))
@@ -552,7 +557,8 @@ class Store:
 
     @_retrying
     def mark_stale_running(self, study: str, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
-        """Mark the study's running trials not in keep (harness_ids) as interrupted; return their ids."""
+        """Mark the study's running trials not in keep (harness_ids) as interrupted; return their ids.
+        For a process that knows these trials are its own and dead; others use interrupt_dead."""
         sid = self.study_id(study)
         if sid is None:
             return []
@@ -569,6 +575,40 @@ class Store:
                 out.append(t.id)
             return out
 
+    def interrupt_dead(self, study: str, grace_s: float = CLAIM_STALE_S) -> list[int]:
+        """Mark as interrupted the running trials whose process is gone: a dead pid on this host, or no
+        heartbeat for grace_s from another host. Each is compare-and-set on what was observed (status
+        running, same pid and heartbeat), so a trial that began or beat in between is never touched."""
+        host, now, out = socket.gethostname(), time.time(), []
+        for t in self.trials(study, status=RUNNING):
+            if t["host"] == host and t["pid"] is not None:
+                dead = not pid_alive(t["pid"])
+            else:
+                dead = t["heartbeat_at"] is None or now - t["heartbeat_at"] >= grace_s
+            if dead and retry_locked(self._interrupt_if_unchanged, t["id"], t["pid"], t["heartbeat_at"]):
+                out.append(t["id"])
+        return out
+
+    def _interrupt_if_unchanged(self, harness_id: int, pid: int | None, heartbeat_at: float | None) -> bool:
+        with self._session.begin() as s:
+            res = s.execute(
+                sa.update(TrialRow)
+                .where(
+                    TrialRow.id == harness_id,
+                    TrialRow.status == RUNNING,
+                    TrialRow.pid.is_(None) if pid is None else TrialRow.pid == pid,
+                    TrialRow.heartbeat_at.is_(None)
+                    if heartbeat_at is None
+                    else TrialRow.heartbeat_at == heartbeat_at,
+                )
+                .values(
+                    status=INTERRUPTED,
+                    finished_at=_now(),
+                    error="its process died while the trial was running",
+                )
+            )
+            return res.rowcount == 1
+
     def live_running(self, study: str, grace_s: float = CLAIM_STALE_S) -> set[int]:
         """harness_ids of running trials that look alive: a live pid on this host, or a recent heartbeat."""
         host, now, live = socket.gethostname(), time.time(), set()
@@ -579,6 +619,17 @@ class Store:
             elif t["heartbeat_at"] is not None and now - t["heartbeat_at"] < grace_s:
                 live.add(t["id"])
         return live
+
+    def point_statuses(self, study: str) -> list[tuple[str, str | None, int, str]]:
+        """(row, variant, seed, status) of every trial of the study: what a claimant reads before each
+        claim, so only these columns (the full rows grow with the study)."""
+        q = (
+            sa.select(TrialRow.row, TrialRow.variant, TrialRow.seed, TrialRow.status, TrialRow.error)
+            .join(StudyRow, StudyRow.id == TrialRow.study_id)
+            .where(StudyRow.name == study)
+        )
+        with self._session() as s:
+            return [(r, v, sd, _legacy_status(st, err)) for r, v, sd, st, err in s.execute(q).all()]
 
     # -- grid-point claims ------------------------------------------------------------------------
     def claim_point(

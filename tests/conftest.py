@@ -46,29 +46,3 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp("runs")
         mp.setenv("AUXSEG_RUNS", str(d))
         yield d
-
-
-# Slow tests in files that others were editing when the marker came in (the rest carry @pytest.mark.slow):
-# measured > ~3 s, or starting a 2-node Ray cluster. Move them to decorators when those files are edited.
-SLOW_ELSEWHERE = {
-    "test_studies.py": {
-        "test_grid_optuna_end_to_end",
-        "test_grid_ray_end_to_end",
-        "test_sigkill_mid_study_then_resume",
-        "test_two_workers_and_a_concurrent_reader",
-    },
-    "test_claims.py": {"test_three_processes_on_one_grid_run_each_point_once"},
-    "test_postgres.py": {"test_studies_run_end_to_end_on_postgresql"},
-    "test_ray_cluster.py": {
-        "test_trials_spread_over_both_nodes_each_point_once",
-        "test_a_request_no_node_can_hold_is_one_line_and_exit_2",
-        "test_a_node_killed_mid_trial_is_interrupted_and_rerun",
-    },
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if getattr(item, "originalname", item.name) in SLOW_ELSEWHERE.get(item.path.name, ()):
-            item.add_marker(pytest.mark.slow)

@@ -192,7 +192,7 @@ def postgres_server(password: str | None = None) -> Iterator[str]:
                         "-c",
                         "shared_buffers=16MB",
                         "-c",
-                        "max_connections=60",
+                        "max_connections=150",  # two per studies.run process: bench_claims runs 32 at once
                     ],
                     cwd=base,
                     env=env,

@@ -22,12 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def sleepy_trial(cfg, report=None):
+def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
     """A stand-in trial: sleeps, reports one stage, returns a result shaped like core.trial's."""
     time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "0.2")))
-    stage = {"stage": 0, "val": {"miou": 0.3 + 0.01 * cfg.seed}, "pgt": {}, "seconds": 0.1}
+    if on_epoch is not None:  # a learning curve rising to the stage's value
+        for epoch in range(3):
+            on_epoch(epoch, 0.1 + 0.05 * epoch + 0.01 * cfg.seed)
+    stage = {"stage": 0, "val": {"miou": 0.3 + 0.01 * cfg.seed}, "pgt": {}, "seconds": 0.1, "epoch": 3}
     if report is not None:
         report(0, stage)
+    artifacts = {}
+    if artifacts_dir is not None:  # a stand-in gallery, so the upload path runs
+        from PIL import Image
+
+        artifacts["gallery"] = str(Path(artifacts_dir) / "gallery.png")
+        Image.new("RGB", (4, 4), (cfg.seed, 0, 0)).save(artifacts["gallery"])
     return {
         "status": "complete",
         "error": None,
@@ -35,6 +44,7 @@ def sleepy_trial(cfg, report=None):
         "final": {"miou": 0.3 + 0.01 * cfg.seed},
         "stages": [stage],
         "seconds": 0.2,
+        "artifacts": artifacts,
     }
 
 
@@ -158,6 +168,7 @@ def assert_exactly_once(url: str, n_points: int) -> None:
     assert len(claims) == n_points and {c["state"] for c in claims} == {"done"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_three_processes_on_one_grid_run_each_point_once(tmp_path, backend, request):
     url = f"sqlite:///{tmp_path / 'studies.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")

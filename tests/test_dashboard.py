@@ -45,7 +45,7 @@ def served_study(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     port = free_port()
     server = subprocess.Popen(
-        [str(DASHBOARD), url, "--host", "127.0.0.1", "--port", str(port)],
+        [str(DASHBOARD), url, "--host", "127.0.0.1", "--port", str(port), "--artifact-dir", "runs/artifacts"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,7 +69,8 @@ def served_study(tmp_path):
             server.wait()
 
 
-def test_dashboard_shows_the_report_note_metric_name_and_clean_attributes(served_study):
+@pytest.mark.slow
+def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes(served_study):
     port, tmp_path = served_study
     (summary,) = get(port, "/api/studies")["study_summaries"]
     d = get(port, f"/api/studies/{summary['study_id']}")
@@ -78,6 +79,7 @@ def test_dashboard_shows_the_report_note_metric_name_and_clean_attributes(served
     assert "\n| r0 |" in note and "\n| r1 |" in note  # the table, one line per row
     assert f"Report file: `{tmp_path / 'runs' / 'reports' / 'g.md'}`" in note
     assert "- **Reproduce:** `python -m studies.run g --preset smoke" in note
+    assert "## Galleries" in note and "[seed 0](../artifacts/" in note  # each row links its galleries
     assert d["objective_names"] == ["final.miou (%)"]
     assert {a["key"]: a["value"] for a in summary["user_attrs"]}["value_unit"] == "percent"
     assert len(d["trials"]) == 4
@@ -90,3 +92,12 @@ def test_dashboard_shows_the_report_note_metric_name_and_clean_attributes(served
         assert all(v not in (None, "None", "null") for v in attrs.values())
         seed = int(t["params"][[p["name"] for p in t["params"]].index("seed")]["param_external_value"])
         assert t["values"] == [pytest.approx(30.0 + seed)]  # percent: the stand-in trial's 0.30 + 0.01 seed
+        (gallery,) = t["artifacts"]  # the trial's gallery, uploaded to the default runs/artifacts
+        assert gallery["mimetype"] == "image/png" and gallery["filename"] == "gallery.png"
+        png = urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/artifacts/{summary['study_id']}/{t['trial_id']}/{gallery['artifact_id']}"
+        ).read()
+        assert png.startswith(b"\x89PNG")
+        curve = {p["step"]: p["value"] for p in t["intermediate_values"]}  # per epoch, then the stage end
+        assert sorted(curve) == [0, 1, 2, 3]
+        assert curve[0] == pytest.approx(10.0 + seed) and curve[3] == pytest.approx(30.0 + seed)

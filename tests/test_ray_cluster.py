@@ -35,7 +35,7 @@ NODES_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 
 
-def cluster_trial(cfg, report=None):
+def cluster_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
     """A stand-in trial run by Ray on some node: sleeps, reports one stage, returns a result shaped like
     core.trial's. On the node named in $RAY_CLUSTER_TEST_DIR/slow_node it writes slow_started and sleeps
     long (so that the test can kill that node mid-trial)."""
@@ -264,6 +264,7 @@ def key(t: dict) -> tuple:
 
 
 # ------------------------------------------------------------------------------------ the cases
+@pytest.mark.slow
 def test_trials_spread_over_both_nodes_each_point_once(cluster, pg_url, tmp_path):
     write_grid(tmp_path, pg_url, rows=2, seeds=2)
     rc, out, err = finish(studies_run(cluster, tmp_path, pg_url))
@@ -279,6 +280,7 @@ def test_trials_spread_over_both_nodes_each_point_once(cluster, pg_url, tmp_path
     assert set(nodes) == {cluster.head_id, cluster.worker_id}, nodes
 
 
+@pytest.mark.slow
 def test_a_request_no_node_can_hold_is_one_line_and_exit_2(cluster, pg_url, tmp_path):
     write_grid(tmp_path, pg_url, rows=1, seeds=2)
     t0 = time.monotonic()
@@ -300,6 +302,7 @@ def test_a_request_no_node_can_hold_is_one_line_and_exit_2(cluster, pg_url, tmp_
     store.close()
 
 
+@pytest.mark.slow
 def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_path):
     write_grid(tmp_path, pg_url, rows=1, seeds=3)
     started = cluster.ctrl / "slow_started"

@@ -24,10 +24,16 @@ def _metrics(res):
 
 
 @pytest.mark.slow
-def test_full_smoke_trial(runs):
+def test_full_smoke_trial(runs, tmp_path):
     """Warm-up, >= 2 stages with label updates (CRF in a 2-process pool), post-processed evaluation."""
-    reports = []
-    res = run_trial(make_config("smoke", ["train.workers=2"]), report=lambda s, m: reports.append((s, m)))
+    reports, curve = [], []
+    cfg = make_config("smoke", ["train.workers=2"])
+    res = run_trial(
+        cfg,
+        report=lambda s, m: reports.append((s, m)),
+        on_epoch=lambda e, v: curve.append((e, v)),
+        artifacts_dir=tmp_path,
+    )
     d = res.to_dict()
     assert d["status"] == "complete", d["error"]
     assert d["warmup"]["cached"] is False
@@ -42,6 +48,18 @@ def test_full_smoke_trial(runs):
     assert d["config"]["model"]["affinity"] == "cross_task"
     assert d["dataset"]["n_train"] > 0 and d["dataset"]["num_classes"] == 21
     assert {"warmup", "initial_labels", "train", "eval", "label_update"} <= set(d["timings"])
+    # Learning curve: every epoch but a stage's last on the curve subset, each stage's end on all of val.
+    e = cfg.train.stage_epochs
+    assert [x for x, _ in curve] == [s * e + k for s in range(2) for k in range(e - 1)]
+    assert [st["epoch"] for st in d["stages"]] == [e - 1, 2 * e - 1]
+    assert [(p["epoch"], p["miou"]) for st in d["stages"] for p in st["curve"]] == curve
+    assert all(0.0 <= v <= 1.0 for _, v in curve)
+    # The gallery: 8 fixed val images x 6 panels, in the folder the runner named.
+    from PIL import Image
+
+    assert d["artifacts"] == {"gallery": str(tmp_path / "gallery.png")}
+    w, h = Image.open(tmp_path / "gallery.png").size
+    assert w >= 6 * 100 and h >= 8 * 100, (w, h)
     # The smoke preset must learn something, so that a regression in learning fails the tests.
     val = VOCDataset(d["dataset"]["root"], "val")
     conf = sum(confusion(np.zeros_like(val.mask(i)), val.mask(i), 21) for i in range(len(val)))
@@ -52,10 +70,11 @@ def test_full_smoke_trial(runs):
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_and_cache_reuse(runs):
-    a = run_trial(make_config("smoke", TINY + ["seed=3"]))
-    b = run_trial(make_config("smoke", TINY + ["seed=3"]))
+    a = run_trial(make_config("smoke", TINY + ["seed=3", "train.stage_epochs=2"]))
+    b = run_trial(make_config("smoke", TINY + ["seed=3", "train.stage_epochs=2", "eval.curve_images=0"]))
     assert a.warmup["cached"] is False and b.warmup["cached"] is True
-    assert _metrics(a) == _metrics(b)
+    assert _metrics(a) == _metrics(b)  # the learning curve's evaluations never change training
+    assert a.stages[0]["curve"] and not b.stages[0]["curve"]
     c = run_trial(make_config("smoke", TINY + ["seed=3", "loss.sal=0.3", "loss.cls=2"]))
     assert c.warmup["cached"] is True  # loss weights do not touch the warm-up
     d = run_trial(make_config("smoke", TINY + ["seed=4"]))
