@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from studies.db import StoreError, check_reachable, redact_url
 from studies.quality import is_collapsed, last_stage_iou
-from studies.store import Store, StoreError, check_reachable, dig, finite, redact_url
+from studies.store import Store, dig, finite
 
 # The spec keys study.yaml may leave out (studies.spec applies the same defaults when it runs the study).
 DEFAULT_METRIC = "final.miou"

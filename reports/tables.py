@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from studies.db import redact_url
 from studies.quality import COLLAPSED_MEANING
-from studies.store import dig, finite, redact_url
+from studies.store import dig, finite
 
 from .load import StudyResults, optuna_study
 from .paired import better_cell, delta_cell, paired_delta

@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from studies.db import code_version, pid_alive, retry_locked
 from studies.execute import (
     ClaimKeeper,
     Job,
@@ -41,7 +42,7 @@ from studies.execute import (
 from studies.models import COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING
 from studies.plan import GridPoint, Plan
 from studies.quality import COLLAPSED_MEANING, result_collapsed
-from studies.store import Store, code_version, dig, finite, pid_alive, retry_locked
+from studies.store import Store, dig, finite
 
 
 # ------------------------------------------------------------------------------------ optuna glue

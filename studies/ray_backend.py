@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from studies.db import code_version, is_sqlite, retry_locked
 from studies.execute import (
     ClaimKeeper,
     ClusterError,
@@ -53,7 +54,7 @@ from studies.optuna_backend import (
 )
 from studies.plan import Plan
 from studies.quality import result_collapsed
-from studies.store import code_version, finite, is_sqlite, retry_locked
+from studies.store import finite
 
 
 def absolute_url(url: str) -> str:

@@ -159,7 +159,8 @@ def _set_keys(spec: Spec, name: str, cli: dict) -> set[str]:
 def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
     """The study's stored trials, and the wall times of complete trials run with the same preset (any
     study of the store); ([], []) when the store does not exist yet."""
-    from studies.store import Store, StoreError
+    from studies.db import StoreError
+    from studies.store import Store
 
     store = Store(url, create=False)
     try:
@@ -181,7 +182,7 @@ def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
 
 
 def dry_run(plan: Plan, url: str, workers: int) -> None:
-    from studies.store import redact_url
+    from studies.db import redact_url
 
     s = plan.study
     print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_user_data(plan)
         artifacts = check_artifacts(args.artifacts)
-        from studies.store import Store, StoreError, check_reachable
+        from studies.db import StoreError, check_reachable
+        from studies.store import Store
 
         try:
             check_reachable(url)

@@ -18,15 +18,11 @@ still hit "database is locked" are retried with backoff.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import random
 import socket
-import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +32,19 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
+from studies.db import (
+    StoreError,
+    created_concurrently,
+    engine_kwargs,
+    is_sqlite,
+    make_engine,
+    normalize_url,
+    pid_alive,
+    redact_url,
+    retry_locked,
+    retrying,
+    sqlite_on_connect,
+)
 from studies.models import (
     END_STATUSES,
     FAILED,
@@ -49,7 +58,6 @@ from studies.models import (
 )
 
 DEFAULT_URL = "sqlite:///runs/studies.db"
-BUSY_TIMEOUT_S = 60.0
 CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this (4 missed beats) may be taken over
 
 T = TypeVar("T")
@@ -84,247 +92,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str, allow_nan=True)
 
 
-def is_locked_error(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return "database is locked" in msg or "database is busy" in msg or "database table is locked" in msg
-
-
-def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call fn, retrying with jittered exponential backoff while SQLite reports a lock (last resort)."""
-    delay = 0.05
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # OperationalError, or optuna's StorageInternalError wrapping it
-            locked = is_locked_error(exc) or (exc.__cause__ is not None and is_locked_error(exc.__cause__))
-            if not locked or i == attempts - 1:
-                raise
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
-
-
-def _retrying(method: Callable[..., T]) -> Callable[..., T]:
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        return retry_locked(method, *args, **kwargs)
-
-    return wrapper
-
-
-PG_DRIVER = "psycopg"  # psycopg 3, a dependency; to SQLAlchemy a plain postgresql:// means psycopg2
-CONNECT_TIMEOUT_S = 10  # check_reachable's wait for a server; the engines wait CONNECT_TIMEOUT_S * 3
-
-
-def normalize_url(url: str) -> str:
-    """url with a plain PostgreSQL scheme (postgresql://, postgres://) mapped to psycopg 3
-    (postgresql+psycopg://); postgres+DRIVER:// becomes postgresql+DRIVER://. Every other URL, and one
-    naming its driver (postgresql+psycopg2://), is returned as is. Nothing is parsed or checked here."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    dialect, _, driver = scheme.partition("+")
-    if dialect.lower() not in ("postgresql", "postgres"):
-        return url
-    return f"postgresql+{driver or PG_DRIVER}://{rest}"
-
-
-def is_sqlite(url: str) -> bool:
-    return sa.engine.make_url(url).get_backend_name() == "sqlite"
-
-
-def engine_kwargs(url: str) -> dict[str, Any]:
-    """create_engine kwargs shared by the harness engine and Optuna's RDBStorage."""
-    if is_sqlite(url):
-        return {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
-    if sa.engine.make_url(normalize_url(url)).get_backend_name() == "postgresql":
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S * 3}}
-    return {"pool_pre_ping": True}
-
-
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
-    finally:
-        cur.close()
-
-
-def make_engine(url: str, create: bool = True) -> sa.Engine:
-    """An engine for url (normalize_url'd); for SQLite: parent folder created (when create), WAL on,
-    busy timeout on every connection."""
-    url = normalize_url(url)
-    if is_sqlite(url) and create:
-        db = sa.engine.make_url(url).database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, **engine_kwargs(url))
-    if is_sqlite(url):
-        event.listen(engine, "connect", _sqlite_on_connect)
-    return engine
-
-
-_KINDS = {"postgresql": ("PostgreSQL", 5432), "mysql": ("MySQL", 3306), "mariadb": ("MariaDB", 3306)}
-_AUTH_WORDS = ("authentication failed", "no password supplied", "does not exist", "pg_hba.conf", "permission")
-
-
-def redact_url(url: str) -> str:
-    """url with its password shown as *** (for messages); works on malformed URLs too."""
-    import re
-
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-def check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Open url's database once, or raise StoreError in one line (never the password): a malformed URL,
-    an unknown database kind or missing driver, a server that cannot be reached (naming host and port),
-    one that rejects the user or has no such database (naming host, port, user and database), or for
-    SQLite a folder that cannot be created or written. Creates nothing but the SQLite folder."""
-    shown = redact_url(url)
-    try:
-        u = sa.engine.make_url(normalize_url(url))
-        _ = u.port  # a non-numeric port fails here, not in the driver
-    except (sa.exc.ArgumentError, ValueError):
-        raise StoreError(
-            f"malformed store URL {shown!r} "
-            "(expected e.g. sqlite:///runs/studies.db or postgresql://user:password@host:5432/database)"
-        ) from None
-    backend = u.get_backend_name()
-    if backend == "sqlite":
-        return _check_sqlite_folder(u.database)
-    kind, default_port = _KINDS.get(backend, (backend, None))
-    host = u.host or u.query.get("host") or "localhost"
-    where = f"{host if isinstance(host, str) else host[0]}:{u.port or default_port or '?'}"
-    connect_args = {"connect_timeout": max(1, round(timeout_s))} if backend == "postgresql" else {}
-    try:
-        engine = sa.create_engine(u, poolclass=sa.pool.NullPool, connect_args=connect_args)
-    except sa.exc.NoSuchModuleError:
-        raise StoreError(f"unknown database kind {u.drivername!r} in store URL {shown!r}") from None
-    except ImportError as e:
-        hint = "; plain postgresql:// URLs use psycopg 3, which comes with the harness"
-        raise StoreError(
-            f"the driver for {u.drivername} URLs is not installed (no module {e.name or e})"
-            + (hint if backend == "postgresql" else "")
-        ) from None
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.DBAPIError as e:
-        raise StoreError(_connect_error(kind, where, u, e.orig, timeout_s)) from None
-    finally:
-        engine.dispose()
-
-
-def _connect_error(kind: str, where: str, u: sa.URL, orig: BaseException, timeout_s: float) -> str:
-    import getpass
-    import re
-
-    msg = " ".join(str(orig).split())
-    low = msg.lower()
-    fatal = re.search(r"\b(?:FATAL|ERROR):\s*(.*)", msg)
-    if "too many clients" in low or "too many connections" in low:
-        return (
-            f"{kind} at {where} refuses more connections (too many clients: each studies.run process "
-            "holds two; raise max_connections)"
-        )
-    if fatal or any(w in low for w in _AUTH_WORDS):  # the server answered and said no
-        detail = fatal.group(1) if fatal else re.sub(r"^.*? failed: ", "", msg)
-        detail = re.sub(r' for user "[^"]*"$', "", detail.rstrip(". "))
-        user = u.username or getpass.getuser()
-        db = u.database or user
-        if re.search(r'database "[^"]*" does not exist', detail):
-            return f"{kind} at {where} has no database {db!r} (user {user!r}; create the database first)"
-        return f"{kind} at {where} rejected user {user!r} for database {db!r} ({detail})"
-    if "connection refused" in low:
-        reason = "connection refused"
-    elif "timeout" in low or "timed out" in low:
-        reason = f"no answer within {timeout_s:g} s"
-    elif "resolve host" in low or "translate host name" in low or "name or service not known" in low:
-        reason = "unknown host name"
-    else:
-        reason = re.sub(r"^connection failed: ", "", msg).split(" Is the server running")[0]
-    return f"cannot reach {kind} at {where} ({reason})"
-
-
-def _check_sqlite_folder(database: str | None) -> None:
-    import tempfile
-
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return
-    path = Path(database).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-        raise StoreError(f"cannot create the folder {path.parent} for the SQLite store ({why})") from None
-    if path.is_dir():
-        raise StoreError(f"the SQLite store {path} is a folder, not a database file")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-        if path.exists():
-            with open(path, "r+b"):
-                pass
-    except OSError as e:
-        raise StoreError(f"cannot write the SQLite store {path} ({e.strerror or e})") from None
-
-
-@functools.cache
-def code_version(root: str | None = None) -> str:
-    """`git rev-parse HEAD` (+"+dirty" when the tree has changes), or "unknown"."""
-    cwd = root or str(Path(__file__).resolve().parents[1])
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return "unknown"
-        # --no-optional-locks: never take index.lock (a study must not disturb someone committing)
-        status = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        dirty = status.returncode == 0 and status.stdout.strip() != ""
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def created_concurrently(create: Callable[[], T], attempts: int = 5) -> T:
-    """create() (tables, Optuna's schema), retried when another process created the same objects between
-    its check and ours: 'already exists', or a unique violation on the catalog / alembic_version."""
-    for i in range(attempts):
-        try:
-            return create()
-        except Exception as exc:
-            text = f"{exc} {exc.__cause__}"
-            racing = ("already exists", "duplicate key", "UNIQUE constraint failed")
-            if not any(r in text for r in racing) or i == attempts - 1:
-                raise
-            time.sleep(0.2 * (i + 1) * (1 + random.random()))
-    raise AssertionError("unreachable")
-
-
 # ------------------------------------------------------------------------------------------- Store
-class StoreError(Exception):
-    """The store cannot be opened or read (missing file, empty store, unknown study); one line."""
-
-
 def _legacy_status(status: str, error: str | None) -> str:
     # Stores written before `interrupted` was a status kept it as failed + this error text.
     return INTERRUPTED if status == FAILED and (error or "").startswith("interrupted") else status
@@ -350,7 +118,7 @@ class Store:
     def _create_tables(self) -> None:
         created_concurrently(lambda: retry_locked(Base.metadata.create_all, self.engine))
 
-    @_retrying
+    @retrying
     def _migrate_statuses(self) -> None:
         with self._session.begin() as s:
             s.execute(
@@ -383,13 +151,13 @@ class Store:
                 )
             )
             if is_sqlite(self.url):
-                event.listen(storage.engine, "connect", _sqlite_on_connect)
+                event.listen(storage.engine, "connect", sqlite_on_connect)
                 storage.engine.dispose()  # connections opened before the listener get reopened with it
             self._optuna_storage = storage
         return self._optuna_storage
 
     # -- studies --------------------------------------------------------------------------------
-    @_retrying
+    @retrying
     def upsert_study(self, name: str, spec: dict, preset: str) -> int:
         """Create the study row, or update its spec/preset; returns its id."""
         for _ in range(2):
@@ -431,7 +199,7 @@ class Store:
             }
 
     # -- trials ---------------------------------------------------------------------------------
-    @_retrying
+    @retrying
     def begin_trial(
         self,
         *,
@@ -481,7 +249,7 @@ class Store:
             s.flush()
             return t.id
 
-    @_retrying
+    @retrying
     def heartbeat(self, harness_id: int) -> None:
         with self._session.begin() as s:
             s.execute(
@@ -490,7 +258,7 @@ class Store:
                 .values(heartbeat_at=time.time())
             )
 
-    @_retrying
+    @retrying
     def record_stage(self, harness_id: int, stage: dict) -> None:
         """Store one stage entry of result.json (insert or replace by stage number)."""
         val, pgt = stage.get("val") or {}, stage.get("pgt") or {}
@@ -518,7 +286,7 @@ class Store:
                     setattr(row, k, v)
             s.execute(sa.update(TrialRow).where(TrialRow.id == harness_id).values(heartbeat_at=time.time()))
 
-    @_retrying
+    @retrying
     def finish_trial(
         self, harness_id: int, status: str, result: dict | None = None, error: str | None = None
     ) -> None:
@@ -555,7 +323,7 @@ class Store:
                 if int(st["stage"]) not in have:
                     self.record_stage(harness_id, st)
 
-    @_retrying
+    @retrying
     def mark_stale_running(self, study: str, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """Mark the study's running trials not in keep (harness_ids) as interrupted; return their ids.
         For a process that knows these trials are its own and dead; others use interrupt_dead."""
@@ -697,7 +465,7 @@ class Store:
             )
             return res.rowcount == 1
 
-    @_retrying
+    @retrying
     def claim_heartbeat(self, owners: list[str]) -> None:
         """Keep these owners' running claims fresh (one statement for all)."""
         if not owners:
@@ -709,12 +477,12 @@ class Store:
                 .values(heartbeat_at=time.time())
             )
 
-    @_retrying
+    @retrying
     def claim_started(self, owner: str, harness_id: int) -> None:
         with self._session.begin() as s:
             s.execute(sa.update(ClaimRow).where(ClaimRow.owner == owner).values(harness_id=harness_id))
 
-    @_retrying
+    @retrying
     def release_claim(self, owner: str, status: str | None) -> None:
         """The claimant is finished with its point: an interrupted (or never started, status None) trial
         frees the point for anyone; any other end status marks it done."""

@@ -22,30 +22,35 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
-    """A stand-in trial: sleeps, reports one stage, returns a result shaped like core.trial's."""
-    time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "0.2")))
-    if on_epoch is not None:  # a learning curve rising to the stage's value
-        for epoch in range(3):
-            on_epoch(epoch, 0.1 + 0.05 * epoch + 0.01 * cfg.seed)
+def stand_in_result(cfg, seconds: float, report=None, artifacts: dict | None = None) -> dict:
+    """A result shaped like core.trial's, its metric 0.30 + 0.01 x seed; the stage goes to report."""
     stage = {"stage": 0, "val": {"miou": 0.3 + 0.01 * cfg.seed}, "pgt": {}, "seconds": 0.1, "epoch": 3}
     if report is not None:
         report(0, stage)
-    artifacts = {}
-    if artifacts_dir is not None:  # a stand-in gallery, so the upload path runs
-        from PIL import Image
-
-        artifacts["gallery"] = str(Path(artifacts_dir) / "gallery.png")
-        Image.new("RGB", (4, 4), (cfg.seed, 0, 0)).save(artifacts["gallery"])
     return {
         "status": "complete",
         "error": None,
         "config": cfg.to_dict(),
         "final": {"miou": 0.3 + 0.01 * cfg.seed},
         "stages": [stage],
-        "seconds": 0.2,
-        "artifacts": artifacts,
+        "seconds": seconds,
+        "artifacts": artifacts or {},
     }
+
+
+def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+    """A stand-in trial: sleeps, draws a learning curve, reports one stage, writes a tiny gallery."""
+    time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "0.2")))
+    if on_epoch is not None:  # a learning curve rising to the stage's value
+        for epoch in range(3):
+            on_epoch(epoch, 0.1 + 0.05 * epoch + 0.01 * cfg.seed)
+    artifacts = {}
+    if artifacts_dir is not None:  # a stand-in gallery, so the upload path runs
+        from PIL import Image
+
+        artifacts["gallery"] = str(Path(artifacts_dir) / "gallery.png")
+        Image.new("RGB", (4, 4), (cfg.seed, 0, 0)).save(artifacts["gallery"])
+    return stand_in_result(cfg, 0.2, report, artifacts)
 
 
 def dead_pid() -> int:

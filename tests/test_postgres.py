@@ -9,7 +9,7 @@ import os
 import pytest
 import sqlalchemy as sa
 
-from studies.store import StoreError, check_reachable, normalize_url
+from studies.db import StoreError, check_reachable, normalize_url
 from tests import pgserver
 from tests.conftest import ROOT
 from tests.pgserver import free_port

@@ -483,7 +483,8 @@ def test_two_workers_and_a_concurrent_reader(tmp_path, results_dir):
 def test_store_api_and_stale_trials(tmp_path):
     import pandas as pd
 
-    from studies.store import Store, code_version
+    from studies.db import code_version
+    from studies.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'sub' / 's.db'}")  # creates the folder
     sid = store.upsert_study("x", {"kind": "ablation"}, "smoke")
