@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import pandas as pd
 
+from core.data.voc import VOC_CLASSES  # numpy and PIL only: the report never loads torch
 from studies.store import dig
 
 from .load import StudyResults
 from .tables import group_label, groups, markdown, pct
 
-# PASCAL VOC 2012 class order (index 0 = background), for results written before dataset.class_names existed.
-VOC_NAMES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-]  # fmt: skip
-
 
 def class_names(study: StudyResults, n: int) -> list[str]:
-    """result.dataset.class_names when some result of length n has them; else VOC's 21 names, or 'class k'."""
+    """result.dataset.class_names when some result of length n has them; else VOC's 21 names (results
+    written before dataset.class_names existed), or 'class k'."""
     for r in study.trials["result"]:
         names = dig(r, "dataset.class_names")
         if isinstance(names, list) and len(names) == n:
             return [str(x) for x in names]
-    return list(VOC_NAMES) if n == 21 else ["background", *(f"class {k}" for k in range(1, n))]
+    return list(VOC_CLASSES) if n == 21 else ["background", *(f"class {k}" for k in range(1, n))]
 
 
 def per_class_frame(study: StudyResults) -> pd.DataFrame | None:
