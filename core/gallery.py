@@ -74,7 +74,7 @@ def render_gallery(rows: list[GalleryRow], class_names: list[str], path: Path, t
     handles = [
         Patch(color=cmap[k] / 255.0, label=class_names[k] if k < len(class_names) else str(k))
         for k in sorted(shown)
-    ]
+    ] + [Patch(facecolor="white", edgecolor="black", label="ignore (255)")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8) or 1, fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
