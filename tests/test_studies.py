@@ -108,7 +108,11 @@ def check_store_matches(db: str, study: str, results: list[dict], n: int) -> lis
     by_cfg = {json.dumps(r["config"], sort_keys=True): r for r in results}
     for t in complete:
         r = by_cfg[json.dumps(t["config"], sort_keys=True)]
-        assert t["result"] == json.loads(json.dumps(r))
+        stored, recorded_ = dict(t["result"]), json.loads(json.dumps(r))
+        gallery = stored.pop("artifacts")["gallery"]  # uploaded: now a file of the artifact store
+        assert Path(gallery).is_file() and Path(gallery).parent.name == "artifacts"
+        assert recorded_.pop("artifacts")["gallery"].endswith("gallery.png")
+        assert stored == recorded_
         assert t["final_miou"] == pytest.approx(r["final"]["miou"])
         assert t["initial_precision"] == pytest.approx(r["initial_pgt"]["precision"])
         assert t["initial_recall"] == pytest.approx(r["initial_pgt"]["recall"])
@@ -286,7 +290,7 @@ def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
     from studies.run import main
 
     y, db = write_study(tmp_path, extra_rows="      - {label: nan, set: {train.lr: 1000000000000.0}}")
-    rc = main(["g", "--study-file", str(y), "--no-report"])
+    rc = main(["g", "--study-file", str(y), "--no-report", "--artifacts", str(tmp_path / "artifacts")])
     out = capsys.readouterr()
     assert rc == 1, out.err  # the NaN row failed; the study went on
     assert "seg " in out.out and "full" in out.out
@@ -308,7 +312,7 @@ def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
             assert t.intermediate_values == {0: pytest.approx(t.value)}
             assert {"final_miou", "pgt_miou", "warmup_cached", "seconds"} <= set(t.user_attrs)  # no nulls
     # re-running changes nothing (failed-by-NaN points are not rerun unless --retry-failed)
-    assert main(["g", "--study-file", str(y), "--no-report"]) == 0
+    assert main(["g", "--study-file", str(y), "--no-report", "--artifacts", str(tmp_path / "artifacts")]) == 0
     assert len(optuna_trials(db, "g")) == 6
     # the dashboard's view: Optuna's tables readable from another process beside the harness tables
     code = (
