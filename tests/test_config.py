@@ -14,9 +14,14 @@ def test_paper_preset_trains_as_the_released_code():
     assert c.model.freeze_bn and c.train.optimizer == "sgd"
     assert (c.train.momentum, c.train.weight_decay, c.train.fusion_lr_mult) == (0.0, 0.0, 1.0)
     assert not c.train.amp and not c.labels.refined_cam_renorm
-    for preset in ("smoke", "default"):  # the CPU presets keep the earlier behaviour
+    for preset in ("smoke", "default"):  # the CPU presets keep trained BN and the 10x fusion lr (measured)
         d = make_config(preset)
-        assert not d.model.freeze_bn and d.train.fusion_lr_mult == 0.0 and d.labels.refined_cam_renorm
+        assert not d.model.freeze_bn and d.train.fusion_lr_mult == 0.0
+    # refined CAMs: the default preset follows the released code (measured better: README), smoke keeps renorm
+    assert (
+        not make_config("default").labels.refined_cam_renorm
+        and make_config("smoke").labels.refined_cam_renorm
+    )
     with pytest.raises(ConfigError, match="train.fusion_lr_mult"):
         make_config("smoke", ["train.fusion_lr_mult=-1"])
 
