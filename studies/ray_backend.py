@@ -175,6 +175,7 @@ class HarnessSearch(OptunaSearch):
         job, result = self.h_jobs[trial_id], result or {}
         hid = result.get("harness_id")
         if result.get("final"):  # the trial closed its own rows and claim
+            row = self._harness_row(job) if hid is not None else None
             out = Outcome(
                 optuna_number=job.optuna_number,
                 status=result["status"],
@@ -190,17 +191,14 @@ class HarnessSearch(OptunaSearch):
             else:
                 status, why = PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
             out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=hid)
-            if hid is None:
-                hid = self._harness_id_of(job)
-                out.harness_id = hid
-            if hid is not None and self._still_running(hid):
-                retry_locked(self.h_store.finish_trial, hid, status, error=why)
+            row = self._harness_row(job)  # the trial may have died before it told the driver its id
+            if row is not None and row["status"] == RUNNING:
+                retry_locked(self.h_store.finish_trial, row["id"], status, error=why)
+            out.harness_id = row["id"] if row is not None else hid
             if self.h_keeper is not None:
                 self.h_keeper.release(job.claim_owner, status)
-        if out.harness_id is not None:  # the user attrs read the stored result
-            t = [x for x in self.h_store.trials(self.h_plan.study.name) if x["id"] == out.harness_id]
-            out.result = t[0]["result"] if t else None
-            out.collapsed = result_collapsed(out.result)
+        out.result = row["result"] if row is not None else None  # the user attrs read the stored result
+        out.collapsed = result_collapsed(out.result)
         try:
             if result.get("node"):  # before tell(): Optuna refuses attributes on a finished trial
                 storage = self._ot_study._storage
@@ -211,17 +209,12 @@ class HarnessSearch(OptunaSearch):
         self.h_outcomes.append(out)
         log_outcome(self.h_log, self.h_plan.study.metric, job, out)
 
-    def _harness_id_of(self, job: Job) -> int | None:
+    def _harness_row(self, job: Job) -> dict | None:
+        """The harness row of job's trial (by its Optuna number), as Store.trials gives it."""
         for t in self.h_store.trials(job.study):
             if t["optuna_number"] == job.optuna_number:
-                return t["id"]
+                return t
         return None
-
-    def _still_running(self, harness_id: int) -> bool:
-        return any(
-            t["id"] == harness_id and t["status"] == RUNNING
-            for t in self.h_store.trials(self.h_plan.study.name)
-        )
 
     def close(self) -> None:
         if self.h_keeper is not None:

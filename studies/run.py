@@ -350,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(plan, url, workers)
             return 0
         check_user_data(plan)
-        artifacts = check_artifacts(args.artifacts)
         from studies.db import StoreError, check_reachable
         from studies.store import Store
 
@@ -359,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             store = Store(url)
         except StoreError as e:
             raise UsageError(f"--storage: {e}") from None
+        artifacts = check_artifacts(args.artifacts)  # after the storage: a bad URL creates no folder
     except (UsageError, SpecError, ConfigError, DataError) as e:  # PretrainedError is a ConfigError
         print(str(e), file=sys.stderr)
         return 2

@@ -98,6 +98,14 @@ def _legacy_status(status: str, error: str | None) -> str:
     return INTERRUPTED if status == FAILED and (error or "").startswith("interrupted") else status
 
 
+def _looks_alive(trial: dict, host: str, now: float, grace_s: float) -> bool:
+    """A running trial's process is alive: its pid, when it runs on this host; else a heartbeat newer
+    than grace_s (another host's pid cannot be checked)."""
+    if trial["host"] == host and trial["pid"] is not None:
+        return pid_alive(trial["pid"])
+    return trial["heartbeat_at"] is not None and now - trial["heartbeat_at"] < grace_s
+
+
 def point_key(row: str, variant: str | None, seed: int) -> str:
     """A grid point's claim key: canonical JSON of [row, variant, seed]."""
     return json.dumps([row, variant, int(seed)])
@@ -344,16 +352,14 @@ class Store:
             return out
 
     def interrupt_dead(self, study: str, grace_s: float = CLAIM_STALE_S) -> list[int]:
-        """Mark as interrupted the running trials whose process is gone: a dead pid on this host, or no
-        heartbeat for grace_s from another host. Each is compare-and-set on what was observed (status
-        running, same pid and heartbeat), so a trial that began or beat in between is never touched."""
+        """Mark as interrupted the running trials whose process is gone (not _looks_alive). Each is
+        compare-and-set on what was observed (status running, same pid and heartbeat), so a trial that
+        began or beat in between is never touched."""
         host, now, out = socket.gethostname(), time.time(), []
         for t in self.trials(study, status=RUNNING):
-            if t["host"] == host and t["pid"] is not None:
-                dead = not pid_alive(t["pid"])
-            else:
-                dead = t["heartbeat_at"] is None or now - t["heartbeat_at"] >= grace_s
-            if dead and retry_locked(self._interrupt_if_unchanged, t["id"], t["pid"], t["heartbeat_at"]):
+            if not _looks_alive(t, host, now, grace_s) and retry_locked(
+                self._interrupt_if_unchanged, t["id"], t["pid"], t["heartbeat_at"]
+            ):
                 out.append(t["id"])
         return out
 
@@ -378,15 +384,9 @@ class Store:
             return res.rowcount == 1
 
     def live_running(self, study: str, grace_s: float = CLAIM_STALE_S) -> set[int]:
-        """harness_ids of running trials that look alive: a live pid on this host, or a recent heartbeat."""
-        host, now, live = socket.gethostname(), time.time(), set()
-        for t in self.trials(study, status=RUNNING):
-            if t["host"] == host and t["pid"] is not None:
-                if pid_alive(t["pid"]):
-                    live.add(t["id"])
-            elif t["heartbeat_at"] is not None and now - t["heartbeat_at"] < grace_s:
-                live.add(t["id"])
-        return live
+        """harness_ids of running trials that look alive (_looks_alive)."""
+        host, now = socket.gethostname(), time.time()
+        return {t["id"] for t in self.trials(study, status=RUNNING) if _looks_alive(t, host, now, grace_s)}
 
     def point_statuses(self, study: str) -> list[tuple[str, str | None, int, str]]:
         """(row, variant, seed, status) of every trial of the study: what a claimant reads before each
