@@ -55,6 +55,9 @@ class ModelConfig:
         18,
     )  # head atrous rates (paper); scale them down with the feature map
     head_channels: int = 0  # seg / sal head width D; 0 -> 128 * width (authors' 128 at full width)
+    # Zero-initialise the non-local output convs (seg_W, sal_W), so Eq. 2-3's F_out = F_in + W(A g(F_in))
+    # starts as the identity (Wang et al.'s non-local init); the authors' code keeps PyTorch's default.
+    nonlocal_zero_init: bool = False
     # Backbone BatchNorm in eval mode with frozen affine parameters, and conv1a frozen, as the authors' code
     # (BN statistics stay the pretrained ones). Off here: a backbone trained from scratch needs BN to learn.
     freeze_bn: bool = False

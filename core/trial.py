@@ -217,6 +217,7 @@ def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
         dilations=m.dilations,
         head_channels=m.head_channels,
         freeze_bn=m.freeze_bn,
+        nonlocal_zero_init=m.nonlocal_zero_init,
     )
 
 

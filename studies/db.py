@@ -27,19 +27,36 @@ class StoreError(Exception):
     refusing server, malformed URL); one line, never the password."""
 
 
-def is_locked_error(exc: BaseException) -> bool:
+# What a retry can cure: SQLite's lock (last resort beside the busy timeout), and a PostgreSQL server
+# refusing a new connection at its max_connections while other processes hold theirs. The refusal comes
+# at connect time, before any statement ran, so retrying cannot apply anything twice (bench_claims: 1 of
+# 1,000 trials failed on it with 32 processes against a 150-connection server before this was retried).
+_TRANSIENT = (
+    "database is locked",
+    "database is busy",
+    "database table is locked",
+    "too many clients already",
+    "remaining connection slots are reserved",
+    "too many connections",
+)
+
+
+def is_transient_error(exc: BaseException) -> bool:
     msg = str(exc).lower()
-    return "database is locked" in msg or "database is busy" in msg or "database table is locked" in msg
+    return any(t in msg for t in _TRANSIENT)
 
 
-def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call fn, retrying with jittered exponential backoff while SQLite reports a lock (last resort)."""
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 10, **kwargs: Any) -> T:
+    """Call fn, retrying with jittered exponential backoff (up to about 30 s in all) while the store reports
+    a lock or refuses a connection for now (is_transient_error)."""
     delay = 0.05
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # OperationalError, or optuna's StorageInternalError wrapping it
-            locked = is_locked_error(exc) or (exc.__cause__ is not None and is_locked_error(exc.__cause__))
+            locked = is_transient_error(exc) or (
+                exc.__cause__ is not None and is_transient_error(exc.__cause__)
+            )
             if not locked or i == attempts - 1:
                 raise
             time.sleep(delay * (1 + random.random()))

@@ -107,7 +107,8 @@ def build_parser(study_file: str = "study.yaml") -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="trials at once (optuna: on this machine, default 1; ray: default as many as the cluster holds)",
+        help="trials at once (optuna: on this machine, default one single-threaded trial per core for CPU "
+        "presets, 1 on a GPU or for wide nets; ray: default as many as the cluster holds)",
     )
     p.add_argument(
         "--set",
@@ -148,6 +149,43 @@ def thread_overrides(plan_keys: set[str], cores_per_trial: int) -> dict[str, Any
     return out
 
 
+# Automatic parallelism (--workers not given, optuna backend). On the CPU a narrow net's step gains only
+# 1.7x from a second intra-op thread and 2x from a second single-threaded process (default preset, full
+# model, batch 8, bf16: 174 ms/step with 1 thread, 111 with 2; README "Time"), so such trials run one per
+# core with one thread each. Nets wider than NARROW_WIDTH (the paper preset) run one at a time, as do GPU
+# trials. TRIAL_MEMORY_BYTES bounds the count by the machine's memory: a default-preset trial peaked at
+# about 0.7 GiB resident (VmHWM); 2 GiB leaves room for the CRF and the data.
+NARROW_WIDTH = 0.25
+TRIAL_MEMORY_BYTES = 2 << 30
+
+
+def auto_workers(
+    plan: Plan, user_keys: set[str], n_trials: int | None = None, cores: int | None = None
+) -> int:
+    """Trials at once on this machine for the optuna backend when the user did not say (see above)."""
+    cfgs = [make_config(plan.preset, p.overrides) for p in plan.points] or [
+        make_config(plan.preset, {**plan.base_overrides, **plan.cli_overrides})
+    ]
+    if any(c.train.device.startswith("cuda") for c in cfgs):
+        return 1
+    if any(c.train.device == "auto" for c in cfgs):
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    if max(c.model.width for c in cfgs) > NARROW_WIDTH:
+        return 1
+    cores = cores or os.cpu_count() or 1
+    threads = max(c.train.threads for c in cfgs) if "train.threads" in user_keys else 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = TRIAL_MEMORY_BYTES * cores
+    bound = [max(1, cores // max(threads, 1)), max(1, memory // TRIAL_MEMORY_BYTES)]
+    bound += [n for n in (len(plan.points), n_trials) if n]
+    return min(bound)
+
+
 def _set_keys(spec: Spec, name: str, cli: dict) -> set[str]:
     s = spec.study(name)
     keys = set(spec.base_set) | set(s.set) | set(cli)
@@ -181,7 +219,7 @@ def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
     return trials, seconds
 
 
-def dry_run(plan: Plan, url: str, workers: int) -> None:
+def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
     from studies.db import redact_url
 
     s = plan.study
@@ -190,6 +228,7 @@ def dry_run(plan: Plan, url: str, workers: int) -> None:
     done_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in ("complete", "pruned")}
     failed_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == "failed"}
     print(f"storage: {redact_url(url)} ({len(trials)} trial(s) of this study stored)")
+    print(f"workers: {workers} trial(s) at once{how}")
     if plan.is_grid:
         print(
             f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
@@ -342,12 +381,18 @@ def main(argv: list[str] | None = None) -> int:
         # backend derives them from the cluster's resources per trial (ray_backend.trial_resources).
         user_keys = _set_keys(spec, args.name, cli)
         workers = args.workers or 1
+        if args.workers is None and args.backend == "optuna":
+            workers = auto_workers(
+                make_plan(spec, args.name, preset=args.preset, cli_set=cli), user_keys, args.n_trials
+            )
         per = (os.cpu_count() or 1) // workers if args.backend == "optuna" and workers > 1 else 0
         extra = thread_overrides(user_keys, per) if per else {}
         plan = make_plan(spec, args.name, preset=args.preset, cli_set=cli, extra=extra)
         url = args.storage or spec.storage
         if args.dry_run:
-            dry_run(plan, url, workers)
+            how = f", {per} thread(s) each" if per else ""
+            how += "" if args.workers else " (automatic: --workers N to choose)"
+            dry_run(plan, url, workers, how if args.backend == "optuna" else " (ray: as the cluster holds)")
             return 0
         check_user_data(plan)
         from studies.db import StoreError, check_reachable

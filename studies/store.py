@@ -183,6 +183,7 @@ class Store:
                 continue
         raise RuntimeError(f"could not create study {name!r} in the store")
 
+    @retrying
     def study_id(self, name: str) -> int | None:
         with self._session() as s:
             return s.scalar(sa.select(StudyRow.id).where(StudyRow.name == name))
@@ -383,11 +384,13 @@ class Store:
             )
             return res.rowcount == 1
 
+    @retrying
     def live_running(self, study: str, grace_s: float = CLAIM_STALE_S) -> set[int]:
         """harness_ids of running trials that look alive (_looks_alive)."""
         host, now = socket.gethostname(), time.time()
         return {t["id"] for t in self.trials(study, status=RUNNING) if _looks_alive(t, host, now, grace_s)}
 
+    @retrying
     def point_statuses(self, study: str) -> list[tuple[str, str | None, int, str]]:
         """(row, variant, seed, status) of every trial of the study: what a claimant reads before each
         claim, so only these columns (the full rows grow with the study)."""
@@ -494,6 +497,7 @@ class Store:
                 else:
                     c.state, c.heartbeat_at = "done", time.time()
 
+    @retrying
     def claims(self, study: str) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(
@@ -505,6 +509,7 @@ class Store:
             return [{c.name: getattr(r, c.key) for c in ClaimRow.__table__.columns} for r in rows]
 
     # -- reading --------------------------------------------------------------------------------
+    @retrying
     def trials(self, study: str, status: str | None = None) -> list[dict]:
         """The study's harness trials as plain dicts (JSON columns decoded), ordered by Optuna number.
         `id` is the harness_id."""
@@ -525,6 +530,7 @@ class Store:
                     out.append(d)
             return out
 
+    @retrying
     def stages(self, harness_id: int) -> list[dict]:
         with self._session() as s:
             rows = s.scalars(
@@ -532,6 +538,7 @@ class Store:
             ).all()
             return [{c.name: getattr(r, c.key) for c in StageRow.__table__.columns} for r in rows]
 
+    @retrying
     def study_stages(self, study: str) -> list[dict]:
         """Every stage row of the study's trials, with the trial's row, variant, seed and status."""
         q = (

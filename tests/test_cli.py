@@ -72,6 +72,29 @@ def test_dry_run_shows_storage_progress_and_estimate(grid, capsys):
     assert "estimate: 1 trial(s) x " in out and "/ 2 worker(s)" in out
 
 
+def test_workers_default_to_one_single_threaded_trial_per_core(grid, capsys, monkeypatch):
+    import torch
+
+    from studies.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: trials run one at a time on it")
+    y, _ = grid
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert main(["g", "--study-file", str(y), "--dry-run"]) == 0  # 4 points: no more workers than that
+    assert "workers: 4 trial(s) at once, 2 thread(s) each (automatic" in capsys.readouterr().out
+    assert main(["g", "--study-file", str(y), "--dry-run", "--n-trials", "3"]) == 0
+    assert "workers: 3 trial(s) at once" in capsys.readouterr().out
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert main(["g", "--study-file", str(y), "--dry-run"]) == 0
+    assert "workers: 2 trial(s) at once, 1 thread(s) each (automatic" in capsys.readouterr().out
+    assert main(["g", "--study-file", str(y), "--dry-run", "--set", "model.width=1.0"]) == 0  # a wide net
+    assert "workers: 1 trial(s) at once (automatic" in capsys.readouterr().out
+    assert main(["g", "--study-file", str(y), "--dry-run", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "workers: 1 trial(s) at once\n" in out
+
+
 def test_report_reproduce_line_carries_the_set_overrides(grid, capsys, tmp_path):
     from studies.run import main
 

@@ -516,3 +516,50 @@ def test_paper_preset_optimiser_groups_follow_the_released_code():
     # the default preset keeps cross_att with the heads and BN training; refined CAMs as the released code
     d = make_config("default")
     assert (d.model.freeze_bn, d.train.fusion_lr_mult, d.labels.refined_cam_renorm) == (False, 0.0, False)
+
+
+def test_full_model_trains_under_cpu_bf16_autocast():
+    # train.cpu_amp: the SA conv gives bf16 while the affinities' softmax stays fp32; Eq. 5 must mix them
+    torch.manual_seed(0)
+    net = AuxSegNet(width=W, head_channels=16, dilations=(1, 2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 64, 64))
+    loss, _ = auxsegnet_loss({k: v.float() for k, v in out.items()}, _targets())
+    loss.backward()
+    assert torch.isfinite(loss) and net.cross_att[0].weight.grad is not None
+    torch.testing.assert_close(out["affinity"].float().sum(-1), torch.ones(2, 64), atol=1e-2, rtol=0)
+
+
+def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
+    torch.manual_seed(0)
+    cfg = make_config("smoke", ["model.nonlocal_zero_init=true"])
+    from core.trial import build_net
+
+    net = build_net(cfg, 21)
+    for name in ("seg_W", "sal_W"):
+        assert not getattr(net, name).weight.any() and not getattr(net, name).bias.any()
+    x = torch.randn(2, net.head_channels, 4, 4)
+    A = torch.softmax(torch.randn(2, 16, 16), -1)
+    torch.testing.assert_close(propagate_features(x, A, net.seg_g, net.seg_W), x)
+    assert build_net(make_config("smoke"), 21).seg_W.weight.abs().sum() > 0  # the authors' default init
+
+
+def test_batched_evaluation_predicts_what_one_image_at_a_time_does():
+    import numpy as np
+
+    from core.evaluate import predict_batched, predict_probs
+
+    class Images:  # two sizes, interleaved: same-size neighbours share a pass, a new size starts one
+        sizes = [(40, 48), (40, 48), (40, 48), (32, 32), (40, 48), (40, 48)]
+
+        def image(self, i):
+            return np.random.default_rng(i).integers(0, 255, (*self.sizes[i], 3), dtype=np.uint8)
+
+    torch.manual_seed(0)
+    net = AuxSegNet(width=W, head_channels=16, dilations=(1, 2, 3)).eval()
+    ds = Images()
+    got = list(predict_batched(net, ds, [5, 0, 1, 2, 3, 4], torch.device("cpu"), batch=2))
+    assert [i for i, _ in got] == [5, 0, 1, 2, 3, 4]
+    for i, pred in got:
+        want = predict_probs(net, ds.image(i), torch.device("cpu")).argmax(0)
+        assert pred.shape == ds.sizes[i] and (pred == want).mean() > 0.999

@@ -129,12 +129,14 @@ class AuxSegNet(nn.Module):
         block_dropout: bool = True,
         dilations: tuple[int, int, int] = (6, 12, 18),
         head_channels: int = 0,
+        nonlocal_zero_init: bool = False,
     ):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
+        self.nonlocal_zero_init = nonlocal_zero_init
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
@@ -182,7 +184,7 @@ class AuxSegNet(nn.Module):
     def reset_head_parameters(self):
         """As the official code: Xavier-uniform weights and zero biases for fc8 and the seg / sal convs;
         PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``,
-        cross_att)."""
+        cross_att); seg_W and sal_W at zero with nonlocal_zero_init."""
         for name in self.HEADS:
             m = getattr(self, name, None)
             if isinstance(m, NonLocal):
@@ -195,6 +197,11 @@ class AuxSegNet(nn.Module):
                         _xavier(conv)
                     else:
                         conv.reset_parameters()
+        if self.nonlocal_zero_init:  # Eq. 2-3's feature update starts as the identity
+            for name in ("seg_W", "sal_W"):
+                if hasattr(self, name):
+                    nn.init.zeros_(getattr(self, name).weight)
+                    nn.init.zeros_(getattr(self, name).bias)
 
     def _task_features(self, task, feat):
         f = F.relu(getattr(self, f"{task}_conv1")(feat))
