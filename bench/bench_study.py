@@ -3,12 +3,16 @@
 
     python -m bench.bench_study ablation_tasks [--preset default] [--workers N] [--set KEY=VALUE ...]
         [--baseline-workers 1] [--baseline-set KEY=VALUE ...] [--only new|baseline] [--n-trials N]
+        [--baseline-runs cold cached]
 
 Each run is a real `python -m studies.run` with its own store and warm-up cache in a temporary folder;
 the generated benchmark images (runs/data) are shared, so they are generated at most once.
 Printed per setting and run: wall time, trials per minute, core utilisation (CPU time of the run's
 processes / (wall x cores)), and the share of trial time spent in warm-up, train, learning-curve eval,
-val eval and label updates (from each trial's stored timings); then new / baseline ratios.
+val eval and label updates (from each trial's stored timings); then new / baseline ratios, and each row's
+paired difference new - baseline (same row, same seed): what the new settings do to the numbers.
+Without --workers the new setting lets studies.run choose (one single-threaded trial per core on the CPU).
+--baseline-runs cold skips the baseline's cached run (it repeats the cold run's trials less the warm-ups).
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ def cpu_name() -> str:
 
 
 def run_once(
-    name: str, preset: str, workers: int, sets: list[str], folder: Path, n_trials: int | None
+    name: str, preset: str, workers: int | None, sets: list[str], folder: Path, n_trials: int | None
 ) -> dict:
     db = folder / f"store-{time.time_ns()}.db"
-    cmd = [sys.executable, "-m", "studies.run", name, "--preset", preset, "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "studies.run", name, "--preset", preset]
+    cmd += ["--workers", str(workers)] if workers else []
     cmd += ["--storage", f"sqlite:///{db}", "--no-report", "--artifacts", str(folder / "artifacts")]
     cmd += (["--n-trials", str(n_trials)] if n_trials else []) + (["--set", *sets] if sets else [])
     env = {**os.environ, "AUXSEG_RUNS": str(folder / "runs"), "PYTHONPATH": str(ROOT)}
@@ -77,12 +82,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_study", description=__doc__.split("\n")[0])
     ap.add_argument("name")
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="default: studies.run's choice")
     ap.add_argument("--set", dest="sets", nargs="*", default=[])
     ap.add_argument("--baseline-workers", type=int, default=1)
     ap.add_argument("--baseline-set", nargs="*", default=[])
     ap.add_argument("--only", choices=("new", "baseline"), default=None)
     ap.add_argument("--n-trials", type=int, default=None, help="cap the trials (a quick look)")
+    ap.add_argument("--baseline-runs", nargs="+", choices=("cold", "cached"), default=["cold", "cached"])
     a = ap.parse_args()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
     settings = {"new": (a.workers, a.sets), "baseline": (a.baseline_workers, a.baseline_set)}
@@ -96,11 +102,13 @@ def main() -> int:
             (ROOT / "runs" / "data").mkdir(parents=True, exist_ok=True)
             (Path(tmp) / "runs" / "data").symlink_to(ROOT / "runs" / "data")
             for run in ("cold", "cached"):
+                if label == "baseline" and run not in a.baseline_runs:
+                    continue
                 r = run_once(a.name, a.preset, workers, sets, Path(tmp), a.n_trials)
                 rows[(label, run)] = r
                 share = "  ".join(f"{k} {100 * v:4.1f}%" for k, v in r["share"].items() if v)
                 print(
-                    f"{label:<8} {run:<6} workers {workers} set [{' '.join(sets)}]: "
+                    f"{label:<8} {run:<6} workers {workers or 'auto'} set [{' '.join(sets)}]: "
                     f"wall {r['wall'] / 60:5.1f} min, {r['trials']} trials, {r['per_min']:.2f} trials/min, "
                     f"cores {100 * r['util']:.0f}% | {share}",
                     flush=True,
@@ -111,14 +119,23 @@ def main() -> int:
     study = load_spec(ROOT / "study.yaml").study(a.name)
     if study.kind == "ablation":  # the table's conclusions under each setting: paired delta per row
         for label in settings:
-            m = rows[(label, "cached")]["metric"]
+            m = (rows.get((label, "cached")) or rows[(label, "cold")])["metric"]
             base = {k[2]: v for k, v in m.items() if k[0] == study.baseline}
             print(f"{label}: paired delta vs {study.baseline} (percent points, 95% CI):")
             for r in study.rows:
                 cell = delta_cell(paired_delta({k[2]: v for k, v in m.items() if k[0] == r.label}, base))
                 print(f"  {r.label:<34} {cell}")
     if len(settings) == 2:
+        new_m = (rows.get(("new", "cached")) or rows[("new", "cold")])["metric"]
+        old_m = (rows.get(("baseline", "cached")) or rows[("baseline", "cold")])["metric"]
+        print("new - baseline, same row and seed (percent points, 95% CI):")
+        for r in study.rows:
+            pick = lambda m, lab=r.label: {k[2]: v for k, v in m.items() if k[0] == lab}  # noqa: E731
+            print(f"  {r.label:<34} {delta_cell(paired_delta(pick(new_m), pick(old_m)))}")
+        print(f"  {'all rows, pairs (row, seed)':<34} {delta_cell(paired_delta(new_m, old_m))}")
         for run in ("cold", "cached"):
+            if ("baseline", run) not in rows or ("new", run) not in rows:
+                continue
             n, b = rows[("new", run)], rows[("baseline", run)]
             ratio = n["per_min"] / b["per_min"]
             print(f"{run}: new / baseline wall {n['wall'] / b['wall']:.2f}x, trials/min {ratio:.2f}x")
