@@ -92,9 +92,10 @@ class TrainConfig:
     scale_max: float = 1.3
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on a GPU (ignored on the CPU); the authors train in fp32
-    # bf16 autocast on the CPU (needs AVX512-BF16 or AMX; checked when the trial starts). Other floats
-    # than fp32, so a study compares like with like only at one setting.
-    cpu_amp: bool = False
+    # bf16 autocast on the CPU: off | on (needs AVX512-BF16 or AMX; checked when the trial starts) | auto
+    # (on where the CPU runs bf16 natively, else fp32; result.environment.precision says which ran). Other
+    # floats than fp32, so a study compares like with like only at one precision. true/false = on/off.
+    cpu_amp: str = "off"
     channels_last: bool = True  # on a GPU
     threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
     workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
@@ -234,6 +235,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# String keys that also take true / false (as on / off), for the keys that were booleans before.
+ON_OFF_KEYS = {"train.cpu_amp"}
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
@@ -280,6 +285,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if value is None:
             return ""
+        if key in ON_OFF_KEYS and isinstance(value, bool):
+            return "on" if value else "off"
+        if key in ON_OFF_KEYS and isinstance(value, str) and value.lower() in ("true", "false"):
+            return "on" if value.lower() == "true" else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return str(value)
@@ -373,6 +382,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.crop must be >= 8 (the output stride), got {t.crop}")
     if t.optimizer not in ("sgd", "adam"):
         raise ConfigError(f"train.optimizer: {t.optimizer!r} is not one of ['sgd', 'adam']")
+    if t.cpu_amp not in ("off", "on", "auto"):
+        raise ConfigError(f"train.cpu_amp: {t.cpu_amp!r} is not one of ['off', 'on', 'auto'] (or true/false)")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: {t.device!r} is not one of ['auto', 'cpu', 'cuda']")
     if not 0 < t.scale_min <= t.scale_max:

@@ -70,6 +70,7 @@ class DatasetRecord(TypedDict):
 
 
 class EnvironmentRecord(TypedDict):
+    precision: str  # bf16 (autocast) or fp32
     torch: str
     python: str
     threads: int

@@ -35,20 +35,28 @@ def cpu_bf16_supported() -> bool:
 
 
 def check_amp(cfg: Config, device: torch.device) -> None:
-    if device.type == "cpu" and cfg.train.cpu_amp and not cpu_bf16_supported():
+    if device.type == "cpu" and cfg.train.cpu_amp == "on" and not cpu_bf16_supported():
         raise RuntimeError(
-            f"train.cpu_amp=true: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-            "(AVX512-BF16 or AMX); use train.cpu_amp=false"
+            f"train.cpu_amp=on: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+            "(AVX512-BF16 or AMX); use train.cpu_amp=off or auto"
         )
+
+
+def bf16_active(cfg: Config, device: torch.device) -> bool:
+    """Whether the trial's network passes run in bf16 autocast (train.amp on a GPU, train.cpu_amp on the
+    CPU, where auto means: if the CPU runs bf16 natively)."""
+    if device.type == "cuda":
+        return cfg.train.amp
+    if device.type == "cpu":
+        return cfg.train.cpu_amp == "on" or (cfg.train.cpu_amp == "auto" and cpu_bf16_supported())
+    return False
 
 
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on a GPU when train.amp (an opt-in speed-up for the paper preset, which trains in fp32
     as the authors), and on the CPU when train.cpu_amp; otherwise fp32."""
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.train.cpu_amp:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if bf16_active(cfg, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -51,6 +51,7 @@ from core.records import (
 from core.train import (
     NonFiniteLoss,
     autocast,
+    bf16_active,
     check_amp,
     resolve_device,
     to_device,
@@ -137,10 +138,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def environment(device: torch.device) -> EnvironmentRecord:
+def environment(device: torch.device, cfg: Config | None = None) -> EnvironmentRecord:
     """What a result's numbers depend on beyond config and seed: bit-identical results need the same
-    torch build, CPU (or GPU) kernels and intra-op thread count."""
+    torch build, CPU (or GPU) kernels, intra-op thread count and precision (bf16 autocast or fp32)."""
     env: EnvironmentRecord = {
+        "precision": "bf16" if cfg is not None and bf16_active(cfg, device) else "fp32",
         "torch": str(torch.__version__),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -152,11 +154,12 @@ def environment(device: torch.device) -> EnvironmentRecord:
     return env
 
 
-def numerics_fingerprint(device: torch.device) -> str:
+def numerics_fingerprint(device: torch.device, cfg: Config) -> str:
     """Cache-key part for what makes float results differ at equal config and seed: a warm-up trained with
     other kernels or another thread count would make a trial differ from the same trial run cold."""
-    env = environment(device)
+    env = environment(device, cfg)  # precision: train.cpu_amp=auto is bf16 on one CPU and fp32 on another
     parts = [env["torch"], env["device"], env["gpu"] or env["cpu_capability"], str(env["threads"])]
+    parts.append(env["precision"])
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8]
 
 
@@ -247,7 +250,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
     keys = warmup_keys(cfg, device)
     key = (
         f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
-        f"-{numerics_fingerprint(device)}"
+        f"-{numerics_fingerprint(device, cfg)}"
     )
     folder = runs_dir() / "cache" / key
     t0 = time.time()
@@ -451,7 +454,7 @@ def run_trial(
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
     check_amp(cfg, device)
-    result.environment = environment(device)
+    result.environment = environment(device, cfg)
     check_init_weights(cfg.model.init_weights, cfg.model.width)
 
     t = time.time()

@@ -199,7 +199,8 @@ def _environment(e) -> str:
     gpu = f", GPU {e['gpu']}" if e.get("gpu") else ""
     python = f", Python {e['python']}" if e.get("python") else ""
     cpu = f"CPU {e.get('cpu') or '?'}{cap}{gpu}{python}"
-    return f"torch {e.get('torch') or '?'}, {e.get('threads', '?')} threads, {cpu}"
+    precision = f", {e['precision']}" if e.get("precision") else ""
+    return f"torch {e.get('torch') or '?'}, {e.get('threads', '?')} threads{precision}, {cpu}"
 
 
 def environments(study: StudyResults) -> str:

@@ -112,3 +112,26 @@ def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
     assert "train.amp" in warmup_keys(smoke, gpu)  # bf16 and fp32 warm-ups differ on a GPU
     scratch = make_config("smoke", ["model.init_weights=none"])  # random init either way, but its own entry
     assert scratch.fingerprint(warmup_keys(scratch, cpu)) != smoke.fingerprint(warmup_keys(smoke, cpu))
+
+
+def test_cpu_amp_is_off_on_or_auto_and_auto_follows_the_cpu(monkeypatch):
+    import core.train as train
+    from core.trial import environment, numerics_fingerprint
+
+    for given, want in (("true", "on"), ("false", "off"), ("on", "on"), ("off", "off"), ("auto", "auto")):
+        assert make_config("smoke", [f"train.cpu_amp={given}"]).train.cpu_amp == want
+    assert make_config("smoke", {"train.cpu_amp": True}).train.cpu_amp == "on"  # study.yaml's YAML boolean
+    with pytest.raises(ConfigError, match=r"train.cpu_amp: 'fast' is not one of \['off', 'on', 'auto'\]"):
+        make_config("smoke", ["train.cpu_amp=fast"])
+    cpu = torch.device("cpu")
+    auto, off = make_config("smoke", ["train.cpu_amp=auto"]), make_config("smoke")
+    for native in (True, False):
+        monkeypatch.setattr(train, "cpu_bf16_supported", lambda native=native: native)
+        assert train.bf16_active(auto, cpu) is native
+        assert environment(cpu, auto)["precision"] == ("bf16" if native else "fp32")
+        # a cached warm-up trained in bf16 never stands in for an fp32 one (same config, other CPU)
+        assert (numerics_fingerprint(cpu, auto) == numerics_fingerprint(cpu, off)) is not native
+    monkeypatch.setattr(train, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="train.cpu_amp=on: this CPU .* has no native bf16"):
+        train.check_amp(make_config("smoke", ["train.cpu_amp=on"]), cpu)
+    train.check_amp(auto, cpu)  # auto falls back to fp32 without a word
