@@ -563,3 +563,21 @@ def test_batched_evaluation_predicts_what_one_image_at_a_time_does():
     for i, pred in got:
         want = predict_probs(net, ds.image(i), torch.device("cpu")).argmax(0)
         assert pred.shape == ds.sizes[i] and (pred == want).mean() > 0.999
+
+
+def test_a_head_starts_the_same_in_every_ablation_row_of_a_seed():
+    def build(branches, affinity, constraints, seed=3):
+        torch.manual_seed(seed)
+        net = AuxSegNet(width=W, branches=branches, affinity=affinity, constraints=constraints)
+        return net, torch.rand(1)  # what the global stream gives next
+
+    seg, after_seg = build(("seg",), "none", ())
+    full, after_full = build(("seg", "cls", "sal"), "cross_task", ("seg", "sal"))
+    for k, v in seg.state_dict().items():
+        if k.startswith("seg_"):
+            torch.testing.assert_close(full.state_dict()[k], v, rtol=0, atol=0)
+    other, _ = build(("seg",), "none", (), seed=4)
+    assert not torch.equal(other.seg_conv1.weight, seg.seg_conv1.weight)  # the seed still moves the heads
+    assert not torch.equal(full.sal_conv1.weight, full.seg_conv1.weight[:, : full.sal_conv1.weight.shape[1]])
+    # heads leave the global stream alone: the backbone is drawn first, so what follows depends on it only
+    assert torch.equal(after_seg, after_full)

@@ -18,6 +18,8 @@ for backward: 76 MiB at a 321 crop, 448 MiB at 512).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,12 @@ def head_width(width: float, channels: int = 0) -> int:
     """Channels D of the seg / sal heads: `channels` when given, else 128 at width 1.0 scaled with width
     (never below 16)."""
     return channels if channels > 0 else max(16, round(128 * width))
+
+
+def head_seed(base: int, name: str) -> int:
+    """The seed of one head's initial weights: a function of the trial's torch seed and the head's name."""
+    digest = hashlib.sha256(f"{base}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _xavier(m: nn.Conv2d):
@@ -140,6 +148,9 @@ class AuxSegNet(nn.Module):
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
+        # The heads' constructors draw default weights that reset_head_parameters replaces: give the global
+        # stream back afterwards, so what is drawn after the net (dropout masks) does not depend on the row.
+        stream = torch.random.get_rng_state()
         if "cls" in self.branches:
             self.dropout = nn.Dropout2d(dropout)
             self.fc8 = nn.Conv2d(K, num_classes - 1, 1, bias=False)
@@ -160,6 +171,7 @@ class AuxSegNet(nn.Module):
             self.sal_att = NonLocal(D)
             self.sal_g, self.sal_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
             self.cross_att = make_sa_fusion()
+        torch.random.set_rng_state(stream)
         self.reset_head_parameters()
 
     HEADS = (
@@ -184,12 +196,23 @@ class AuxSegNet(nn.Module):
     def reset_head_parameters(self):
         """As the official code: Xavier-uniform weights and zero biases for fc8 and the seg / sal convs;
         PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``,
-        cross_att); seg_W and sal_W at zero with nonlocal_zero_init."""
+        cross_att); seg_W and sal_W at zero with nonlocal_zero_init.
+
+        Each head draws from its own random stream, seeded by torch's current seed (the trial's) and the
+        head's name, and the global stream is left as it was: a head starts from the same weights in every
+        ablation row of a seed, whichever other heads the row has. Common random numbers: a paired Δ
+        between rows then measures the change of configuration, not also another draw of the heads.
+        """
+        base = torch.initial_seed()
         for name in self.HEADS:
             m = getattr(self, name, None)
-            if isinstance(m, NonLocal):
-                m.reset_parameters()
-            elif m is not None:
+            if m is None:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(head_seed(base, name))
+                if isinstance(m, NonLocal):
+                    m.reset_parameters()
+                    continue
                 for conv in m.modules():
                     if not isinstance(conv, nn.Conv2d):
                         continue
