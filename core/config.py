@@ -114,6 +114,9 @@ class LabelsConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    # Predict from the affinity-refined seg logits (Eq. 6-7, the paper's inference) or, false, from the seg
+    # branch's own; no effect without an affinity.
+    refined: bool = True
     post: bool = True  # compute miou_post (multi-scale + flip + CRF) ...
     post_every_stage: bool = False  # ... after every stage, or only after the last one
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)

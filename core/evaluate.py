@@ -26,9 +26,10 @@ AmpContext = Callable[[], contextlib.AbstractContextManager]
 EVAL_BATCH = 16
 
 
-def segment_logits(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Inference uses the affinity-refined segmentation when the model has one (paper, Inference)."""
-    return out["seg_ref"] if "seg_ref" in out else out["seg"]
+def segment_logits(out: dict[str, torch.Tensor], refined: bool = True) -> torch.Tensor:
+    """Inference uses the affinity-refined segmentation when the model has one (paper, Inference), unless
+    refined=False (eval.refined: the seg branch's own prediction, an ablation)."""
+    return out["seg_ref"] if refined and "seg_ref" in out else out["seg"]
 
 
 @torch.no_grad()
@@ -39,6 +40,7 @@ def predict_probs(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     amp_ctx: AmpContext | None = None,
+    refined: bool = True,
 ) -> np.ndarray:
     """Class probabilities (C, H, W) averaged over scales (and horizontal flips)."""
     h, w = img.shape[:2]
@@ -49,7 +51,7 @@ def predict_probs(
         x = x0 if size == (h, w) else F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
         xs = torch.cat([x, x.flip(-1)]) if flip else x
         with (amp_ctx or contextlib.nullcontext)():
-            logits = segment_logits(net(xs)).float()
+            logits = segment_logits(net(xs), refined).float()
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         p = logits.softmax(1)
         p = (p[0] + p[1].flip(-1)) / 2 if flip else p[0]
@@ -79,7 +81,7 @@ def evaluate(
     conf_post = np.zeros_like(conf)
 
     order = list(range(len(ds))) if indices is None else list(indices)
-    for idx, pred in predict_batched(net, ds, order, device, amp_ctx, desc):
+    for idx, pred in predict_batched(net, ds, order, device, amp_ctx, desc, refined=cfg.eval.refined):
         conf += confusion(pred, ds.mask(idx), c)
     m, per_class = miou(conf)
     if not post:
@@ -88,7 +90,8 @@ def evaluate(
     def post_jobs():
         for i in tqdm(order, desc=f"{desc} post", leave=False, disable=None):
             img = ds.image(i)
-            yield img, predict_probs(net, img, device, cfg.eval.scales, cfg.eval.flip, amp_ctx=amp_ctx)
+            probs = predict_probs(net, img, device, cfg.eval.scales, cfg.eval.flip, amp_ctx, cfg.eval.refined)
+            yield img, probs
 
     jobs = bounded_map(pool, crf_label_job, post_jobs()) if cfg.eval.crf else map(_argmax_job, post_jobs())
     for i, pred in zip(order, jobs):
@@ -105,6 +108,7 @@ def predict_batched(
     amp_ctx: AmpContext | None = None,
     desc: str = "eval",
     batch: int = EVAL_BATCH,
+    refined: bool = True,
 ):
     """(index, single-scale argmax prediction (H, W) uint8) for the images `order` of ds, in that order.
 
@@ -118,7 +122,7 @@ def predict_batched(
     def flush():
         x = torch.from_numpy(np.stack([normalize(img) for _, img in pending])).to(device)
         with (amp_ctx or contextlib.nullcontext)():
-            logits = segment_logits(net(x)).float()
+            logits = segment_logits(net(x), refined).float()
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         labels = logits.argmax(1).to(torch.uint8).cpu().numpy()
         out = [(i, labels[k]) for k, (i, _) in enumerate(pending)]

@@ -433,7 +433,7 @@ def gallery_rows(
                 "cam": cam[present].max(0) if len(present) else np.zeros(img.shape[:2], np.float32),
                 "initial": initial,
                 "last": last,
-                "pred": predict_probs(net, img, device).argmax(0).astype(np.uint8),
+                "pred": predict_probs(net, img, device, refined=cfg.eval.refined).argmax(0).astype(np.uint8),
             }
         )
     return rows

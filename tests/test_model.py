@@ -581,3 +581,24 @@ def test_a_head_starts_the_same_in_every_ablation_row_of_a_seed():
     assert not torch.equal(full.sal_conv1.weight, full.seg_conv1.weight[:, : full.sal_conv1.weight.shape[1]])
     # heads leave the global stream alone: the backbone is drawn first, so what follows depends on it only
     assert torch.equal(after_seg, after_full)
+
+
+def test_eval_refined_switch_picks_the_refined_or_the_plain_seg_logits():
+    import numpy as np
+
+    from core.evaluate import predict_probs
+
+    torch.manual_seed(0)
+    net = AuxSegNet(width=W, head_channels=16, dilations=(1, 2, 3)).eval()
+    img = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    refined = predict_probs(net, img, torch.device("cpu"))
+    plain = predict_probs(net, img, torch.device("cpu"), refined=False)
+    assert not np.allclose(refined, plain)
+    from core.data import normalize
+
+    with torch.no_grad():
+        out = net(torch.from_numpy(normalize(img))[None])
+    for key, probs in (("seg_ref", refined), ("seg", plain)):
+        want = F.interpolate(out[key], size=(40, 48), mode="bilinear", align_corners=False).softmax(1)[0]
+        np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
+    assert make_config("smoke", ["eval.refined=false"]).eval.refined is False
