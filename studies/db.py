@@ -97,9 +97,14 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     """create_engine kwargs shared by the harness engine and Optuna's RDBStorage."""
     if is_sqlite(url):
         return {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
+    # A server's max_connections is shared by every process on every host: keep one idle connection per
+    # engine (two per studies.run process), and open up to 4 more only while threads (trial and claim
+    # heartbeats) overlap. SQLAlchemy's default (5 idle + 10) let 32 processes exhaust a 150-connection
+    # server (bench_claims: trials failed on "too many clients").
+    pool = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 4, "pool_timeout": 60}
     if sa.engine.make_url(normalize_url(url)).get_backend_name() == "postgresql":
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S * 3}}
-    return {"pool_pre_ping": True}
+        return {**pool, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S * 3}}
+    return pool
 
 
 def sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
