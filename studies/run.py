@@ -396,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         check_user_data(plan)
         from studies.db import StoreError, check_reachable
-        from studies.store import Store
+        from studies.execute import get_store
 
         try:
             check_reachable(url)
-            store = Store(url)
+            store = get_store(url)  # the one the in-process trials use: one engine pair per process
         except StoreError as e:
             raise UsageError(f"--storage: {e}") from None
         artifacts = check_artifacts(args.artifacts)  # after the storage: a bad URL creates no folder
