@@ -243,7 +243,17 @@ def measure_run(
         LOG_ENV: str(log),
         PROCS_ENV: str(procs if barrier else 0),
     }
-    cmd = [sys.executable, "-m", "studies.run", STUDY, "--study-file", str(study), "--no-report", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "studies.run",
+        STUDY,
+        "--study-file",
+        str(study),
+        "--no-report",
+        "--workers",
+        "1",
+    ]
     t0 = time.time()
     ps = []
     for i in range(procs):
