@@ -88,6 +88,7 @@ WARMUP_KEYS = [
     "model.freeze_bn",
     "train.amp",
     "train.cpu_amp",
+    "train.fused_adam",
 ]
 
 
@@ -221,6 +222,7 @@ def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
         head_channels=m.head_channels,
         freeze_bn=m.freeze_bn,
         nonlocal_zero_init=m.nonlocal_zero_init,
+        head_streams=m.head_streams,
     )
 
 

@@ -568,7 +568,9 @@ def test_batched_evaluation_predicts_what_one_image_at_a_time_does():
 def test_a_head_starts_the_same_in_every_ablation_row_of_a_seed():
     def build(branches, affinity, constraints, seed=3):
         torch.manual_seed(seed)
-        net = AuxSegNet(width=W, branches=branches, affinity=affinity, constraints=constraints)
+        net = AuxSegNet(
+            width=W, branches=branches, affinity=affinity, constraints=constraints, head_streams=True
+        )
         return net, torch.rand(1)  # what the global stream gives next
 
     seg, after_seg = build(("seg",), "none", ())

@@ -390,8 +390,10 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
 
     y, db = write_study(tmp_path)
     store = Store(db)
+    # One trial at a time, in the killed process itself: automatic workers would run the trial in a child
+    # process that outlives its parent and records the trial complete (nothing lost either way).
     proc = subprocess.Popen(
-        [PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report"],
+        [PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report", "--workers", "1"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

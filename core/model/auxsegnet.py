@@ -138,19 +138,20 @@ class AuxSegNet(nn.Module):
         dilations: tuple[int, int, int] = (6, 12, 18),
         head_channels: int = 0,
         nonlocal_zero_init: bool = False,
+        head_streams: bool = False,
     ):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
-        self.nonlocal_zero_init = nonlocal_zero_init
+        self.nonlocal_zero_init, self.head_streams = nonlocal_zero_init, head_streams
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
         # The heads' constructors draw default weights that reset_head_parameters replaces: give the global
         # stream back afterwards, so what is drawn after the net (dropout masks) does not depend on the row.
-        stream = torch.random.get_rng_state()
+        stream = torch.random.get_rng_state() if head_streams else None
         if "cls" in self.branches:
             self.dropout = nn.Dropout2d(dropout)
             self.fc8 = nn.Conv2d(K, num_classes - 1, 1, bias=False)
@@ -171,7 +172,8 @@ class AuxSegNet(nn.Module):
             self.sal_att = NonLocal(D)
             self.sal_g, self.sal_W = nn.Conv2d(D, D, 1), nn.Conv2d(D, D, 1)
             self.cross_att = make_sa_fusion()
-        torch.random.set_rng_state(stream)
+        if stream is not None:
+            torch.random.set_rng_state(stream)
         self.reset_head_parameters()
 
     HEADS = (
@@ -198,18 +200,19 @@ class AuxSegNet(nn.Module):
         PyTorch's default initialisation for the attention modules (``*_att``, ``*_g``, ``*_W``,
         cross_att); seg_W and sal_W at zero with nonlocal_zero_init.
 
-        Each head draws from its own random stream, seeded by torch's current seed (the trial's) and the
-        head's name, and the global stream is left as it was: a head starts from the same weights in every
-        ablation row of a seed, whichever other heads the row has. Common random numbers: a paired Δ
-        between rows then measures the change of configuration, not also another draw of the heads.
+        With head_streams, each head draws from its own random stream, seeded by torch's current seed (the
+        trial's) and the head's name, and the global stream is left as it was: a head starts from the same
+        weights in every ablation row of a seed, whichever other heads the row has. Common random numbers:
+        a paired Δ between rows then measures the change of configuration, not also another draw.
         """
         base = torch.initial_seed()
         for name in self.HEADS:
             m = getattr(self, name, None)
             if m is None:
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(head_seed(base, name))
+            with torch.random.fork_rng(devices=[], enabled=self.head_streams):
+                if self.head_streams:
+                    torch.manual_seed(head_seed(base, name))
                 if isinstance(m, NonLocal):
                     m.reset_parameters()
                     continue
