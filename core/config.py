@@ -300,10 +300,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if value is None:
             return ""
-        if key in ON_OFF_KEYS and isinstance(value, bool):
-            return "on" if value else "off"
-        if key in ON_OFF_KEYS and isinstance(value, str) and value.lower() in ("true", "false"):
-            return "on" if value.lower() == "true" else "off"
+        if key in ON_OFF_KEYS and str(value).lower() in ("true", "false"):  # YAML's boolean or the word
+            return "on" if str(value).lower() == "true" else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return str(value)

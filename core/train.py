@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Callable
 
@@ -29,6 +30,7 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+@functools.cache  # autocast() asks before every network pass; the answer is the CPU's
 def cpu_bf16_supported() -> bool:
     """oneDNN runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16 would be emulated, slowly."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -153,8 +153,8 @@ def thread_overrides(plan_keys: set[str], cores_per_trial: int) -> dict[str, Any
 # 1.7x from a second intra-op thread and 2x from a second single-threaded process (default preset, full
 # model, batch 8, bf16: 174 ms/step with 1 thread, 111 with 2; README "Time"), so such trials run one per
 # core with one thread each. Nets wider than NARROW_WIDTH (the paper preset) run one at a time, as do GPU
-# trials. TRIAL_MEMORY_BYTES bounds the count by the machine's memory: a default-preset trial peaked at
-# about 0.7 GiB resident (VmHWM); 2 GiB leaves room for the CRF and the data.
+# trials. TRIAL_MEMORY_BYTES bounds the count by the machine's memory: a default-preset trial's process
+# held about 0.6 GiB resident (VmHWM, read during training); 2 GiB leaves room for the CRF and the data.
 NARROW_WIDTH = 0.25
 TRIAL_MEMORY_BYTES = 2 << 30
 
