@@ -8,16 +8,38 @@ outputs are present are computed: an absent branch or constraint contributes no 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 IGNORE = 255
 
 
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) matrix M with M @ v = F.interpolate(v, n_out, "linear", align_corners=False) for a
+    1-D signal v of length n_in (PyTorch's source index (dst + 0.5) * n_in / n_out - 0.5, clamped at 0)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    frac = src - i0
+    rows = torch.arange(n_out)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, (i0 + 1).clamp(max=n_in - 1)), frac, accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
 def _upsample(pred: torch.Tensor, size) -> torch.Tensor:
-    if tuple(pred.shape[-2:]) == tuple(size):
+    """Bilinear upsampling (align_corners=False), the same values as F.interpolate (to 1e-14 in float64),
+    as two matrix products: bilinear is separable. On the CPU, interpolate's backward was 3x slower than
+    both products (8 x 21 maps, 12 -> 96: 13.0 vs 4.2 ms forward + backward, 1 thread)."""
+    h, w = pred.shape[-2:]
+    if (h, w) == tuple(size):
         return pred
-    return F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+    mh = bilinear_matrix(h, int(size[0]), pred.dtype, pred.device)
+    mw = bilinear_matrix(w, int(size[1]), pred.dtype, pred.device)
+    return mh @ pred @ mw.T
 
 
 def cls_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,19 @@ def test_all_ignored_targets_give_zero_not_nan():
 def test_no_outputs_is_an_error():
     with pytest.raises(ValueError):
         auxsegnet_loss({"affinity": torch.zeros(1, 4, 4)}, {}, {})
+
+
+@pytest.mark.parametrize(
+    "size_in,size_out", [((12, 12), (96, 96)), ((7, 13), (50, 100)), ((41, 41), (321, 321))]
+)
+def test_matrix_upsampling_equals_interpolate_values_and_gradients(size_in, size_out):
+    from core.losses import _upsample
+
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, *size_out, dtype=torch.float64)
+    ours = _upsample(x, size_out)
+    ref = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-10)
