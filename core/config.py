@@ -58,6 +58,10 @@ class ModelConfig:
     # Zero-initialise the non-local output convs (seg_W, sal_W), so Eq. 2-3's F_out = F_in + W(A g(F_in))
     # starts as the identity (Wang et al.'s non-local init); the authors' code keeps PyTorch's default.
     nonlocal_zero_init: bool = False
+    # phi starts as a copy of theta in each non-local affinity (Eq. 2-3), so A = softmax_row(z_i . z_j),
+    # z = theta(F), starts as a similarity of the task's features (a symmetric positive semi-definite kernel)
+    # instead of a random bilinear form; the authors' code draws theta and phi independently.
+    nonlocal_tied_init: bool = False
     # Common random numbers across ablation rows: each head's initial weights from its own stream (trial
     # seed, head name), so a head starts identical in every row of a seed. On in the default preset. Off
     # in the smoke preset: its trial learns for some numeric draws only (seed 0 reached 13.2 % mIoU before,

@@ -222,6 +222,7 @@ def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
         head_channels=m.head_channels,
         freeze_bn=m.freeze_bn,
         nonlocal_zero_init=m.nonlocal_zero_init,
+        nonlocal_tied_init=m.nonlocal_tied_init,
         head_streams=m.head_streams,
     )
 

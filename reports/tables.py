@@ -160,6 +160,7 @@ def provenance(study: StudyResults) -> str:
     cached = pd.to_numeric(t["warmup_cached"], errors="coerce").fillna(0).astype(bool)
     preset = f" --preset {study.preset}" if study.preset else ""
     url = redact_url(study.url)  # a report is shared; a database password is not
+    study_file = f" --study-file {shlex.quote(spec['_study_file'])}" if spec.get("_study_file") else ""
     lines = [
         f"- **Study:** `{study.name}` ({spec['kind']}"
         + (f", paper Table {spec['paper_table']}" if spec.get("paper_table") else "")
@@ -185,7 +186,8 @@ def provenance(study: StudyResults) -> str:
             f"{pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC')}"
         ),
         (
-            f"- **Reproduce:** `python -m studies.run {study.name}{preset}{cli_set(spec)} --storage {url}` "
+            f"- **Reproduce:** `python -m studies.run {study.name}{preset}{cli_set(spec)}{study_file} "
+            f"--storage {url}` "
             f"(report only: `python -m reports {study.name} --storage {url}`)"
         ),
     ]

@@ -73,11 +73,12 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def study_spec_record(plan: Plan) -> dict:
-    """What the store keeps of the study's spec: the YAML mapping, its name, and the last run's --set
-    (so that a report's reproduce line carries the overrides, e.g. data.root)."""
+    """What the store keeps of the study's spec: the YAML mapping, its name, and the last run's --set and
+    --study-file (so that a report's reproduce line carries them, e.g. data.root)."""
     s = plan.study
     resolved = {"baseline": s.baseline} if s.kind == "ablation" else {}  # the YAML may leave it implicit
-    return {**s.raw, **resolved, "_name": s.name, "_cli_set": dict(plan.user_set)}
+    where = {} if plan.study_file == "study.yaml" else {"_study_file": os.path.abspath(plan.study_file)}
+    return {**s.raw, **resolved, "_name": s.name, "_cli_set": dict(plan.user_set), **where}
 
 
 def open_study(plan: Plan, store: Store) -> optuna.Study:

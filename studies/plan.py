@@ -48,6 +48,7 @@ class Plan:
     cli_overrides: dict[str, Any]  # --set, plus what the runner derives (threads per trial)
     points: tuple[GridPoint, ...] = ()
     user_set: dict[str, Any] = field(default_factory=dict)  # --set exactly as the user gave it
+    study_file: str = "study.yaml"  # the file the study came from (--study-file)
 
     @property
     def is_grid(self) -> bool:
@@ -150,4 +151,4 @@ def make_plan(
                     make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
                 except ConfigError as e:
                     raise ctx.err(path, str(e)) from None
-    return Plan(study, preset, base, allcli, tuple(points), user_set=cli)
+    return Plan(study, preset, base, allcli, tuple(points), user_set=cli, study_file=spec.path)

@@ -104,4 +104,5 @@ def test_report_reproduce_line_carries_the_set_overrides(grid, capsys, tmp_path)
     )
     md = (tmp_path / "runs" / "reports" / "g.md").read_text()
     line = [x for x in md.splitlines() if x.startswith("- **Reproduce:**")][0]
-    assert "python -m studies.run g --preset smoke --set loss.sal=0.5 train.lr=3e-4 --storage" in line
+    assert "python -m studies.run g --preset smoke --set loss.sal=0.5 train.lr=3e-4 --study-file " in line
+    assert f"--study-file {y.resolve()} --storage" in line  # the study is not in ./study.yaml

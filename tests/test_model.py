@@ -544,6 +544,24 @@ def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
     assert build_net(make_config("smoke"), 21).seg_W.weight.abs().sum() > 0  # the authors' default init
 
 
+def test_nonlocal_tied_init_starts_each_affinity_as_a_symmetric_feature_similarity():
+    from core.trial import build_net
+
+    torch.manual_seed(0)
+    net = build_net(make_config("smoke", ["model.nonlocal_tied_init=true"]), 21)
+    f = torch.randn(2, net.head_channels, 4, 4)
+    for att in (net.seg_att, net.sal_att):
+        q, k = att.query_key(f)
+        logits = torch.bmm(q, k)
+        torch.testing.assert_close(logits, logits.mT)  # z_i . z_j with z = theta(F)
+        assert torch.linalg.eigvalsh(logits.double()).min() > -1e-4  # a Gram matrix: positive semi-definite
+    torch.manual_seed(0)
+    plain = build_net(make_config("smoke"), 21)
+    q, k = plain.seg_att.query_key(f)
+    assert (torch.bmm(q, k) - torch.bmm(q, k).mT).abs().max() > 1e-2  # the authors' independent draws
+    torch.testing.assert_close(plain.seg_att.theta.weight, net.seg_att.theta.weight)  # theta's draw is kept
+
+
 def test_batched_evaluation_predicts_what_one_image_at_a_time_does():
     import numpy as np
 

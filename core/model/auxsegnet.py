@@ -139,6 +139,7 @@ class AuxSegNet(nn.Module):
         head_channels: int = 0,
         nonlocal_zero_init: bool = False,
         head_streams: bool = False,
+        nonlocal_tied_init: bool = False,
     ):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
@@ -146,6 +147,7 @@ class AuxSegNet(nn.Module):
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
         self.nonlocal_zero_init, self.head_streams = nonlocal_zero_init, head_streams
+        self.nonlocal_tied_init = nonlocal_tied_init
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
@@ -223,6 +225,13 @@ class AuxSegNet(nn.Module):
                         _xavier(conv)
                     else:
                         conv.reset_parameters()
+        if self.nonlocal_tied_init:  # A starts as a feature similarity: q_i . k_j = z_i . z_j, z = theta(F)
+            for name in ("seg_att", "sal_att"):
+                if hasattr(self, name):
+                    att = getattr(self, name)
+                    with torch.no_grad():
+                        att.phi.weight.copy_(att.theta.weight)
+                        att.phi.bias.copy_(att.theta.bias)
         if self.nonlocal_zero_init:  # Eq. 2-3's feature update starts as the identity
             for name in ("seg_W", "sal_W"):
                 if hasattr(self, name):
