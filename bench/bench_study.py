@@ -3,7 +3,7 @@
 
     python -m bench.bench_study ablation_tasks [--preset default] [--workers N] [--set KEY=VALUE ...]
         [--baseline-workers 1] [--baseline-set KEY=VALUE ...] [--only new|baseline] [--n-trials N]
-        [--baseline-runs cold cached]
+        [--baseline-runs cold cached] [--keep DIR]
 
 Each run is a real `python -m studies.run` with its own store and warm-up cache in a temporary folder;
 the generated benchmark images (runs/data) are shared, so they are generated at most once.
@@ -13,6 +13,7 @@ val eval and label updates (from each trial's stored timings); then new / baseli
 paired difference new - baseline (same row, same seed): what the new settings do to the numbers.
 Without --workers the new setting lets studies.run choose (one single-threaded trial per core on the CPU).
 --baseline-runs cold skips the baseline's cached run (it repeats the cold run's trials less the warm-ups).
+--keep DIR copies each run's store to DIR/<setting>-<run>.db (a report: python -m reports NAME --storage).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def run_once(
         "util": cpu / (wall * (os.cpu_count() or 1)),
         "share": {k: v / total if total else 0.0 for k, v in phases.items()},
         "metric": {(t["row"], t["variant"], t["seed"]): t["final_miou"] for t in trials},
+        "db": db,
     }
 
 
@@ -89,7 +92,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("new", "baseline"), default=None)
     ap.add_argument("--n-trials", type=int, default=None, help="cap the trials (a quick look)")
     ap.add_argument("--baseline-runs", nargs="+", choices=("cold", "cached"), default=["cold", "cached"])
+    ap.add_argument("--keep", type=Path, default=None, help="copy each run's store into this folder")
     a = ap.parse_args()
+    if a.keep:
+        a.keep.mkdir(parents=True, exist_ok=True)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
     settings = {"new": (a.workers, a.sets), "baseline": (a.baseline_workers, a.baseline_set)}
     if a.only:
@@ -106,6 +112,8 @@ def main() -> int:
                     continue
                 r = run_once(a.name, a.preset, workers, sets, Path(tmp), a.n_trials)
                 rows[(label, run)] = r
+                if a.keep:
+                    shutil.copyfile(r["db"], a.keep / f"{label}-{run}.db")
                 share = "  ".join(f"{k} {100 * v:4.1f}%" for k, v in r["share"].items() if v)
                 print(
                     f"{label:<8} {run:<6} workers {workers or 'auto'} set [{' '.join(sets)}]: "
@@ -123,8 +131,9 @@ def main() -> int:
             base = {k[2]: v for k, v in m.items() if k[0] == study.baseline}
             print(f"{label}: paired delta vs {study.baseline} (percent points, 95% CI):")
             for r in study.rows:
-                cell = delta_cell(paired_delta({k[2]: v for k, v in m.items() if k[0] == r.label}, base))
-                print(f"  {r.label:<34} {cell}")
+                vals = {k[2]: v for k, v in m.items() if k[0] == r.label}
+                seeds = " / ".join(f"{100 * vals[k]:.1f}" for k in sorted(vals))
+                print(f"  {r.label:<34} {delta_cell(paired_delta(vals, base)):<22} seeds {seeds}")
     if len(settings) == 2:
         new_m = (rows.get(("new", "cached")) or rows[("new", "cold")])["metric"]
         old_m = (rows.get(("baseline", "cached")) or rows[("baseline", "cold")])["metric"]
@@ -142,7 +151,7 @@ def main() -> int:
         print(
             json.dumps(
                 {
-                    f"{k[0]}-{k[1]}": {kk: vv for kk, vv in v.items() if kk != "metric"}
+                    f"{k[0]}-{k[1]}": {kk: vv for kk, vv in v.items() if kk not in ("metric", "db")}
                     for k, v in rows.items()
                 }
             )

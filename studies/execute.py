@@ -182,9 +182,10 @@ class ClaimKeeper:
     def claim_next(
         self, plan: Plan, retry_failed: bool, skip: set | frozenset = frozenset()
     ) -> tuple[GridPoint, str] | None:
-        """The first grid point not done, not running and not in skip that this call could claim."""
+        """The first grid point, longest trial first, not done, not running and not in skip that this call
+        could claim."""
         done, running = point_states(plan, self.store, retry_failed)
-        for p in plan.points:
+        for p in plan.claim_order():
             if p.key in done or p.key in running or p.key in skip:
                 continue
             owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

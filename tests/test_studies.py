@@ -557,3 +557,27 @@ def test_store_api_and_stale_trials(tmp_path):
     df = pd.read_sql("harness_trials", store.engine)
     assert list(df["status"]) == ["complete", "running", "interrupted"]
     assert store.engine.connect().exec_driver_sql("pragma journal_mode").scalar() == "wal"
+
+
+def test_grid_points_are_claimed_longest_trial_first(tmp_path):
+    from studies.plan import make_plan
+    from studies.spec import parse_spec
+
+    text = """
+storage: sqlite:///x.db
+base: {preset: smoke}
+studies:
+  t:
+    kind: ablation
+    metric: final.miou
+    seeds: [0, 1]
+    set: {train.stages: 1}
+    rows:
+      - {label: seg, set: {model.branches: [seg], model.affinity: none, model.constraints: []}}
+      - {label: full, set: {}}
+      - {label: full-2, set: {train.stages: 2}}
+"""
+    plan = make_plan(parse_spec(text, "t.yaml"), "t")
+    order = [(p.row, p.seed) for p in plan.claim_order()]
+    assert order == [("full-2", 0), ("full-2", 1), ("full", 0), ("full", 1), ("seg", 0), ("seg", 1)]
+    assert [p.grid_index for p in plan.points] == list(range(6))  # the grid itself keeps its order
