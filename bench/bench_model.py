@@ -90,6 +90,27 @@ def affinity_memory(crop, batch, D=128):
     return side, hw, amap, got_seg, got_ct, got_naive
 
 
+def upsampling(iters: int) -> tuple[float, float]:
+    """Seconds per forward + backward of the seg loss's upsampling: F.interpolate vs core.losses'."""
+    from core.losses import _upsample
+
+    x = torch.randn(8, 21, 12, 12, requires_grad=True)
+    w = torch.randn(8, 21, 96, 96)
+    ways = (
+        lambda t: F.interpolate(t, size=(96, 96), mode="bilinear", align_corners=False),
+        lambda t: _upsample(t, (96, 96)),
+    )
+    out = []
+    for up in ways:
+        for _ in range(3):  # untimed
+            torch.autograd.grad(up(x).mul(w).sum(), x)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.autograd.grad(up(x).mul(w).sum(), x)
+        out.append((time.perf_counter() - t0) / iters)
+    return out[0], out[1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one timed iteration at width 1.0, no warm-up")
@@ -105,6 +126,13 @@ def main(argv=None):
     full_ips, full_s = throughput(1.0, 321, 1, iters=1 if args.quick else 2, warmup=0 if args.quick else 1)
     print(f"width 1.0,   321x321, batch 1: {full_ips:8.3f} images/s ({full_s:.2f} s/iter)")
     print(f"ratio (width 0.125 @96 / width 1.0 @321): {small_ips / full_ips:.0f}x")
+
+    print("\n== the loss's bilinear upsampling, forward + backward (8 x 21 maps, 12 -> 96 px, fp32) ==")
+    t_interp, t_matrix = upsampling(iters=10 if args.quick else 50)
+    print(
+        f"F.interpolate {1e3 * t_interp:.2f} ms, two matrix products (core.losses) {1e3 * t_matrix:.2f} ms: "
+        f"{t_interp / t_matrix:.1f}x"
+    )
 
     print("\n== HW x HW affinity memory (float32, kept for backward) ==")
     print(
