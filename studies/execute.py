@@ -185,7 +185,7 @@ class ClaimKeeper:
         """The first grid point, longest trial first, not done, not running and not in skip that this call
         could claim."""
         done, running = point_states(plan, self.store, retry_failed)
-        for p in plan.claim_order():
+        for p in plan.claim_order:
             if p.key in done or p.key in running or p.key in skip:
                 continue
             owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

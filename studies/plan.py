@@ -10,6 +10,7 @@ bad value is blamed on its source: the study file's line (rows, variants, study 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,9 +67,10 @@ class Plan:
     def is_grid(self) -> bool:
         return self.study.kind == "ablation"
 
-    def claim_order(self) -> list[GridPoint]:
+    @functools.cached_property  # claim_next asks on every claim; the grid does not change
+    def claim_order(self) -> tuple[GridPoint, ...]:
         """The grid points, longest trial first (grid order among equals)."""
-        return sorted(self.points, key=lambda p: (-p.cost, p.grid_index))
+        return tuple(sorted(self.points, key=lambda p: (-p.cost, p.grid_index)))
 
     def search_space(self) -> dict[str, Any]:
         """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""

@@ -578,6 +578,6 @@ studies:
       - {label: full-2, set: {train.stages: 2}}
 """
     plan = make_plan(parse_spec(text, "t.yaml"), "t")
-    order = [(p.row, p.seed) for p in plan.claim_order()]
+    order = [(p.row, p.seed) for p in plan.claim_order]
     assert order == [("full-2", 0), ("full-2", 1), ("full", 0), ("full", 1), ("seg", 0), ("seg", 1)]
     assert [p.grid_index for p in plan.points] == list(range(6))  # the grid itself keeps its order

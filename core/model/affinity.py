@@ -69,11 +69,18 @@ class NonLocal(nn.Module):
         self.g.requires_grad_(False)
         self.W_z.requires_grad_(False)
 
-    def reset_parameters(self):
+    def reset_parameters(self, tied: bool = False):
+        """PyTorch's default, as the official NLBlockND; with ``tied`` (model.nonlocal_tied_init), phi then
+        takes theta's weights, so A = softmax_row(z_i . z_j), z = theta(F), starts as a similarity of the
+        features rather than a random bilinear form (the same draws either way)."""
         for conv in (self.g, self.theta, self.phi, self.W_z[0]):
-            conv.reset_parameters()  # PyTorch's default, as the official NLBlockND
+            conv.reset_parameters()
         nn.init.zeros_(self.W_z[1].weight)
         nn.init.zeros_(self.W_z[1].bias)
+        if tied:
+            with torch.no_grad():
+                self.phi.weight.copy_(self.theta.weight)
+                self.phi.bias.copy_(self.theta.bias)
 
     def query_key(self, x):
         """Q (B, HW, D) and K (B, D, HW) (both from 1x1 convs; the reshapes are views)."""

@@ -216,7 +216,7 @@ class AuxSegNet(nn.Module):
                 if self.head_streams:
                     torch.manual_seed(head_seed(base, name))
                 if isinstance(m, NonLocal):
-                    m.reset_parameters()
+                    m.reset_parameters(tied=self.nonlocal_tied_init)
                     continue
                 for conv in m.modules():
                     if not isinstance(conv, nn.Conv2d):
@@ -225,18 +225,12 @@ class AuxSegNet(nn.Module):
                         _xavier(conv)
                     else:
                         conv.reset_parameters()
-        if self.nonlocal_tied_init:  # A starts as a feature similarity: q_i . k_j = z_i . z_j, z = theta(F)
-            for name in ("seg_att", "sal_att"):
-                if hasattr(self, name):
-                    att = getattr(self, name)
-                    with torch.no_grad():
-                        att.phi.weight.copy_(att.theta.weight)
-                        att.phi.bias.copy_(att.theta.bias)
-        if self.nonlocal_zero_init:  # Eq. 2-3's feature update starts as the identity
-            for name in ("seg_W", "sal_W"):
-                if hasattr(self, name):
-                    nn.init.zeros_(getattr(self, name).weight)
-                    nn.init.zeros_(getattr(self, name).bias)
+                if self.nonlocal_zero_init and name in (
+                    "seg_W",
+                    "sal_W",
+                ):  # Eq. 2-3's update starts as identity
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def _task_features(self, task, feat):
         f = F.relu(getattr(self, f"{task}_conv1")(feat))
