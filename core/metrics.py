@@ -52,3 +52,9 @@ def fg_precision_recall(conf: np.ndarray) -> tuple[float, float]:
 def pgt_summary(conf: np.ndarray) -> PgtMetrics:
     p, r = fg_precision_recall(conf)
     return {"precision": p, "recall": r, "miou": miou(conf)[0]}
+
+
+def all_background_miou(masks, num_classes: int) -> float:
+    """The mIoU of predicting background everywhere on these masks: the floor a collapsed trial sits at."""
+    conf = sum(confusion(np.zeros_like(m), m, num_classes) for m in masks)
+    return miou(conf)[0]
