@@ -47,6 +47,11 @@ class ModelConfig:
     # this width (core.pretrain); else a path: a converted ImageNet ResNet38 checkpoint (width 1.0) or a
     # core.pretrain checkpoint.
     init_weights: str = ""
+    # A whole-network checkpoint loaded into the stage network after it is built (AuxSegNet.load_official):
+    # the authors' SegNet state dict as their train_AuxAff.py saves it, or this project's AuxSegNet
+    # state_dict(); "" -> none. It replaces the warm-up's backbone and fc8 and the fresh heads; the warm-up
+    # (train.warmup_epochs=0 skips its training) still gives the initial CAMs for stage 0's pseudo labels.
+    init_checkpoint: str = ""
     dropout: float = 0.5  # Dropout2d before GAP in the cls branch
     block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
     dilations: tuple[int, ...] = (
@@ -62,6 +67,9 @@ class ModelConfig:
     # z = theta(F), starts as a similarity of the task's features (a symmetric positive semi-definite kernel)
     # instead of a random bilinear form; the authors' code draws theta and phi independently.
     nonlocal_tied_init: bool = False
+    # Divide each row of the cross-task affinity A_CT (Eq. 5) by its sum. The released network uses A_CT as
+    # mixed (rows sum to about 0.96-1.13), in both refinements and in the label update.
+    affinity_row_norm: bool = False
     # Common random numbers across ablation rows: each head's initial weights from its own stream (trial
     # seed, head name), so a head starts identical in every row of a seed. On in the default preset. Off
     # in the smoke preset: its trial learns for some numeric draws only (seed 0 reached 13.2 % mIoU before,
@@ -188,6 +196,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.warmup_head_lr_mult": 1.0,
         "train.crop": 64,
         "eval.scales": (0.75, 1.0),
+        "model.affinity_row_norm": True,
     },
     # The embedded benchmark: the README's main job on 2 CPU cores.
     "default": {
@@ -227,6 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 1.1 / 1.1 / 0.5 (seeds 0/1/2, same run; README "Results").
         "model.nonlocal_tied_init": True,
         "model.nonlocal_zero_init": True,
+        "model.affinity_row_norm": True,
         "train.fused_adam": True,
         "train.crop": 96,
         "eval.scales": (0.75, 1.0, 1.25),

@@ -223,6 +223,7 @@ def build_net(cfg: Config, num_classes: int) -> AuxSegNet:
         freeze_bn=m.freeze_bn,
         nonlocal_zero_init=m.nonlocal_zero_init,
         nonlocal_tied_init=m.nonlocal_tied_init,
+        affinity_row_norm=m.affinity_row_norm,
         head_streams=m.head_streams,
     )
 
@@ -459,6 +460,8 @@ def run_trial(
     check_amp(cfg, device)
     result.environment = environment(device, cfg)
     check_init_weights(cfg.model.init_weights, cfg.model.width)
+    if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"model.init_checkpoint: no such file {cfg.model.init_checkpoint!r}")
 
     t = time.time()
     ds, val = load_data(cfg)
@@ -504,6 +507,8 @@ def run_trial(
         clf = build_classifier(cfg, ds.num_classes)
         clf.load_state_dict(clf_state)
         net.load_from_classifier(clf)
+        if cfg.model.init_checkpoint:  # a whole trained network (released or ours) replaces all of it
+            net.load_official(Path(cfg.model.init_checkpoint).expanduser())
         net = to_device(net, cfg, device)
 
         def amp() -> contextlib.AbstractContextManager:

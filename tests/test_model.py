@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,12 @@ def test_output_shapes_every_valid_setting(branches, affinity, constraints):
         if "affinity" in out:
             A = out["affinity"]
             assert (A >= 0).all()
-        if "affinity" in out:  # A_seg is a softmax, A_CT is renormalised: rows sum to 1
-            torch.testing.assert_close(out["affinity"].sum(-1), torch.ones(2, h * w))
+            if affinity == "seg":  # A_seg is a softmax: rows sum to 1
+                torch.testing.assert_close(A.sum(-1), torch.ones(2, h * w))
+            else:  # A_CT mixed entry by entry (Eq. 5), not renormalised: rows sum to about 1, within (0, 2)
+                rows = A.sum(-1)
+                assert ((rows > 0) & (rows < 2)).all()
+                torch.testing.assert_close(rows, torch.ones(2, h * w), atol=0.2, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -159,11 +165,96 @@ def test_cross_task_affinity_eq5_and_row_sums():
         torch.nn.init.normal_(p)
     A2 = torch.softmax(torch.randn(2, 2, 30, 30) * 3, dim=-1)
     W = _naive_sa(A2, sa)
-    A_ct, _ = cross_task_affinity(A2, sa)
+    A_ct, W1 = cross_task_affinity(A2, sa)  # default: as the released network, not renormalised
     raw = W[:, 0] * A2[:, 0] + W[:, 1] * A2[:, 1]  # Eq. 5
-    torch.testing.assert_close(A_ct, raw / raw.sum(-1, keepdim=True))
-    torch.testing.assert_close(A_ct.sum(-1), torch.ones(2, 30))
-    assert (A_ct >= 0).all()
+    torch.testing.assert_close(A_ct, raw)
+    torch.testing.assert_close(W1, W[:, 0])
+    rows = A_ct.sum(-1)  # between the row sums of the entry-wise min and max of the two affinities
+    assert (rows >= torch.minimum(A2[:, 0], A2[:, 1]).sum(-1) - 1e-6).all()
+    assert (rows <= torch.maximum(A2[:, 0], A2[:, 1]).sum(-1) + 1e-6).all()
+    assert (rows - 1).abs().max() > 1e-2  # the SA weights vary along a row: a row does not sum to 1
+    A_norm, W1_norm = cross_task_affinity(A2, sa, row_norm=True)
+    torch.testing.assert_close(A_norm, raw / raw.sum(-1, keepdim=True))
+    torch.testing.assert_close(A_norm.sum(-1), torch.ones(2, 30))
+    torch.testing.assert_close(W1_norm, W1)
+    assert (A_ct >= 0).all() and (A_norm >= 0).all()
+
+
+def _eq5_by_hand(A2, sa):
+    """Eq. 4-5 one entry at a time in Python floats: SA = conv3x3 (zero padding, no bias) -> ReLU -> conv1x1
+    -> softmax over its 2 channels, on the 2-channel image [A_seg, A_sal]; A_CT(i, j) = W1(i, j) A_seg(i, j)
+    + W2(i, j) A_sal(i, j)."""
+    w3, w1, b1 = sa[0].weight.tolist(), sa[2].weight.tolist(), sa[2].bias.tolist()
+    a = A2.tolist()
+    B, n = A2.shape[0], A2.shape[-1]
+    out = [[[0.0] * n for _ in range(n)] for _ in range(B)]
+    for b in range(B):
+        for i in range(n):
+            for j in range(n):
+                hidden = []
+                for o in range(2):
+                    acc = 0.0
+                    for c in range(2):
+                        for di in range(3):
+                            for dj in range(3):
+                                ii, jj = i + di - 1, j + dj - 1
+                                if 0 <= ii < n and 0 <= jj < n:
+                                    acc += w3[o][c][di][dj] * a[b][c][ii][jj]
+                    hidden.append(max(acc, 0.0))
+                z = [b1[o] + w1[o][0][0][0] * hidden[0] + w1[o][1][0][0] * hidden[1] for o in range(2)]
+                e = [math.exp(v - max(z)) for v in z]
+                W1, W2 = e[0] / (e[0] + e[1]), e[1] / (e[0] + e[1])
+                out[b][i][j] = W1 * a[b][0][i][j] + W2 * a[b][1][i][j]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_cross_task_affinity_is_eq5_entry_by_entry():
+    torch.manual_seed(2)
+    sa = make_sa_fusion().double()
+    for p in sa.parameters():
+        torch.nn.init.normal_(p, std=2.0)
+    # [A_seg, A_sal] over 9 positions, peaked so that the SA weights vary along a row
+    A2 = torch.softmax(torch.randn(2, 2, 9, 9, dtype=torch.float64) * 3, dim=-1)
+    want = _eq5_by_hand(A2, sa)
+    got, _ = cross_task_affinity(A2, sa)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert (want.sum(-1) - 1).abs().max() > 1e-2  # a case where the two settings differ
+    got_norm, _ = cross_task_affinity(A2, sa, row_norm=True)
+    rows = [[sum(r) for r in img] for img in want.tolist()]
+    want_norm = torch.tensor(
+        [[[v / rows[b][i] for v in r] for i, r in enumerate(img)] for b, img in enumerate(want.tolist())],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(got_norm, want_norm, rtol=1e-12, atol=1e-14)
+
+
+def test_affinity_row_norm_switch_in_the_network():
+    torch.manual_seed(0)
+    raw = AuxSegNet(21, W).eval()
+    with torch.no_grad():  # peaked affinities and SA weights that vary along a row, as in a trained net
+        raw.backbone.bn7.weight.mul_(300)
+        for m in (raw.seg_att, raw.sal_att):
+            m.theta.weight.mul_(20)
+            m.phi.weight.mul_(20)
+        for p in raw.cross_att.parameters():
+            torch.nn.init.normal_(p)
+    normed = AuxSegNet(21, W, affinity_row_norm=True).eval()
+    normed.load_state_dict(raw.state_dict())
+    assert not raw.affinity_row_norm and normed.affinity_row_norm
+    x = torch.randn(2, 3, 64, 50, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        o_raw, o_norm = raw(x), normed(x)
+    A_raw, A_norm = o_raw["affinity"], o_norm["affinity"]
+    assert (A_raw.sum(-1) - 1).abs().max() > 1e-2  # released: rows sum to about 1 only
+    torch.testing.assert_close(A_norm, A_raw / A_raw.sum(-1, keepdim=True))
+    torch.testing.assert_close(A_norm.sum(-1), torch.ones(2, 56))  # row_norm: exactly 1
+    for o, A in ((o_raw, A_raw), (o_norm, A_norm)):  # both refinements use the A_CT the net returns
+        torch.testing.assert_close(o["seg_ref"], refine_with_affinity(o["seg"], A))
+        torch.testing.assert_close(o["sal_ref"], refine_with_affinity(o["sal"], A))
+    for k in ("cls", "cam", "seg", "sal"):  # the switch touches A_CT and the refined maps only
+        assert torch.equal(o_raw[k], o_norm[k]), k
+    assert not AuxSegNet(21, W).affinity_row_norm  # the released network's A_CT by default, and in paper
+    assert not make_config("paper", [*VOC, "model.init_weights=none"]).model.affinity_row_norm
 
 
 def test_refine_with_affinity_identity_and_formula():
@@ -394,6 +485,125 @@ def test_official_state_dict_round_trip_and_freeze_bn():
     assert not frozen.backbone.bn7.weight.requires_grad
 
 
+def _released_names(sd):
+    """A state dict in the released SegNet's spelling: ResNet38 tensors at the top level (no "backbone.")."""
+    return {k.removeprefix("backbone."): v for k, v in sd.items()}
+
+
+def _scrambled_net(seed):
+    torch.manual_seed(seed)
+    net = AuxSegNet(21, W)
+    with torch.no_grad():  # buffers too, so a copy of them shows
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 1.5)
+                m.num_batches_tracked.fill_(seed + 3)
+    return net
+
+
+def test_load_official_renames_released_keys_and_loads_every_tensor(tmp_path):
+    src, dst = _scrambled_net(0), _scrambled_net(1)
+    sd = _released_names(src.state_dict())
+    assert "conv1a.weight" in sd and "bn7.running_var" in sd and "seg_att.W_z.1.running_mean" in sd
+    assert not torch.equal(dst.seg_conv1.weight, src.seg_conv1.weight)
+    assert dst.load_official(sd) is dst
+    got = dst.state_dict()
+    assert set(got) == set(src.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(got[k], v), k
+    # by path, as train_AuxAff.py saves it, or wrapped by DataParallel; this project's own format too
+    path = tmp_path / "AuxSegNet_final.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    for source in (path, str(path), src.state_dict()):
+        other = _scrambled_net(2).load_official(source)
+        assert all(torch.equal(other.state_dict()[k], v) for k, v in src.state_dict().items())
+    # checkpoints from torch < 0.4.1 have no num_batches_tracked: kept as they are, all else loads
+    old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    net = _scrambled_net(2).load_official(old)
+    torch.testing.assert_close(
+        net.backbone.b7.bn_branch2b2.running_var, src.backbone.b7.bn_branch2b2.running_var
+    )
+    assert int(net.backbone.bn7.num_batches_tracked) == 5
+
+
+def test_load_official_names_the_first_bad_tensor_in_one_line(tmp_path):
+    net = AuxSegNet(21, W)
+    sd = _released_names(net.state_dict())
+    missing = {k: v for k, v in sd.items() if k != "b4_3.conv_branch2a.weight"}
+    unexpected = {**sd, "seg_conv5.weight": torch.zeros(21, 16, 1, 1)}
+    shaped = {**sd, "seg_conv4.weight": torch.zeros(20, 16, 1, 1)}
+    cases = [
+        (missing, r"missing tensor 'b4_3\.conv_branch2a\.weight' \(32, 32, 3, 3\)"),
+        (unexpected, r"unexpected tensor 'seg_conv5\.weight'"),
+        (shaped, r"tensor 'seg_conv4\.weight' has shape \(20, 16, 1, 1\).*expects \(21, 16, 1, 1\)"),
+    ]
+    for bad, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as e:
+            AuxSegNet(21, W).load_official(bad)
+        assert "\n" not in str(e.value)
+    path = tmp_path / "bad.pth"
+    torch.save(shaped, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: tensor 'seg_conv4\.weight'") as e:
+        AuxSegNet(21, W).load_official(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        AuxSegNet(21, W).load_official(tmp_path / "nope.pth")
+    # a released checkpoint holds every head: a net without the sal branch names the first extra tensor
+    with pytest.raises(ValueError, match=r"unexpected tensor 'sal_conv1\.weight'"):
+        AuxSegNet(21, W, ("seg", "cls"), "seg", ("seg",)).load_official(sd)
+
+
+def test_init_checkpoint_config_key(tmp_path):
+    from core.trial import run_trial
+
+    assert make_config("paper", [*VOC, "model.init_weights=none"]).model.init_checkpoint == ""
+    cfg = make_config("smoke", [f"model.init_checkpoint={tmp_path / 'nope.pth'}"])
+    assert cfg.model.init_checkpoint == str(tmp_path / "nope.pth")
+    threads = torch.get_num_threads()
+    try:  # a missing file fails before any data, warm-up or training
+        with pytest.raises(FileNotFoundError, match="model.init_checkpoint"):
+            run_trial(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_init_checkpoint_is_what_the_stage_network_starts_from(tmp_path, monkeypatch):
+    import core.trial as trial
+
+    cfg = make_config("smoke", ["train.workers=1", f"model.init_checkpoint={tmp_path / 'released.pth'}"])
+    torch.manual_seed(5)
+    src = trial.build_net(cfg, 21)
+    torch.save(_released_names(src.state_dict()), tmp_path / "released.pth")
+
+    class Data:  # the trial's data, warm-up and labels are stubbed: only the network's start is checked
+        root, num_classes, saliency_name, class_names = "stub", 21, "stub", [str(i) for i in range(21)]
+
+        def __len__(self):
+            return 1
+
+    class Started(Exception):
+        pass
+
+    def train_stage(net, *args, **kwargs):
+        raise Started(net)
+
+    clf_state = trial.build_classifier(cfg, 21).state_dict()  # a warm-up the checkpoint must replace
+    monkeypatch.setattr(trial, "load_data", lambda cfg: (Data(), Data()))
+    monkeypatch.setattr(trial, "warmup_and_cams", lambda cfg, ds, device: (clf_state, [], True, 0.0))
+    monkeypatch.setattr(trial, "make_labels", lambda *args, **kwargs: (None, None, {}))
+    monkeypatch.setattr(trial, "train_stage", train_stage)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Started) as e:
+            trial.run_trial(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    net = e.value.args[0]
+    for k, v in src.state_dict().items():
+        assert torch.equal(net.state_dict()[k].cpu(), v), k
+
+
 def test_all_setting_products_are_classified():
     # every combination is either valid (constructs) or a ValueError; the valid ones are exactly VALID
     valid = set()
@@ -410,15 +620,17 @@ def test_all_setting_products_are_classified():
     assert valid == set(VALID)
 
 
-def test_fused_cross_task_matches_plain_maths_values_and_grads():
+@pytest.mark.parametrize("row_norm", [False, True])
+def test_fused_cross_task_matches_plain_maths_values_and_grads(row_norm):
     from core.model.affinity import cross_task, propagate
 
-    def plain(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sal_W):
+    def plain(f_seg, f_sal, seg_att, sal_att, sa, seg_g, seg_W, sal_g, sal_W, row_norm):
         A_seg = torch.softmax(torch.bmm(*seg_att.query_key(f_seg)), -1)
         A_sal = torch.softmax(torch.bmm(*sal_att.query_key(f_sal)), -1)
         Wt = torch.softmax(sa[2](F.relu(sa[0](torch.cat([A_seg[:, None], A_sal[:, None]], 1)))), dim=1)
         A_ct = Wt[:, 0] * A_seg + Wt[:, 1] * A_sal  # official channel order [A_seg, A_sal]
-        A_ct = A_ct / A_ct.sum(-1, keepdim=True)
+        if row_norm:
+            A_ct = A_ct / A_ct.sum(-1, keepdim=True)
         seg = f_seg + seg_W(propagate(A_seg, seg_g(f_seg)))
         sal = f_sal + sal_W(propagate(A_sal, sal_g(f_sal)))
         return seg, sal, A_ct
@@ -433,7 +645,7 @@ def test_fused_cross_task_matches_plain_maths_values_and_grads():
     for fn in (cross_task, plain):
         for p in params:
             p.grad = None
-        outs = fn(f_seg, f_sal, *mods)
+        outs = fn(f_seg, f_sal, *mods, row_norm=row_norm)
         sum(
             (o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
             for i, o in enumerate(outs)
@@ -518,16 +730,27 @@ def test_paper_preset_optimiser_groups_follow_the_released_code():
     assert (d.model.freeze_bn, d.train.fusion_lr_mult, d.labels.refined_cam_renorm) == (False, 0.0, False)
 
 
-def test_full_model_trains_under_cpu_bf16_autocast():
+@pytest.mark.parametrize("row_norm", [False, True])
+def test_full_model_trains_under_cpu_bf16_autocast(row_norm):
     # train.cpu_amp: the SA conv gives bf16 while the affinities' softmax stays fp32; Eq. 5 must mix them
     torch.manual_seed(0)
-    net = AuxSegNet(width=W, head_channels=16, dilations=(1, 2, 3))
+    net = AuxSegNet(width=W, head_channels=16, dilations=(1, 2, 3), affinity_row_norm=row_norm)
+    x = torch.randn(2, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(torch.randn(2, 3, 64, 64))
+        out = net(x)
     loss, _ = auxsegnet_loss({k: v.float() for k, v in out.items()}, _targets())
     loss.backward()
     assert torch.isfinite(loss) and net.cross_att[0].weight.grad is not None
-    torch.testing.assert_close(out["affinity"].float().sum(-1), torch.ones(2, 64), atol=1e-2, rtol=0)
+    rows = out["affinity"].float().sum(-1)
+    if row_norm:
+        torch.testing.assert_close(rows, torch.ones(2, 64), atol=1e-2, rtol=0)
+    net.eval()  # no dropout: the bf16 A_CT against the fp32 one of the same weights and input
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        A16 = net(x)["affinity"].float()
+    with torch.no_grad():
+        A32 = net(x)["affinity"]
+    torch.testing.assert_close(A16.sum(-1), A32.sum(-1), atol=1e-2, rtol=0)
+    torch.testing.assert_close(A16, A32, atol=1e-3, rtol=5e-2)
 
 
 def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
@@ -622,3 +845,12 @@ def test_eval_refined_switch_picks_the_refined_or_the_plain_seg_logits():
         want = F.interpolate(out[key], size=(40, 48), mode="bilinear", align_corners=False).softmax(1)[0]
         np.testing.assert_allclose(probs, want.numpy(), atol=1e-5)
     assert make_config("smoke", ["eval.refined=false"]).eval.refined is False
+
+
+def test_bench_parity_needs_the_authors_repository(tmp_path, capsys):
+    from bench.bench_parity import main
+
+    assert main([]) == 2  # nothing is compared, nothing faked
+    assert "needs the authors' repository" in capsys.readouterr().err
+    assert main(["--official", str(tmp_path)]) == 2
+    assert "no network/AuxSegNet.py" in capsys.readouterr().err

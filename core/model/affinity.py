@@ -24,7 +24,9 @@ Row sums. A_seg and A_sal are row-stochastic (softmax). Eq. 5 mixes them *entry-
 HW x HW maps), so A_CT is non-negative and each entry lies between the two affinities' entries, but a row
 of A_CT sums to exactly 1 only where W1 is constant along that row; in general the row sum is
 1 + sum_j W1(i,j) (A_sal(i,j) - A_seg(i,j)), within [sum_j min, sum_j max] of the two rows (so in (0, 2)).
-The official code does not renormalise; we do (see :func:`cross_task_affinity`).
+The official code uses A_CT as mixed (rows sum to about 0.96-1.13 on the released network), in both
+refinements and in its label update; ``row_norm`` (config ``model.affinity_row_norm``) divides each row by
+its sum instead (see :func:`cross_task_affinity`).
 
 Memory. An HW x HW float32 map at a 321x321 crop (41x41 = 1681 positions) is 1681^2 * 4 B = 10.8 MiB per
 image; at 512x512 (64x64 = 4096 positions) 64 MiB. What the math keeps for backward, in HW x HW maps
@@ -33,9 +35,9 @@ per image:
     cross-task:          [A_seg, A_sal] (one (2,HW,HW) softmax output)      2
                          ReLU(conv3x3) = input of the 1x1 conv              2
                          W1 (W2 = 1 - W1 is never materialised)             1
-                         A_CT before and after its row renormalisation      2   -> 7 maps
-so cross-task keeps 75.5 MiB per image at 321 (302 MiB for batch 4) and 448 MiB at 512 (1.75 GiB for
-batch 4); transients add at most ~2 maps in forward (the Q K^T logits before the softmax) and a few
+                         A_CT (and, with row_norm, A_CT before it)          1-2 -> 6-7 maps
+so cross-task keeps at most 75.5 MiB per image at 321 (302 MiB for batch 4) and 448 MiB at 512 (1.75 GiB
+for batch 4); transients add at most ~2 maps in forward (the Q K^T logits before the softmax) and a few
 map-sized gradients in backward. A straightforward implementation keeps 9 (stack copy of [A_seg, A_sal],
 pre-ReLU output, both softmax channels). The savings come from:
   * both affinities come out of one batched softmax as a (B, 2, HW, HW) tensor, which *is* the SA input;
@@ -104,7 +106,7 @@ def propagate(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def refine_with_affinity(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Eq. 6-7: P_ref[:, :, i] = sum_j A[i, j] P[:, :, j]; P (B, C, h, w) logits, A (B, hw, hw) affinity
-    (A_seg, or A_CT; rows sum to 1). Applied to logits, as the authors do."""
+    (A_seg, whose rows sum to 1, or A_CT, whose rows sum to about 1). Applied to logits, as the authors do."""
     if A.shape[-1] != P.shape[-2] * P.shape[-1] or A.shape[-2] != A.shape[-1]:
         raise ValueError(f"affinity {tuple(A.shape)} does not match prediction {tuple(P.shape)}")
     return propagate(A, P)
@@ -131,17 +133,18 @@ def sa_weights(A2: torch.Tensor, sa: nn.Sequential) -> torch.Tensor:
     return torch.sigmoid(F.conv2d(h, w[0:1] - w[1:2], b[0:1] - b[1:2]))[:, 0]
 
 
-def cross_task_affinity(A2: torch.Tensor, sa: nn.Sequential):
+def cross_task_affinity(A2: torch.Tensor, sa: nn.Sequential, row_norm: bool = False):
     """Eq. 4-5 on A2 = [A_seg, A_sal] (B, 2, HW, HW), the official order: returns (A_CT, W),
-    A_CT = W A2[:, 0] + (1 - W) A2[:, 1], each row renormalised to sum to 1.
+    A_CT = W A2[:, 0] + (1 - W) A2[:, 1], as the released network uses it; with ``row_norm`` each row is
+    divided by its sum.
 
-    Eq. 5 mixes entry by entry, so a raw row does not sum to 1; the renormalisation keeps A_CT an
-    affinity (refinement = a weighted average, CAM scale kept for the 0.2 threshold) at the cost of one
-    more HW x HW map.
+    Eq. 5 mixes entry by entry, so a row of A_CT does not sum to exactly 1. The released code leaves it so;
+    row_norm makes A_CT a weighted average (the CAM scale kept for the 0.2 threshold) at the cost of one
+    more HW x HW map and a departure from the authors' outputs (6-11 % relative on A_CT at 321 px).
     """
     W = sa_weights(A2, sa).to(A2.dtype)  # under bf16 autocast the conv gives bf16, the softmax fp32
-    A_ct = torch.lerp(A2[:, 1], A2[:, 0], W)
-    return A_ct / A_ct.sum(-1, keepdim=True), W
+    A_ct = torch.lerp(A2[:, 1], A2[:, 0], W)  # Eq. 5
+    return (A_ct / A_ct.sum(-1, keepdim=True) if row_norm else A_ct), W
 
 
 def cross_task(
@@ -154,8 +157,10 @@ def cross_task(
     seg_W: nn.Conv2d,
     sal_g: nn.Conv2d,
     sal_W: nn.Conv2d,
+    row_norm: bool = False,
 ):
-    """The cross-task affinity module (Fig. 3, Eq. 2-5). Returns (F_seg_out, F_sal_out, A_CT).
+    """The cross-task affinity module (Fig. 3, Eq. 2-5). Returns (F_seg_out, F_sal_out, A_CT); ``row_norm``
+    as in :func:`cross_task_affinity`.
 
     Both task affinities come from one batched product and softmax, giving the SA input [A_seg, A_sal]
     without a concatenation copy. Each task's features are propagated with its own affinity (Eq. 2-3).
@@ -164,7 +169,7 @@ def cross_task(
     q_seg, k_seg = seg_att.query_key(f_seg)
     A2 = torch.softmax(torch.matmul(torch.stack([q_seg, q_sal], 1), torch.stack([k_seg, k_sal], 1)), dim=-1)
     A_seg, A_sal = A2[:, 0], A2[:, 1]
-    A_ct, _ = cross_task_affinity(A2, cross_att)
+    A_ct, _ = cross_task_affinity(A2, cross_att, row_norm)
     seg_out = propagate_features(f_seg, A_seg, seg_g, seg_W)
     sal_out = propagate_features(f_sal, A_sal, sal_g, sal_W)
     return seg_out, sal_out, A_ct

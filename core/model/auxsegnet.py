@@ -2,6 +2,8 @@
 
     F = ResNet38(x)                                               (B, 4096w, h, w), h = ceil(H / 8)
     cls:  fc8(GAP(Dropout2d(F)))                                  (B, C-1)        CAM = relu(fc8 * F)
+          (the released network returns fc8 * F raw and its label update, gen_pgt.py, applies the ReLU
+          before anything else reads it: the same CAM)
     seg:  relu(seg_conv1 d6) -> relu(seg_conv2 d12) -> [affinity] -> relu(seg_conv3 d18) -> seg_conv4 1x1
     sal:  the same with sal_conv*, 1 output channel
     affinity "none":       no attention modules
@@ -10,15 +12,20 @@
     constraints: which predictions A refines (seg_ref, sal_ref) - Table 4's rows.
 
 Module names follow the official checkpoint (fc8, seg_conv1..4, sal_conv1..4, seg_att, sal_att, seg_g,
-seg_W, sal_g, sal_W, cross_att), so official AuxSegNet weights load with ``load_state_dict``; the backbone
-sits under ``backbone.``. A disabled branch or module is not built (no parameters, no compute).
-See :mod:`core.model.affinity` for the HW x HW memory budget (cross-task keeps 7 HW x HW maps per image
-for backward: 76 MiB at a 321 crop, 448 MiB at 512).
+seg_W, sal_g, sal_W, cross_att); the backbone sits under ``backbone.`` where the released SegNet has its
+ResNet38 tensors at the top level (conv1a, b2.., bn7). :meth:`AuxSegNet.load_official` adds that prefix
+and loads strictly (config ``model.init_checkpoint``): a released checkpoint, as train_AuxAff.py saves it,
+loads in one call into the full width-1.0 net. A disabled branch or module is not built (no parameters, no
+compute).
+See :mod:`core.model.affinity` for the HW x HW memory budget (cross-task keeps at most 7 HW x HW maps per
+image for backward: 76 MiB at a 321 crop, 448 MiB at 512).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,7 @@ from torch import nn
 from core.ablation import BRANCHES, CONSTRAINTS, check_config
 
 from .affinity import NonLocal, cross_task, make_sa_fusion, propagate_features, refine_with_affinity
-from .backbone import ResNet38
+from .backbone import BLOCK_NAMES, ResNet38, read_state_dict
 
 
 def head_width(width: float, channels: int = 0) -> int:
@@ -140,6 +147,7 @@ class AuxSegNet(nn.Module):
         nonlocal_zero_init: bool = False,
         head_streams: bool = False,
         nonlocal_tied_init: bool = False,
+        affinity_row_norm: bool = False,
     ):
         super().__init__()
         self.branches, self.affinity, self.constraints = check_config(branches, affinity, constraints)
@@ -147,7 +155,7 @@ class AuxSegNet(nn.Module):
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.num_classes, self.width = num_classes, float(width)
         self.nonlocal_zero_init, self.head_streams = nonlocal_zero_init, head_streams
-        self.nonlocal_tied_init = nonlocal_tied_init
+        self.nonlocal_tied_init, self.affinity_row_norm = nonlocal_tied_init, affinity_row_norm
         self.backbone = ResNet38(width, block_dropout=block_dropout, freeze_bn=freeze_bn)
         K, D = self.backbone.out_channels, head_width(width, head_channels)
         self.head_channels = D
@@ -242,7 +250,10 @@ class AuxSegNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 3, H, W) -> logits at feature resolution h = ceil(H / 8): seg (B, C, h, w); with the
         branches on, cls (B, C-1) and, in eval mode, cam (B, C-1, h, w); sal (B, 1, h, w); with an
-        affinity, affinity A (B, hw, hw) and seg_ref (and sal_ref with the sal constraint) refined by A."""
+        affinity, affinity A (B, hw, hw) and seg_ref (and sal_ref with the sal constraint) refined by A.
+
+        cam = relu(fc8 * F): the released network returns fc8 * F before the ReLU, and gen_pgt.py applies
+        the ReLU to it first thing, so both label updates read the same CAM."""
         feat = self.backbone(x)
         out: dict[str, torch.Tensor] = {}
         if "cls" in self.branches:
@@ -266,6 +277,7 @@ class AuxSegNet(nn.Module):
                 self.seg_W,
                 self.sal_g,
                 self.sal_W,
+                row_norm=self.affinity_row_norm,
             )
         out["seg"] = self._task_predict("seg", f_seg)
         if A is not None:
@@ -311,4 +323,60 @@ class AuxSegNet(nn.Module):
         self.backbone.load_state_dict(clf.backbone.state_dict(), strict=True)
         if "cls" in self.branches:
             self.fc8.weight.copy_(clf.fc8.weight)
+        return self
+
+    @torch.no_grad()
+    def load_official(self, source) -> AuxSegNet:
+        """Load a whole-network state dict (a path or a mapping) strictly, in one call; returns self.
+
+        Takes the authors' format, ``SegNet.state_dict()`` as their train_AuxAff.py saves it (ResNet38
+        tensors at the top level: ``conv1a.weight``, ``b2.bn_branch2a.weight``, .., ``bn7.*``; heads named
+        as here), or this project's ``AuxSegNet.state_dict()`` (backbone under ``backbone.``). A DataParallel
+        ``module.`` prefix and a {"state_dict" | "model" | "net": ...} wrapper are removed. A released
+        checkpoint fits the full net at width 1.0 (all branches, cross-task affinity: what the ``paper``
+        preset builds). A BN ``num_batches_tracked`` the file lacks (torch < 0.4.1) keeps its value; any
+        other missing, unexpected or mis-shaped tensor is a one-line ValueError naming it as the checkpoint
+        spells it (and the file, given a path). A missing file is a FileNotFoundError.
+        """
+        where = "" if isinstance(source, Mapping) else f"{os.fspath(source)}: "
+        sd = read_state_dict(source, "AuxSegNet checkpoint", "the network's .pth")
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
+        official = not any(k.startswith("backbone.") for k in sd)
+
+        def ours(k: str) -> str:
+            return f"backbone.{k}" if official and k.split(".")[0] in BLOCK_NAMES else k
+
+        def theirs(k: str) -> str:
+            return k[len("backbone.") :] if official and k.startswith("backbone.") else k
+
+        expected = self.state_dict()
+        fmt = "the authors' SegNet" if official else "AuxSegNet"
+        net = (
+            f"this net (width {self.width:g}, {self.num_classes} classes, {'+'.join(self.branches)}, "
+            f"affinity {self.affinity})"
+        )
+        renamed = {}
+        for k, v in sd.items():
+            if ours(k) not in expected:
+                raise ValueError(
+                    f"{where}unexpected tensor {k!r} {tuple(v.shape)} in the checkpoint ({fmt} format): "
+                    f"{net} has no such tensor"
+                )
+            renamed[ours(k)] = v
+        for k, ref in expected.items():
+            if k not in renamed:
+                if k.endswith("num_batches_tracked"):
+                    renamed[k] = ref
+                    continue
+                raise ValueError(
+                    f"{where}missing tensor {theirs(k)!r} {tuple(ref.shape)} in the checkpoint ({fmt} "
+                    f"format), which {net} needs"
+                )
+            if tuple(renamed[k].shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"{where}tensor {theirs(k)!r} has shape {tuple(renamed[k].shape)} in the checkpoint, "
+                    f"{net} expects {tuple(ref.shape)}"
+                )
+        self.load_state_dict(renamed, strict=True)
         return self

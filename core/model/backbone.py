@@ -156,7 +156,7 @@ class ResNet38(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "conv1a",
     "bn7",
     "b2",
@@ -174,25 +174,26 @@ _BLOCK_NAMES = {
 } | {f"b4_{i}" for i in range(1, 6)}
 
 
-def _read_state_dict(source) -> dict:
+def read_state_dict(
+    source, what: str = "backbone checkpoint", place: str = "the converted ImageNet ResNet38 .pth"
+) -> dict:
+    """A state dict from a mapping or a ``torch.load``-able path (one-line errors naming ``what``)."""
     if isinstance(source, Mapping):
         sd = dict(source)
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"backbone checkpoint not found: {path!r} (nothing is downloaded; "
-                f"place the converted ImageNet ResNet38 .pth there)"
+                f"{what} not found: {path!r} (nothing is downloaded; place {place} there)"
             )
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - one line for the user
             raise ValueError(
-                f"cannot read backbone checkpoint {path!r}: {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
+                f"cannot read {what} {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ) from None
         if not isinstance(sd, Mapping):
-            raise ValueError(f"backbone checkpoint {path!r} holds a {type(sd).__name__}, not a state dict")  # noqa: TRY004
+            raise ValueError(f"{what} {path!r} holds a {type(sd).__name__}, not a state dict")  # noqa: TRY004
         sd = dict(sd)
     for wrapper in ("state_dict", "model", "net"):  # common training-checkpoint wrappers
         if wrapper in sd and isinstance(sd[wrapper], Mapping) and not torch.is_tensor(sd[wrapper]):
@@ -219,10 +220,10 @@ def _strip_prefix(sd: dict) -> dict:
 def backbone_state_dict_from(source, expected: Mapping[str, torch.Tensor]) -> dict:
     """Read ``source`` (path or state dict), strip a prefix, keep backbone keys, and check them against
     ``expected`` (name -> tensor). Raises a one-line ValueError naming the first bad tensor."""
-    sd = _strip_prefix(_read_state_dict(source))
+    sd = _strip_prefix(read_state_dict(source))
     out = {}
     for k, v in sd.items():
-        if k.split(".")[0] not in _BLOCK_NAMES:
+        if k.split(".")[0] not in BLOCK_NAMES:
             continue  # classifier / head tensors: ignored
         if k not in expected:
             raise ValueError(f"unexpected backbone tensor {k!r} with shape {tuple(v.shape)} in checkpoint")
