@@ -1,35 +1,92 @@
 """Study reports: markdown tables in the paper's layout (Tables 3-6, Fig. 6) with paired-by-seed Δ against
 the baseline (reports.paired), the metric per seed, per-class IoU (reports.per_class), collapsed trials
 flagged (studies.quality), and seaborn figures, built from the results store (read by reports.load).
-`build_report(name, storage_url, out_dir)` or `python -m reports NAME`."""
+`build_report(name, storage_url, out_dir)` or `python -m reports NAME`.
+
+A report's files are named by its study and its store (`report_stem`): NAME.md for the default store
+(sqlite:///runs/studies.db), NAME--<store>-<hash>.md for any other, so reports of one study built from two
+stores never overwrite each other; the figures share the stem (NAME_metric.png,
+NAME--<store>-<hash>_metric.png)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from pathlib import Path
 
+from studies.db import normalize_url, redact_url
 from studies.store import DEFAULT_URL
 
 from .load import ReportError, load_study
 
-__all__ = ["DEFAULT_OUT", "ReportError", "build_report"]
+__all__ = ["DEFAULT_OUT", "ReportError", "build_report", "report_path", "report_stem", "store_identity"]
 
 DEFAULT_OUT = "runs/reports"
 
 
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL, absolute; None for other URLs, in-memory and URI databases."""
+    import sqlalchemy as sa  # parses the URL only
+
+    try:
+        u = sa.engine.make_url(url)
+    except Exception:  # a malformed URL: it is named as written
+        return None
+    db = u.database
+    if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).expanduser().resolve()
+
+
+def store_identity(url: str) -> str:
+    """What names a store in report file names: its URL without the password (shown as ***), the PostgreSQL
+    scheme normalised (postgres:// = postgresql+psycopg://), an SQLite file's path made absolute (relative
+    URLs resolve against the working folder, as when the store is opened)."""
+    db = _sqlite_file(url)
+    return f"sqlite:///{db}" if db else redact_url(normalize_url(url))
+
+
+def report_stem(name: str, url: str = DEFAULT_URL) -> str:
+    """File stem of study `name`'s report from the store at url: NAME for the default store, else
+    NAME--<readable store name>-<8 hex of sha256(store_identity)>, e.g. tasks--studies-1f0c2a9b (an SQLite
+    file's stem) or tasks--dbhost_studies-3e5d7a01 (a server's host and database)."""
+    ident = store_identity(url)
+    if ident == store_identity(DEFAULT_URL):
+        return _safe(name)
+    db = _sqlite_file(url)
+    if db:
+        readable = db.stem
+    else:
+        m = re.match(r"^[^:]*://(?:[^@/]*@)?(?P<host>[^:/?]*)(?::\d+)?/?(?P<db>[^?]*)", ident)
+        readable = "_".join(x for x in (m["host"], m["db"]) if x) if m else ""
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    return f"{_safe(name)}--{_safe(readable)[:40].strip('_') or 'store'}-{digest}"
+
+
+def report_path(name: str, url: str = DEFAULT_URL, out_dir: str | Path = DEFAULT_OUT) -> Path:
+    """Where build_report writes study `name`'s report from the store at url: out_dir/<report_stem>.md."""
+    return Path(out_dir) / f"{report_stem(name, url)}.md"
+
+
 def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path = DEFAULT_OUT) -> Path:
-    """Write out_dir/NAME.md (and NAME_*.png beside it) for study NAME; return the markdown path.
-    Raises ReportError (one line) for a store that cannot be read, an empty store or an unknown study."""
+    """Write report_path(name, storage_url, out_dir) (and <stem>_*.png beside it) for study NAME; return the
+    markdown path. Raises ReportError (one line) for a store that cannot be read, an empty store or an
+    unknown study."""
     from . import figures, per_class, tables
 
     study = load_study(name, storage_url)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    path = report_path(name, storage_url, out)
+    stem = path.stem
     spec = study.spec
     tuning = spec["kind"] == "tuning"
-    md = [f"# Study report: {name}", "", tables.provenance(study), ""]
+    md = [tables.title(study), "", tables.provenance(study, path.name), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
         if body:
@@ -42,8 +99,9 @@ def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path 
 
     section("Warnings", tables.collapsed_warnings(study))
     bars = (
-        "metric per configuration: mean ± std over seeds, one line per seed",
-        None if tuning else figures.metric_bars(study, out, f"{stem}_metric.png"),
+        "metric per configuration, one dot per seed (a line joins each seed across rows, | = row mean); "
+        "paired Δ against the baseline row with its 95% CI",
+        None if tuning else figures.metric_figure(study, out, f"{stem}_metric.png"),
     )
     if tuning:
         section(
@@ -82,7 +140,6 @@ def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path 
     )
     section("Galleries", tables.galleries(study, out))
     section("Failed trials", tables.failures(study))
-    path = out / f"{stem}.md"
     path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     try:  # the dashboard's study note; the report file is written whatever happens here
         from .dashboard import publish_note

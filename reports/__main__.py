@@ -1,4 +1,5 @@
-"""python -m reports NAME [--storage URL] [--out DIR]: write DIR/NAME.md (+ PNG figures)."""
+"""python -m reports NAME [--storage URL] [--out DIR]: write DIR/NAME.md (+ PNG figures); from a store
+other than the default, DIR/NAME--<store>-<hash>.md, so no store's report overwrites another's."""
 
 from __future__ import annotations
 

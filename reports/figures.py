@@ -12,16 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.patches import Rectangle
+from matplotlib.transforms import blended_transform_factory
 
 from .load import StudyResults
-from .tables import PGT, metric_label, multi_stage_groups
+from .paired import PairedDelta, better_cell, delta_cell
+from .tables import PGT, baseline_deltas, group_label, groups, metric_name, multi_stage_groups
 
 sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _save(fig, out_dir: Path, filename: str) -> str:
-    fig.tight_layout()
-    fig.savefig(out_dir / filename, dpi=110)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return filename
 
@@ -30,68 +34,202 @@ def _group(df: pd.DataFrame) -> pd.Series:
     return df["row"].astype(str) + df["variant"].map(lambda v: f" [{v}]" if v else "")
 
 
-def metric_bars(study: StudyResults, out_dir: Path, filename: str) -> str | None:
-    """Per-row bar (mean, error bar = std over seeds); each seed's values joined across rows by a thin
-    line (one line per seed, so paired differences are visible); collapsed trials crossed out; hue = variant
-    if any."""
-    d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
-    if d.empty:
-        return None
-    order = [r for r in study.row_order() if r in set(d["row"])]
-    variants = [v for v in study.variant_order() if v in set(d["variant"])]
-    hue = "variant" if d["variant"].ne("").any() else None
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(order) + 1), 4.2))
-    sns.barplot(
-        data=d,
-        x="row",
-        y="pct",
-        order=order,
-        hue=hue,
-        hue_order=variants if hue else None,
-        errorbar="sd",
-        alpha=0.45,
-        capsize=0.15,
-        ax=ax,
-    )
-    width = 0.8 / len(variants)  # seaborn's dodge: bars of one category share 0.8 of its slot
+def _seed_offsets(seeds: list) -> dict:
+    """A small vertical offset per seed, so equal values of two seeds stay visible as two dots."""
+    step = min(0.08, 0.5 / max(len(seeds), 1))
+    return {s: (k - (len(seeds) - 1) / 2) * step for k, s in enumerate(seeds)}
+
+
+def _seed_panel(ax, study: StudyResults, d: pd.DataFrame, order: list[tuple[str, str]]) -> None:
+    """The metric of each configuration (one y position per (row, variant)), one dot per seed, each seed's
+    dots joined across the rows by a thin line (per variant), the row mean as a black bar, collapsed trials
+    crossed out. No bars: the x axis is only as wide as the data."""
     seeds = sorted(d["seed"].unique())
-    for color, seed in zip(sns.color_palette("dark", len(seeds)), seeds):
+    offset = _seed_offsets(seeds)
+    variants = list(dict.fromkeys(v for _, v in order))
+    markers = dict(zip(variants, "osD^vP"))
+    for color, seed in zip(sns.color_palette("colorblind", len(seeds)), seeds):
         for j, v in enumerate(variants):
-            s = d[(d["seed"] == seed) & (d["variant"] == v)].groupby("row")["pct"].mean()
-            x = [i + (-0.4 + width * (j + 0.5) if hue else 0.0) for i in range(len(order))]
+            ys = [i for i, (_, vv) in enumerate(order) if vv == v]
+            xs = [
+                d[(d["row"] == order[i][0]) & (d["variant"] == v) & (d["seed"] == seed)]["pct"].mean()
+                for i in ys
+            ]
             ax.plot(
-                x,
-                [s.get(r, float("nan")) for r in order],
-                marker="o",
-                markersize=4.5,
+                xs,
+                [i + offset[seed] for i in ys],
+                marker=markers[v],
+                markersize=5,
                 linewidth=0.9,
                 alpha=0.85,
                 color=color,
                 label=f"seed {seed}" if j == 0 else None,
+                gid=f"seed {seed}",
+            )
+    means = [d[(d["row"] == r) & (d["variant"] == v)]["pct"].mean() for r, v in order]
+    ax.plot(
+        means,
+        range(len(order)),
+        linestyle="none",
+        marker="|",
+        markersize=18,
+        markeredgewidth=2.5,
+        color="black",
+        label="row mean",
+        gid="row mean",
+        zorder=4,
+    )
+    for i, m in enumerate(means):
+        if pd.notna(m):
+            ax.annotate(
+                f"{m:.1f}",
+                (m, i),
+                xytext=(0, 12),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize="x-small",
             )
     bad = d[d["collapsed"]]
     if not bad.empty:
-        xs = [
-            order.index(t.row) + (-0.4 + width * (variants.index(t.variant) + 0.5) if hue else 0.0)
-            for t in bad.itertuples()
-        ]
-        ax.scatter(xs, bad["pct"], marker="x", s=70, color="red", zorder=5, label="collapsed")
-    ax.legend(fontsize="small", ncol=2 if len(seeds) > 4 else 1)
-    lo, hi = d["pct"].min(), d["pct"].max()
-    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 5)), hi + 0.15 * (hi - lo + 5))
-    ax.set(xlabel="", ylabel=metric_label(study.metric))
-    ax.set_title(f"{study.name}: {study.metric}\n(bars: mean ± std; lines: one seed each)", fontsize="medium")
-    ax.tick_params(axis="x", labelrotation=15 if len(order) > 3 else 0)
-    return _save(fig, out_dir, filename)
+        ys = [order.index((t.row, t.variant)) + offset[t.seed] for t in bad.itertuples()]
+        ax.scatter(bad["pct"], ys, marker="x", s=80, color="red", zorder=5, label="collapsed")
+    if len(variants) > 1:  # the marker tells the variant
+        for v in variants:
+            ax.plot([], [], linestyle="none", marker=markers[v], color="0.4", label=f"variant {v}")
+    ax.set_yticks(range(len(order)), [group_label(r, v) for r, v in order])
+    ax.set_ylim(len(order) - 0.5, -0.5)  # first row on top
+    ax.set_xlabel(metric_name(study.metric))
+    ax.set_title("per seed (a line joins one seed across rows)", fontsize="medium")
 
 
-def per_class_heatmap(frame: pd.DataFrame | None, out_dir: Path, filename: str, title: str) -> str | None:
-    """Classes x configurations heat map of the per-class IoU (%), mean over seeds (reports.per_class)."""
+FOREST = "0.15"  # the forest plot's intervals: dark grey, apart from the seeds' colours
+
+
+def _forest_panel(
+    ax,
+    deltas: list[tuple[str, str, PairedDelta | None]],
+    order: list[tuple[str, str]],
+    base: str,
+    metric: str,
+    rope: float | None,
+) -> None:
+    """Forest plot: each row's paired Δ against the baseline row (percent points) with its 95% interval,
+    a vertical line at zero, the baseline row marked, and the region of practical equivalence
+    [-rope, +rope] shaded when rope is given."""
+    ax.axvline(0, color="black", linewidth=1, zorder=1, gid="zero line", label="no difference")
+    if rope is not None:
+        ax.axvspan(
+            -100 * rope, 100 * rope, color="0.85", zorder=0, gid="rope", label=f"ROPE ±{100 * rope:g} pp"
+        )
+    label = blended_transform_factory(ax.transAxes, ax.transData)
+    for r, v, p in deltas:
+        if (r, v) not in order:
+            continue
+        i = order.index((r, v))
+        if p is None:
+            ax.plot(
+                0,
+                i,
+                marker="D",
+                markersize=7,
+                color="black",
+                markerfacecolor="white",
+                zorder=3,
+                gid="baseline",
+            )
+            ax.annotate(
+                "baseline", (0, i), xytext=(8, 0), textcoords="offset points", va="center", fontsize="small"
+            )
+            continue
+        if p.n >= 2:
+            x = 100 * p.mean
+            ax.errorbar(
+                x,
+                i,
+                xerr=[[x - 100 * p.lo], [100 * p.hi - x]],
+                fmt="o",
+                color=FOREST,
+                capsize=4,
+                markersize=6,
+                zorder=3,
+                gid=f"interval {group_label(r, v)}",
+            )
+        elif p.n == 1:
+            ax.plot(100 * p.mean, i, marker="o", markerfacecolor="white", color=FOREST, zorder=3)
+        ax.text(
+            1.03,
+            i,
+            f"{delta_cell(p)}  {better_cell(p)}" if p.n else delta_cell(p),
+            transform=label,
+            va="center",
+            fontsize="small",
+        )
+    ax.errorbar([], [], xerr=[], fmt="o", color=FOREST, capsize=4, markersize=6, label="mean Δ, 95% CI")
+    ax.set_xlabel(f"paired Δ {metric_name(metric, 'percent points')}")
+    ax.set_title(f"vs {base}, same seed", fontsize="medium")
+    ax.tick_params(axis="y", left=False)
+
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:+g}" if x else "0"))
+
+
+def draw_metric(study: StudyResults, rope: float | None = None):
+    """The report's metric figure, or None without complete values: left, the metric per configuration,
+    one dot per seed joined across rows, row means marked (no bars); right, when the spec names a baseline
+    row and there is another row, a forest plot of each row's paired Δ against it with its 95% interval
+    (tables.baseline_deltas: the numbers of the table's paired column), a zero line, the baseline marked,
+    and [-rope, +rope] shaded when rope is given (rope in the store's unit, a fraction: 0.005 = 0.5 percent
+    points). The panels' axes carry the labels "per seed" and "paired Δ" (Axes.get_label)."""
+    d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
+    if d.empty:
+        return None
+    present = set(zip(d["row"], d["variant"]))
+    order = [g for g in groups(study) if g in present]
+    all_deltas = baseline_deltas(study)
+    deltas = [x for x in all_deltas if (x[0], x[1]) in present]
+    forest = any(p is not None for _, _, p in deltas)
+    size = (12 if forest else 7.5, 0.55 * len(order) + 2.4)
+    if forest:
+        fig, (a, b) = plt.subplots(1, 2, figsize=size, sharey=True, width_ratios=[3, 2], layout="constrained")
+    else:
+        fig, a = plt.subplots(figsize=size, layout="constrained")
+    a.set_label("per seed")
+    _seed_panel(a, study, d, order)
+    if forest:
+        b.set_label("paired Δ")
+        base = next((group_label(r, v) for r, v, p in all_deltas if p is None), study.spec["baseline"])
+        _forest_panel(b, deltas, order, base, study.metric, rope)
+    handles, labels = [], []
+    for ax in fig.axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize="small")
+    fig.suptitle(f"{study.name}: {metric_name(study.metric)}", fontsize="large")
+    return fig
+
+
+def metric_figure(study: StudyResults, out_dir: Path, filename: str, rope: float | None = None) -> str | None:
+    """draw_metric, written to out_dir/filename."""
+    fig = draw_metric(study, rope)
+    return None if fig is None else _save(fig, out_dir, filename)
+
+
+ABSENT = "absent from val"
+
+
+def draw_per_class_heatmap(frame: pd.DataFrame | None, title: str):
+    """Classes x configurations heat map of the per-class IoU (%), mean over seeds (reports.per_class), or
+    None without data. A class absent from val in every configuration (IoU undefined: no pixel of it in the
+    ground truth or the prediction) is labelled '<class> (absent from val)' and its row hatched grey with
+    that text; a single undefined cell is hatched with '–'."""
     if frame is None or frame.empty:
         return None
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(frame.columns) + 2.5), 0.32 * len(frame) + 1.6))
+    absent = frame.isna().all(axis=1).to_numpy()
+    data = 100 * frame
+    data.index = [f"{c} ({ABSENT})" if a else str(c) for c, a in zip(frame.index, absent)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(frame.columns) + 3.5), 0.32 * len(frame) + 1.6))
     sns.heatmap(
-        100 * frame,
+        data,
         annot=True,
         fmt=".1f",
         cmap="viridis",
@@ -102,9 +240,39 @@ def per_class_heatmap(frame: pd.DataFrame | None, out_dir: Path, filename: str, 
         annot_kws={"size": 7},
         ax=ax,
     )
+    for i, row in enumerate(data.to_numpy()):
+        for j in (k for k, v in enumerate(row) if pd.isna(v)):
+            ax.add_patch(
+                Rectangle(
+                    (j, i), 1, 1, facecolor="0.92", edgecolor="0.65", hatch="///", linewidth=0, gid=ABSENT
+                )
+            )
+            if not absent[i]:
+                ax.text(j + 0.5, i + 0.5, "–", ha="center", va="center", fontsize=7, color="0.3")
+        if absent[i]:
+            box = {"facecolor": "0.92", "edgecolor": "none", "pad": 1}
+            ax.text(
+                len(data.columns) / 2,
+                i + 0.5,
+                ABSENT,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="0.25",
+                bbox=box,
+            )
+    for tick, a in zip(ax.get_yticklabels(), absent):
+        if a:
+            tick.set_color("0.4")
     ax.set(xlabel="", ylabel="", title=title)
     ax.tick_params(axis="x", labelrotation=20 if len(frame.columns) > 3 else 0)
-    return _save(fig, out_dir, filename)
+    return fig
+
+
+def per_class_heatmap(frame: pd.DataFrame | None, out_dir: Path, filename: str, title: str) -> str | None:
+    """draw_per_class_heatmap, written to out_dir/filename."""
+    fig = draw_per_class_heatmap(frame, title)
+    return None if fig is None else _save(fig, out_dir, filename)
 
 
 def stage_curves(study: StudyResults, out_dir: Path, filename: str) -> str | None:
@@ -169,8 +337,8 @@ def param_scatter(study: StudyResults, out_dir: Path, filename: str) -> str | No
         if numeric and (space.get(k) or {}).get("log"):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set(xlabel=k, ylabel=metric_label(study.metric))
-    fig.suptitle(f"{study.name}: {study.metric} vs parameters")
+        ax.set(xlabel=k, ylabel=metric_name(study.metric))
+    fig.suptitle(f"{study.name}: {metric_name(study.metric)} vs each tuned parameter")
     return _save(fig, out_dir, filename)
 
 
@@ -188,6 +356,6 @@ def history(study: StudyResults, out_dir: Path, filename: str) -> str | None:
     sns.scatterplot(data=d, x="trial", y="pct", label="trial", ax=ax)
     sns.lineplot(data=d, x="trial", y="best", drawstyle="steps-post", color="C3", label="best so far", ax=ax)
     ax.set(
-        xlabel="trial number", ylabel=metric_label(study.metric), title=f"{study.name}: optimisation history"
+        xlabel="trial number", ylabel=metric_name(study.metric), title=f"{study.name}: optimisation history"
     )
     return _save(fig, out_dir, filename)

@@ -16,6 +16,8 @@ from studies.db import StoreError, check_reachable, redact_url
 from studies.quality import is_collapsed, last_stage_iou
 from studies.store import Store, dig, finite
 
+from .progress import Progress, progress
+
 # The spec keys study.yaml may leave out (studies.spec applies the same defaults when it runs the study).
 DEFAULT_METRIC = "final.miou"
 DEFAULT_STAGE_METRIC = "val.miou"
@@ -70,6 +72,36 @@ class StudyResults:
         """Seeds every (row, variant) should have: len(spec seeds); None for a tuning study."""
         seeds = self.spec.get("seeds")
         return len(seeds) if isinstance(seeds, list) else None
+
+    def points(self, row: str | None = None, variant: str | None = None) -> list[tuple[str, str, int]] | None:
+        """The grid's (row, variant, seed) keys from the spec (only those of `row` / `variant` when given);
+        None for a tuning study."""
+        seeds = self.spec.get("seeds")
+        if self.spec.get("kind") == "tuning" or not isinstance(seeds, list):
+            return None
+        rows = [r["label"] for r in self.spec.get("rows") or []]
+        variants = [v["label"] for v in self.spec.get("variants") or []] or [""]
+        return [
+            (r, v, int(s))
+            for r in rows
+            for v in variants
+            for s in seeds
+            if (row is None or r == row) and (variant is None or v == variant)
+        ]
+
+    def progress(self, row: str | None = None, variant: str | None = None) -> Progress:
+        """Points complete vs attempts (reports.progress), for the whole study or one row / (row, variant)."""
+        t = self.trials
+        if row is not None:
+            t = t[t["row"] == row]
+        if variant is not None:
+            t = t[t["variant"] == variant]
+        records = t[["id", "row", "variant", "seed", "status"]].to_dict("records")
+        points = self.points(row, variant)
+        if points is not None:
+            return progress(records, points)
+        budget = self.spec.get("n_trials")  # tuning: the trial budget
+        return progress(records, budget=budget if isinstance(budget, int) else 0)
 
     def variant_order(self) -> list[str]:
         """The spec's variant labels, then any others found; [""] for a study without variants."""

@@ -40,8 +40,11 @@ def per_class_frame(study: StudyResults) -> pd.DataFrame | None:
 def per_class_table(frame: pd.DataFrame | None) -> str | None:
     if frame is None:
         return None
-    body = [[name, *map(pct, values)] for name, values in zip(frame.index, frame.to_numpy())]
+    body = [
+        [f"{name} (absent from val)" if pd.isna(values).all() else name, *map(pct, values)]
+        for name, values in zip(frame.index, frame.to_numpy())
+    ]
     return markdown(["Class", *frame.columns], body) + (
         "\n\n*IoU (%) of each class on val after the last stage, mean over the complete seeds "
-        "(– = class absent from val in every seed).*"
+        "(– = class absent from val in every seed: no pixel of it in the ground truth or the prediction).*"
     )

@@ -20,7 +20,7 @@ from studies.quality import COLLAPSED_MEANING
 from studies.store import dig, finite
 
 from .load import StudyResults, optuna_study
-from .paired import better_cell, delta_cell, paired_delta
+from .paired import PairedDelta, better_cell, delta_cell, paired_delta
 
 PAPER_COL = "Paper (VOC val)"
 NOTE = (
@@ -89,14 +89,36 @@ def metric_label(metric: str) -> str:
     return {"miou": "mIoU (%)", "miou_post": "mIoU post-proc. (%)"}.get(last, f"{metric} (%)")
 
 
+# What a result.json leaf (a study's metric or stage_metric) measures, for figure axes: name and unit.
+METRIC_NAMES = {
+    "final.miou": "final val mIoU",
+    "final.miou_post": "final val mIoU, post-processed",
+    "initial_pgt.miou": "initial pseudo-label mIoU (train)",
+    "initial_pgt.precision": "initial pseudo-label precision (train)",
+    "initial_pgt.recall": "initial pseudo-label recall (train)",
+    "val.miou": "val mIoU",
+    "val.miou_post": "val mIoU, post-processed",
+    "pgt.miou": "pseudo-label mIoU (train)",
+    "pgt.precision": "pseudo-label precision (train)",
+    "pgt.recall": "pseudo-label recall (train)",
+}
+
+
+def metric_name(metric: str, unit: str = "%") -> str:
+    """'final val mIoU (%)' for 'final.miou': a figure axis label, human name and unit."""
+    return f"{METRIC_NAMES.get(metric, metric)} ({unit})"
+
+
 def n_cell(study: StudyResults, label: str, variant: str | None = None) -> str:
+    """Complete seeds of the row (with a value), then what is not complete and the earlier attempts
+    (reports.progress): '3', '2/3 (incomplete; 1 running)', '3 (1 earlier attempt interrupted)'."""
     t = study.trials[
         (study.trials["row"] == label)
         & ((study.trials["variant"] == variant) if variant is not None else True)
     ]
     n = int(((t.status == "complete") & t["value"].notna()).sum())
     expected = study.n_seeds
-    other = ", ".join(f"{k} {s}" for s, k in t.status.value_counts().items() if s != "complete")
+    other = ", ".join(study.progress(label, variant).notes())
     if expected is not None and n < expected:
         return f"{n}/{expected} (incomplete{'; ' + other if other else ''})"
     return f"{n}" + (f" ({other})" if other else "")
@@ -135,7 +157,14 @@ def cli_set(spec: dict) -> str:
     return " --set " + " ".join(shlex.quote(f"{k}={fmt(v)}") for k, v in items.items())
 
 
-def provenance(study: StudyResults) -> str:
+def title(study: StudyResults) -> str:
+    """The report's title line; 'partial' with the points complete while trials run or points are missing."""
+    p = study.progress()
+    what = p.done_text() + (f", {p.running} running" if p.running else "")
+    return f"# Study report: {study.name}" + (f" (partial: {what})" if p.partial else "")
+
+
+def provenance(study: StudyResults, report_file: str | None = None) -> str:
     t, spec = study.trials, study.spec
     counts = t.status.value_counts()
     shown = ("complete", "failed", "pruned", "running")  # always, then any other status present (interrupted)
@@ -170,7 +199,9 @@ def provenance(study: StudyResults) -> str:
             f"- **Metric:** `{study.metric}` ({study.direction}); percent, mean ± std over seeds (std with "
             "ddof=1, – for n=1)"
         ),
-        f"- **Trials:** {len(t)} ({status})",
+        f"- **Store:** `{url}`" + (f" (this report: `{report_file}`)" if report_file else ""),
+        f"- **Progress:** {study.progress().line()}",
+        f"- **Trials (every attempt):** {len(t)} ({status})",
         f"- **Code version(s):** {', '.join(sorted(t.code_version.dropna().astype(str).unique())) or '–'}",
         f"- **Preset:** {study.preset or '–'}",
         f"- **Data set:** {'; '.join(data) or '–'}"
@@ -202,7 +233,8 @@ def _environment(e) -> str:
     python = f", Python {e['python']}" if e.get("python") else ""
     cpu = f"CPU {e.get('cpu') or '?'}{cap}{gpu}{python}"
     precision = f", {e['precision']}" if e.get("precision") else ""
-    return f"torch {e.get('torch') or '?'}, {e.get('threads', '?')} threads{precision}, {cpu}"
+    threads = e.get("threads", "?")
+    return f"torch {e.get('torch') or '?'}, {threads} thread{'' if threads == 1 else 's'}{precision}, {cpu}"
 
 
 def environments(study: StudyResults) -> str:
@@ -212,6 +244,40 @@ def environments(study: StudyResults) -> str:
         _environment(r.get("environment")) for r in study.trials["result"] if isinstance(r, dict)
     )
     return "; ".join(f"{k} ({n} trial{'' if n == 1 else 's'})" for k, n in counts.most_common()) or "–"
+
+
+def variant_pair(study: StudyResults) -> tuple[str, str]:
+    """Table 6's two variants: (the one named baseline, else the first; the one named full, else the last)."""
+    labels = study.variant_order()
+    return (
+        "baseline" if "baseline" in labels else labels[0],
+        "full" if "full" in labels else labels[-1],
+    )
+
+
+def baseline_deltas(study: StudyResults) -> list[tuple[str, str, PairedDelta | None]]:
+    """(row, variant, paired Δ against the baseline row) for every row in the report's order, None for the
+    baseline row itself: the numbers of the tables' paired column (ablation_table's "Δ paired" of the
+    study's metric; in a study with variants, variants_table's Final* (full variant, final.miou) against the
+    baseline row's Final*). [] when the spec names no baseline row."""
+    base, done = study.spec.get("baseline"), study.complete
+    if not base:
+        return []
+    if study.variant_order() == [""]:  # the study's metric, in its direction
+        variant, d, column, direction = "", done, "value", study.direction
+    else:  # Final*: the full variant's final.miou, higher is better
+        variant = variant_pair(study)[1]
+        d = done[done["variant"] == variant].assign(miou=lambda x: leaf(x, "final.miou"))
+        column, direction = "miou", "maximize"
+    base_seeds = seed_values(d[d["row"] == base], column)
+    return [
+        (
+            r,
+            variant,
+            None if r == base else paired_delta(seed_values(d[d["row"] == r], column), base_seeds, direction),
+        )
+        for r in study.row_order()
+    ]
 
 
 def ablation_table(study: StudyResults) -> str:
@@ -230,7 +296,7 @@ def ablation_table(study: StudyResults) -> str:
     has_paper = any(isinstance(p, (int, float)) for p in papers.values())
     base = study.spec.get("baseline")
     base_mean = stats(done[done["row"] == base]["value"])[0] if base else math.nan
-    base_seeds = seed_values(done[done["row"] == base])
+    deltas = {r: p for r, _, p in baseline_deltas(study)}
     header = ["Config", *checks, metric_label(study.metric), "n", f"Δ of means vs {base or 'baseline'}"]
     header += ["Δ paired (95% CI)", "seeds better"] if base else []
     body = []
@@ -245,7 +311,7 @@ def ablation_table(study: StudyResults) -> str:
         else:
             body[-1].append(signed(stats(values)[0] - base_mean))
             if base:
-                p = paired_delta(seed_values(done[done["row"] == r]), base_seeds, study.direction)
+                p = deltas[r]
                 body[-1] += [delta_cell(p), better_cell(p)]
         if has_paper:
             p = papers[r]
@@ -328,16 +394,14 @@ def variants_table(study: StudyResults) -> str:
     The columns are mIoU, so "better" means higher whatever the study's direction."""
     done = study.complete.copy()
     done["miou"], done["post"] = leaf(done, "final.miou"), leaf(done, "final.miou_post")
-    labels = study.variant_order()
-    base_v = "baseline" if "baseline" in labels else labels[0]
-    full_v = "full" if "full" in labels else labels[-1]
+    base_v, full_v = variant_pair(study)
     base_row = study.spec.get("baseline")
     has_paper = any(isinstance(study.row_spec(r).get("paper"), dict) for r in study.row_order())
     header = ["Config", "Baseline", "Final*", "Δ of means", "Δ paired (95% CI)", "seeds better", "Final"]
     header.append(f"n ({base_v}/{full_v})")
     if base_row:
         header += [f"Final* Δ paired vs {base_row} (95% CI)", f"seeds better vs {base_row}"]
-    base_full = seed_values(done[(done["row"] == base_row) & (done["variant"] == full_v)], "miou")
+    vs_base = {r: p for r, _, p in baseline_deltas(study)}
     body = []
     for r in study.row_order():
         b, f = (
@@ -360,7 +424,7 @@ def variants_table(study: StudyResults) -> str:
         if base_row and r == base_row:
             body[-1] += ["(baseline)"] * 2
         elif base_row:
-            vs = paired_delta(seed_values(f, "miou"), base_full)
+            vs = vs_base[r]
             body[-1] += [delta_cell(vs), better_cell(vs)]
         if has_paper:
             p = study.row_spec(r).get("paper")
@@ -487,6 +551,11 @@ def failures(study: StudyResults) -> str | None:
     if f.empty:
         return None
     interrupted = bool((f.status == "interrupted").any())
+    done = set(zip(study.complete["row"], study.complete["variant"], study.complete["seed"]))
+
+    def status(t) -> str:  # an attempt whose grid point has run again and completed since
+        return t.status + ("; rerun complete" if (t.row, t.variant, t.seed) in done else "")
+
     table = markdown(
         ["Trial", "Config", "Variant", "Seed", *(["Status"] if interrupted else []), "Error"],
         [
@@ -495,7 +564,7 @@ def failures(study: StudyResults) -> str | None:
                 t.row,
                 t.variant or "",
                 t.seed,
-                *([t.status] if interrupted else []),
+                *([status(t)] if interrupted else []),
                 (t.error or "").strip().splitlines()[-1][:160] if t.error else "",
             ]
             for t in f.itertuples()
@@ -503,7 +572,8 @@ def failures(study: StudyResults) -> str | None:
     )
     return table + (
         "\n\n*interrupted: the trial's process died (or was stopped) while it ran; it never counts as "
-        "complete, and the next `python -m studies.run` runs its grid point again.*"
+        'complete, and the next `python -m studies.run` runs its grid point again ("rerun complete": '
+        "that has happened, nothing is missing).*"
         if interrupted
         else ""
     )

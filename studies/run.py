@@ -281,28 +281,41 @@ def _fmt(v: Any) -> str:
 
 
 def study_summary(plan: Plan, store) -> str:
-    """row, variant, n, mean +- std of the metric (percent), failed/pruned/collapsed counts: all trials in the
-    store. Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
+    """row, variant, n, mean +- std of the metric (percent), then notes: what is not complete and the earlier
+    attempts (reports.progress, the report's own counts) and collapsed trials; a last line with the points
+    complete of the grid ("15/15 points complete; 2 earlier attempts interrupted"). All trials in the store.
+    Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
+    from collections import Counter
+
+    from reports.progress import progress
     from studies.quality import result_collapsed
     from studies.store import dig, finite
 
     s = plan.study
+    trials = store.trials(s.name)
     groups: dict[tuple, list] = {}
-    other: dict[tuple, list[str]] = {}
-    for t in store.trials(s.name):
+    collapsed: dict[tuple, int] = {}
+    for t in trials:
         key = (t["row"], t["variant"])
         if t["status"] == "complete":
             v = finite(dig(t["result"], s.metric))
             if v is not None:
                 groups.setdefault(key, []).append(v)
             if result_collapsed(t["result"]):
-                other.setdefault(key, []).append("collapsed")
-        elif t["status"] != "running":
-            other.setdefault(key, []).append(t["status"])
+                collapsed[key] = collapsed.get(key, 0) + 1
+    points = [p.key for p in plan.points] if plan.is_grid else None
+
+    def notes(key: tuple) -> list[str]:
+        if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note
+            n = Counter(t["status"] for t in trials if (t["row"], t["variant"]) == key)
+            return [f"{k} {x}" for x, k in sorted(n.items()) if x not in ("complete", "running")]
+        mine = [t for t in trials if (t["row"], t["variant"]) == key]
+        return progress(mine, [p for p in points if (p[0], p[1]) == key]).notes()
+
     if plan.is_grid:
         order = [(r.label, v.label if v else None) for r in s.rows for v in (list(s.variants) or [None])]
     else:
-        order = sorted(set(groups) | set(other), key=str)
+        order = sorted({(t["row"], t["variant"]) for t in trials}, key=str)
     lines = [
         f"{s.name}: {s.metric} (%), mean +- std over seeds",
         f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes",
@@ -311,8 +324,8 @@ def study_summary(plan: Plan, store) -> str:
         vals = groups.get(key, [])
         mean = f"{100 * statistics.fmean(vals):6.2f}" if vals else f"{'-':>6}"
         std = f"{100 * statistics.stdev(vals):<6.2f}" if len(vals) > 1 else f"{'-':<6}"
-        notes = ", ".join(f"{other[key].count(x)} {x}" for x in sorted(set(other.get(key, []))))
-        lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {notes}".rstrip())
+        note = ", ".join(notes(key) + ([f"{collapsed[key]} collapsed"] if key in collapsed else []))
+        lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {note}".rstrip())
     if not plan.is_grid:
         best = [
             t
@@ -328,6 +341,7 @@ def study_summary(plan: Plan, store) -> str:
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()
                 )
             )
+    lines.append(progress(trials, points, None if plan.is_grid else s.n_trials).line())
     return "\n".join(lines)
 
 

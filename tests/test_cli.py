@@ -102,7 +102,9 @@ def test_report_reproduce_line_carries_the_set_overrides(grid, capsys, tmp_path)
     assert (
         main(["g", "--study-file", str(y), "--n-trials", "1", "--set", "loss.sal=0.5", "train.lr=3e-4"]) == 0
     )
-    md = (tmp_path / "runs" / "reports" / "g.md").read_text()
+    from reports import report_path
+
+    md = report_path("g", url, tmp_path / "runs" / "reports").read_text()  # a report per study and store
     line = [x for x in md.splitlines() if x.startswith("- **Reproduce:**")][0]
     assert "python -m studies.run g --preset smoke --set loss.sal=0.5 train.lr=3e-4 --study-file " in line
     assert f"--study-file {y.resolve()} --storage" in line  # the study is not in ./study.yaml

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from reports import report_path
 from tests.test_claims import write_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,9 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
     note = d["note"]["body"]
     assert "# Study report: g" in note and "Δ paired (95% CI)" in note
     assert "\n| r0 |" in note and "\n| r1 |" in note  # the table, one line per row
-    assert f"Report file: `{tmp_path / 'runs' / 'reports' / 'g.md'}`" in note
+    report = report_path("g", f"sqlite:///{tmp_path / 'studies.db'}", tmp_path / "runs" / "reports")
+    assert report.name.startswith("g--studies-")  # not the default store: the file name names the store
+    assert f"Report file: `{report}`" in note
     assert "- **Reproduce:** `python -m studies.run g --preset smoke" in note
     assert "## Galleries" in note and "[seed 0](../artifacts/" in note  # each row links its galleries
     assert d["objective_names"] == ["final.miou (%)"]

@@ -9,9 +9,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import optuna
 import pytest
 
-from reports import ReportError, build_report
+from reports import ReportError, build_report, report_path, report_stem
 from reports.__main__ import main
-from studies.store import Store
+from studies.store import DEFAULT_URL, Store
 from tests.conftest import run_module
 
 
@@ -191,7 +191,7 @@ def test_ablation_table_checkmarks_paper_and_partial(store, url, tmp_path):
     r = table_row(md, "w/ seg., cls., sal.")
     assert r[1:5] == ["✓", "✓", "✓", "CT"] and r[5:] == [
         "65.0 ± –",
-        "1/3 (incomplete; 1 failed)",
+        "1/3 (incomplete; 1 failed, 1 not started)",
         "+13.0",
         "+15.0 (n = 1, no CI)",  # paired with seed 0 only: 65 − 50, where the means differ by 13
         "1/1",
@@ -202,7 +202,11 @@ def test_ablation_table_checkmarks_paper_and_partial(store, url, tmp_path):
     assert table_rows(md, "Baseline")[1] == ["Baseline", "50.0", "52.0", "54.0"]
     assert table_rows(md, "w/ seg., sal.")[1] == ["w/ seg., sal.", "60.0", "62.0", "–"]
     assert "not a result of this harness" in md
+    # partial: a trial still runs, one point failed, one never started
+    assert md.splitlines()[0] == "# Study report: tasks (partial: 9/12 points complete, 1 running)"
+    assert "- **Progress:** 9/12 points complete (1 running, 1 failed, 1 not started)" in md
     # provenance
+    assert f"- **Store:** `{url}` (this report: `{report_stem('tasks', url)}.md`)" in md
     assert "11 (9 complete / 1 failed / 0 pruned / 1 running)" in md and "abc123" in md
     assert "n_train=40, n_val=12" in md and "synthetic at /data/synth" in md
     assert f"python -m studies.run tasks --preset smoke --storage {url}" in md
@@ -263,7 +267,9 @@ def test_stages_table_and_pseudo_label_quality(store, url, tmp_path):
         "47.0 ± 1.4",
         "2",
     ]
-    assert "stages_stages.png" in md and "stages_metric.png" in md
+    assert md.splitlines()[0] == "# Study report: stages"  # every point complete: not partial
+    stem = report_stem("stages", url)
+    assert f"{stem}_stages.png" in md and f"{stem}_metric.png" in md
     pngs_ok(md, tmp_path, 2)
 
 
@@ -388,7 +394,10 @@ def test_tuning_top_k_importances_and_figures(store, url, tmp_path):
     assert "Top 6 of 6 complete trials" in md
     assert table_row(md, "Parameter") == ["Parameter", "Importance"]
     assert {table_row(md, k)[0] for k in ("train.lr", "loss.sal")} == {"train.lr", "loss.sal"}
-    assert "tune_history.png" in md and "tune_params.png" in md
+    assert md.splitlines()[0] == "# Study report: tune"  # 6 of n_trials 6: not partial
+    assert "- **Progress:** 6/6 trials complete" in md
+    stem = report_stem("tune", url)
+    assert f"{stem}_history.png" in md and f"{stem}_params.png" in md
     pngs_ok(md, tmp_path, 2)
 
 
@@ -415,8 +424,9 @@ def test_unknown_study_empty_store_and_cli(store, url, tmp_path):
     assert (
         main(["bare", "--storage", url, "--out", str(tmp_path / "o")]) == 0
     )  # no trials yet: still a report
-    md = (tmp_path / "o" / "bare.md").read_text()
-    assert table_row(md, "a")[1:3] == ["–", "0/2 (incomplete)"]
+    md = report_path("bare", url, tmp_path / "o").read_text()
+    assert table_row(md, "a")[1:3] == ["–", "0/2 (incomplete; 2 not started)"]
+    assert md.splitlines()[0] == "# Study report: bare (partial: 0/2 points complete)"
 
 
 @pytest.mark.parametrize("storage", ["notaurl", "foo://x"])
@@ -549,9 +559,12 @@ def test_collapsed_trial_marked_and_listed(collapse, url, tmp_path, monkeypatch)
     assert "1 collapsed trial**" in md
     assert table_rows(md, "B")[0] == ["B", "45.0", "17.0 ⚠", "45.0"]  # per-seed table
     # the figure joins each seed's dots across rows and crosses out the collapsed one
-    ax = drawn["collapse_metric.png"].axes[0]
+    fig = drawn[f"{report_stem('collapse', url)}_metric.png"]
+    ax = {a.get_label(): a for a in fig.axes}["per seed"]
     assert {line.get_label() for line in ax.get_lines()} >= {"seed 0", "seed 1", "seed 2"}
-    assert "collapsed" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "collapsed" in [t.get_text() for t in fig.legends[0].get_texts()]
+    (cross,) = ax.collections  # the collapsed trial's x, at B's value for seed 1
+    assert cross.get_offsets()[0][0] == pytest.approx(17.0)
 
 
 def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
@@ -565,9 +578,11 @@ def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
         is_grid=True,
         study=SimpleNamespace(name="collapse", metric="final.miou", rows=[SimpleNamespace(label="A"),
                               SimpleNamespace(label="B")], variants=(), direction="maximize"),
+        points=[SimpleNamespace(key=(r, None, s)) for r in "AB" for s in range(3)],
     )  # fmt: skip
     lines = summary(plan, store).splitlines()
     assert lines[3].startswith("B ") and lines[3].endswith("1 collapsed") and "collapsed" not in lines[2]
+    assert lines[-1] == "6/6 points complete"
     job = Job(study="collapse", url=url, preset="smoke", optuna_number=4, row="B", seed=1,
               metric="final.miou", stage_metric="val.miou", code_version="abc123")  # fmt: skip
     bad = result(0.17, iou=[0.7, 0.0, None])
@@ -591,8 +606,9 @@ def test_per_class_table_and_heat_map(store, url, tmp_path):
     assert table_row(md, "background") == ["background", "85.0", "80.0"]
     assert table_row(md, "cat") == ["cat", "30.0", "55.0"]
     assert table_row(md, "dog") == ["dog", "–", "30.0"]  # absent from val in every seed of a
-    assert "![per-class IoU (%), mean over seeds](classes_per_class.png)" in md
-    assert (tmp_path / "classes_per_class.png").stat().st_size > 1000
+    stem = report_stem("classes", url)
+    assert f"![per-class IoU (%), mean over seeds]({stem}_per_class.png)" in md
+    assert (tmp_path / f"{stem}_per_class.png").stat().st_size > 1000
 
 
 def test_per_class_names_fallback(collapse, store, url):
@@ -608,7 +624,7 @@ def test_per_class_names_fallback(collapse, store, url):
 
 
 def test_provenance_environment(store, url, tmp_path):
-    env = {"torch": "2.13.0+cpu", "python": "3.11.7", "threads": 2, "device": "cpu",
+    env = {"torch": "2.13.0+cpu", "python": "3.11.7", "threads": 1, "device": "cpu",
            "cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512", "gpu": None}  # fmt: skip
     gpu = {**env, "torch": "2.13.0+cu126", "threads": 16, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
     store.upsert_study("env", {"kind": "ablation", "seeds": [0, 1, 2, 3], "rows": [{"label": "a"}]}, "smoke")
@@ -617,10 +633,189 @@ def test_provenance_environment(store, url, tmp_path):
     md = build_report("env", url, tmp_path).read_text()
     line = next(x for x in md.splitlines() if x.startswith("- **Environment:**"))
     assert line == (
-        "- **Environment:** torch 2.13.0+cpu, 2 threads, CPU Intel(R) Xeon(R) Processor (AVX512), "
+        "- **Environment:** torch 2.13.0+cpu, 1 thread, CPU Intel(R) Xeon(R) Processor (AVX512), "
         "Python 3.11.7 (2 trials); torch 2.13.0+cu126, 16 threads, CPU Intel(R) Xeon(R) Processor (AVX512), "
         "GPU NVIDIA H100 80GB HBM3, Python 3.11.7 (1 trial); – (not recorded) (1 trial)"
     )
     assert "Metrics are bit-identical only for the same machine (CPU model and kernel level)" in md
     old = build_report("tasks", url, tmp_path).read_text()  # a store written before result.environment
     assert "- **Environment:** – (not recorded) (9 trials)" in old
+
+
+# ------------------------------------------------------------------------------------------------ figures
+@pytest.fixture(scope="module")
+def forest(store):
+    """Study 'forest': baseline A, rows B, C (3 seeds each) and D (seed 0 only); B beats A by 1-3 points."""
+    spec = {"kind": "ablation", "seeds": [0, 1, 2], "baseline": "A",
+            "rows": [{"label": x} for x in "ABCD"]}  # fmt: skip
+    store.upsert_study("forest", spec, "smoke")
+    values = {"A": [0.325, 0.338, 0.331], "B": [0.335, 0.349, 0.361], "C": [0.320, 0.341, 0.330], "D": [0.34]}
+    n = iter(range(100))
+    for row, vs in values.items():
+        for seed, v in enumerate(vs):
+            add(store, "forest", next(n), row, seed, result(v))
+    return "forest"
+
+
+def test_metric_figure_points_per_seed_no_bars_and_forest_plot(forest, url):
+    from matplotlib.patches import Rectangle
+
+    from reports import figures
+    from reports.load import load_study
+    from reports.paired import paired_delta
+    from reports.tables import seed_values
+
+    study = load_study("forest", url)
+    fig = figures.draw_metric(study)
+    axes = {a.get_label(): a for a in fig.axes}
+    seeds, delta = axes["per seed"], axes["paired Δ"]
+    assert not [p for a in fig.axes for p in a.patches if isinstance(p, Rectangle)]  # no bars, no band
+    assert seeds.get_xlabel() == "final val mIoU (%)" and "percent points" in delta.get_xlabel()
+    assert [t.get_text() for t in seeds.get_yticklabels()] == ["A", "B", "C", "D"]
+    lines = {line.get_gid(): line for line in seeds.get_lines()}
+    # seed 1 across A, B, C (D has no seed 1)
+    assert list(lines["seed 1"].get_xdata()[:3]) == pytest.approx([33.8, 34.9, 34.1])
+    assert list(lines["row mean"].get_xdata()) == pytest.approx([33.133, 34.833, 33.033, 34.0], abs=1e-3)
+    # forest: a zero line, the baseline marked, one interval per row with >= 2 paired seeds (D has one)
+    (zero,) = [x for x in delta.get_lines() if x.get_gid() == "zero line"]
+    assert list(zero.get_xdata()) == [0, 0]
+    (base,) = [x for x in delta.get_lines() if x.get_gid() == "baseline"]
+    assert list(base.get_ydata()) == [0]  # row A
+    intervals = {
+        c.lines[0].get_gid(): c
+        for c in delta.containers
+        if (c.lines[0].get_gid() or "").startswith("interval")
+    }
+    assert sorted(intervals) == ["interval B", "interval C"]
+    done = study.complete
+    p = paired_delta(seed_values(done[done.row == "B"]), seed_values(done[done.row == "A"]))
+    (lo, hi), _ = intervals["interval B"].lines[2][0].get_segments()[0].T  # the table's numbers, in points
+    assert (lo, hi) == (pytest.approx(100 * p.lo), pytest.approx(100 * p.hi))
+    assert intervals["interval B"].lines[0].get_xdata()[0] == pytest.approx(100 * p.mean)
+    texts = [t.get_text() for t in delta.texts]
+    assert "+1.7 [-1.1, +4.5]  3/3" in texts and "+1.5 (n = 1, no CI)  1/1" in texts
+    # the region of practical equivalence, in the store's unit (a fraction): 0.005 = ±0.5 percent points
+    (band,) = [x for x in figures.draw_metric(study, rope=0.005).axes[1].patches if x.get_gid() == "rope"]
+    assert (band.get_x(), band.get_width()) == (pytest.approx(-0.5), pytest.approx(1.0))
+    assert "ROPE ±0.5 pp" in [t.get_text() for t in figures.draw_metric(study, rope=0.005).legends[0].texts]
+
+
+def test_metric_figure_without_baseline_is_one_panel(store, url):
+    from reports import figures
+    from reports.load import load_study
+
+    spec = {"kind": "ablation", "seeds": [0], "rows": [{"label": "a"}, {"label": "b"}]}
+    store.upsert_study("nobase", spec, "smoke")
+    add(store, "nobase", 0, "a", 0, result(0.4))
+    add(store, "nobase", 1, "b", 0, result(0.5))
+    fig = figures.draw_metric(load_study("nobase", url))
+    assert [a.get_label() for a in fig.axes] == ["per seed"]
+
+
+def test_per_class_heat_map_labels_a_class_absent_from_val(store, url, tmp_path):
+    from reports import figures
+    from reports.load import load_study
+    from reports.per_class import per_class_frame
+
+    names = ["background", "cat", "dog", "sofa"]
+    spec = {"kind": "ablation", "seeds": [0, 1], "rows": [{"label": "a"}, {"label": "b"}]}
+    store.upsert_study("absent", spec, "smoke")
+    for i, (row, seed, iou) in enumerate(
+        [("a", 0, [0.9, 0.4, None, None]), ("a", 1, [0.8, 0.2, None, None]),
+         ("b", 0, [0.9, 0.5, 0.3, None]), ("b", 1, [0.7, 0.6, 0.1, float("nan")])]
+    ):  # fmt: skip
+        add(store, "absent", i, row, seed, result(0.5, iou=iou, names=names))
+    fig = figures.draw_per_class_heatmap(per_class_frame(load_study("absent", url)), "absent")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["background", "cat", "dog", "sofa (absent from val)"]
+    hatched = [p for p in ax.patches if p.get_gid() == "absent from val"]
+    assert sorted((p.get_x(), p.get_y()) for p in hatched) == [(0, 2), (0, 3), (1, 3)]  # dog in a; sofa
+    assert "absent from val" in [t.get_text() for t in ax.texts]  # written across sofa's row
+    md = build_report("absent", url, tmp_path).read_text()
+    assert table_row(md, "sofa (absent from val)") == ["sofa (absent from val)", "–", "–"]
+    assert table_row(md, "dog") == ["dog", "–", "20.0"]
+
+
+# ----------------------------------------------------------------------------- report paths per store
+def test_reports_of_two_stores_do_not_overwrite_each_other(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    other = f"sqlite:///{tmp_path / 'elsewhere' / 'studies.db'}"
+    spec = {"kind": "ablation", "seeds": [0], "rows": [{"label": "a"}]}
+    for u, v in ((DEFAULT_URL, 0.4), (other, 0.6)):
+        s = Store(u)
+        s.upsert_study("x", spec, "smoke")
+        add(s, "x", 0, "a", 0, result(v))
+        s.close()
+    mine = build_report("x", DEFAULT_URL)  # the README's path for the default store
+    assert mine == Path("runs/reports/x.md")
+    theirs = build_report("x", other)
+    assert theirs.parent == mine.parent and theirs.name.startswith("x--studies-") and theirs != mine
+    assert table_row(mine.read_text(), "a")[1] == "40.0 ± –"  # not overwritten by the other store's report
+    assert table_row(theirs.read_text(), "a")[1] == "60.0 ± –"
+    assert f"- **Store:** `{DEFAULT_URL}` (this report: `x.md`)" in mine.read_text()
+    assert f"- **Store:** `{other}` (this report: `{theirs.name}`)" in theirs.read_text()
+    assert (mine.parent / "x_metric.png").exists() and (mine.parent / f"{theirs.stem}_metric.png").exists()
+    # `python -m reports --out` follows the same rule; the same store by another spelling: the same name
+    assert main(["x", "--storage", other, "--out", "o"]) == 0 and (tmp_path / "o" / theirs.name).exists()
+    assert report_stem("x", "sqlite:///./runs/../runs/studies.db") == "x"
+    assert report_stem("x", f"sqlite:///{tmp_path}/elsewhere/studies.db") == theirs.stem
+    # a server: host and database are readable, the password takes no part
+    pg = report_stem("x", "postgresql://me:secret@dbhost:5432/studies")
+    assert pg.startswith("x--dbhost_studies-") and "secret" not in pg
+    assert pg == report_stem("x", "postgres://me:other@dbhost:5432/studies")
+    assert pg != report_stem("x", "postgresql://me:secret@dbhost:5432/other")
+
+
+# --------------------------------------------------------------------------- points done vs attempts
+def test_progress_counts_points_not_attempts():
+    from reports.progress import progress
+
+    grid = [(r, None, s) for r in "ab" for s in (0, 1)]
+
+    def t(row, seed, status):
+        return {"row": row, "variant": None, "seed": seed, "status": status}
+
+    rerun = [t("a", 0, "interrupted"), t("a", 0, "complete"), t("a", 1, "interrupted"), t("a", 1, "complete"),
+             t("b", 0, "complete"), t("b", 1, "complete")]  # fmt: skip
+    p = progress(rerun, grid)
+    assert not p.partial and p.line() == "4/4 points complete; 2 earlier attempts interrupted"
+    p = progress(
+        [t("a", 0, "interrupted"), t("a", 1, "failed"), t("a", 1, "interrupted"), t("b", 0, "running")], grid
+    )
+    assert p.partial
+    assert p.line() == "0/4 points complete (1 running, 1 failed, 1 interrupted, 1 not started); " + (
+        "1 earlier attempt interrupted"
+    )
+    tuning = [{"id": i, "status": s} for i, s in enumerate(["complete", "pruned", "interrupted", "complete"])]
+    assert (
+        progress(tuning, budget=3).line() == "3/3 trials finished (1 pruned); 1 earlier attempt interrupted"
+    )
+    assert progress(tuning[:2], budget=3).partial
+
+
+def test_counts_after_interrupted_then_completed_attempts(store, url, tmp_path):
+    from types import SimpleNamespace
+
+    from studies.run import study_summary
+
+    spec = {"kind": "ablation", "seeds": [0, 1], "baseline": "a", "rows": [{"label": "a"}, {"label": "b"}]}
+    store.upsert_study("rerun", spec, "smoke")
+    first = [add(store, "rerun", i, "a", i, status="running") for i in (0, 1)]
+    assert sorted(store.mark_stale_running("rerun")) == sorted(first)  # a killed run: two attempts lost
+    for i, (row, seed) in enumerate([("a", 0), ("a", 1), ("b", 0), ("b", 1)]):  # the rerun completes them all
+        add(store, "rerun", 2 + i, row, seed, result(0.5 + 0.01 * i))
+    md = build_report("rerun", url, tmp_path).read_text()
+    assert md.splitlines()[0] == "# Study report: rerun"  # complete, not partial
+    assert "- **Progress:** 4/4 points complete; 2 earlier attempts interrupted" in md
+    assert table_row(md, "a")[1:3] == ["50.5 ± 0.7", "2 (2 earlier attempts interrupted)"]
+    assert table_row(md, "0")[4] == "interrupted; rerun complete"  # Failed trials: the lost attempt, resolved
+    plan = SimpleNamespace(
+        is_grid=True,
+        study=SimpleNamespace(name="rerun", metric="final.miou", rows=[SimpleNamespace(label="a"),
+                              SimpleNamespace(label="b")], variants=(), direction="maximize"),
+        points=[SimpleNamespace(key=(r, None, s)) for r in "ab" for s in (0, 1)],
+    )  # fmt: skip
+    out = study_summary(plan, store)
+    assert out.splitlines()[-1] == "4/4 points complete; 2 earlier attempts interrupted"
+    assert out.splitlines()[2].endswith("2 earlier attempts interrupted") and " 2 interrupted" not in out
