@@ -1,6 +1,6 @@
 """How much does the seed move a trial's result, and what does a change do to that, paired by seed?
 
-    python -m bench.bench_seeds [--preset default] [--seeds 0 1 2]
+    python -m bench.bench_seeds [--preset default] [--seeds 0 1 2] [--jobs N]
         [--variant LABEL KEY=VALUE ...] ... [--env LABEL VAR=VALUE ...] [--set KEY=VALUE ...]
 
 Runs the full model (all branches, cross-task affinity, both constraints) for one stage (--stages N: N
@@ -9,7 +9,8 @@ variant. The first variant is the baseline; with no --variant given the baseline
 (model.init_weights="", the pre-pretraining setting) and "pretrained" (the preset as it is). Each trial
 runs in its own process (`python -m core.trial`), so --env can change what a trial's process sees, e.g.
 `--env avx2 ATEN_CPU_CAPABILITY=avx2` runs the preset with another CPU kernel level: the closest this
-machine gets to running on another machine.
+machine gets to running on another machine. `--jobs N` runs N trials at once (with `--set train.threads=1`,
+one per core, as studies.run does).
 
 Prints per seed the last stage's val mIoU of every variant, mean +- std per variant, and per variant the
 paired differences to the baseline with a Student-t 95% interval.
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from core.config import ConfigError, make_config
@@ -75,6 +77,7 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="overrides for every variant",
     )
+    ap.add_argument("--jobs", type=int, default=1, help="trials at once (default 1)")
     a = ap.parse_args()
     variants: list[tuple[str, list[str], dict[str, str]]] = [(v[0], v[1:], {}) for v in a.variant]
     variants += [(e[0], [], dict(kv.split("=", 1) for kv in e[1:])) for e in a.env]
@@ -88,25 +91,30 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     values: dict[str, list[float]] = {label: [] for label, _, _ in variants}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in a.seeds:
-            for label, ov, env in variants:
-                t0 = time.time()
-                r = run_one(a.preset, [*common, *ov, f"seed={seed}"], env, Path(tmp) / f"{label}-{seed}")
-                if r["status"] != "complete":
-                    print(f"seed {seed} {label}: {r['status']}: {r['error']}")
-                    return 1
-                v = r["stages"][-1]["val"]["miou"]
-                values[label].append(v)
-                e = r.get("environment") or {}
-                print(
-                    f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
-                    f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
-                    f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} "
-                    f"{r['warmup']['seconds']:.0f}s  "
-                    f"trial {time.time() - t0:.0f}s  [{e.get('cpu_capability')}, {e.get('threads')} threads]",
-                    flush=True,
-                )
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(a.jobs) as pool:
+
+        def one(job):
+            seed, (label, ov, env) = job
+            t0 = time.time()
+            r = run_one(a.preset, [*common, *ov, f"seed={seed}"], env, Path(tmp) / f"{label}-{seed}")
+            return seed, label, r, time.time() - t0
+
+        for seed, label, r, dt in pool.map(one, [(seed, v) for seed in a.seeds for v in variants]):
+            if r["status"] != "complete":
+                print(f"seed {seed} {label}: {r['status']}: {r['error']}")
+                return 1
+            v = r["stages"][-1]["val"]["miou"]
+            values[label].append(v)
+            e = r.get("environment") or {}
+            print(
+                f"seed {seed} {label:<12} stage-{a.stages - 1} val mIoU {100 * v:5.1f}  initial pgt P/R "
+                f"{100 * r['initial_pgt']['precision']:.1f}/{100 * r['initial_pgt']['recall']:.1f}  "
+                f"warm-up {'cached' if r['warmup']['cached'] else 'trained'} "
+                f"{r['warmup']['seconds']:.0f}s  "
+                f"trial {dt:.0f}s  [{e.get('cpu_capability')}, {e.get('precision')}, "
+                f"{e.get('threads')} threads]",
+                flush=True,
+            )
     base = variants[0][0]
     print(f"\n{'variant':<12} {'mean':>6} +- {'std':<5}  per seed {a.seeds}  paired delta vs {base} [95% CI]")
     for label, vals in values.items():

@@ -90,7 +90,10 @@ def main() -> int:
                     if (e["precision"], e["cpu_capability"]) == ("bf16", "AVX2") or (
                         path == "avx2-fp32" and e["cpu_capability"] != "AVX2"
                     ):
-                        print(f"seed {seed} {path}: ran {e['precision']} on {e['cpu_capability']}", file=sys.stderr)
+                        print(
+                            f"seed {seed} {path}: ran {e['precision']} on {e['cpu_capability']}",
+                            file=sys.stderr,
+                        )
                         return 1
                     values[(path, th)][seed] = r["final"]["miou"]
                     seconds[(path, th)].append(dt)
@@ -105,7 +108,9 @@ def main() -> int:
     (root,) = roots  # every seed trains on the same generated data set
     val = VOCDataset(root, cfg.data.val_split)
     floor = all_background_miou([val.mask(i) for i in range(len(val))], val.num_classes)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
     print(f"\nfinal val mIoU (%), smoke preset, {cpu}, {cores} cores; all-background {100 * floor:.1f}")
     print("| seed | " + " | ".join(f"{p}, {t} thr" for p, t in columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")
@@ -118,7 +123,8 @@ def main() -> int:
     medians = [statistics.median(values[c].values()) for c in columns]
     ok = every.min() >= floor + MIN_MARGIN and min(medians) >= floor + MEDIAN_MARGIN
     print(
-        f"\nmin {100 * (every.min() - floor):+.1f} points over all-background (target +{100 * MIN_MARGIN:.0f}), "
+        f"\nmin {100 * (every.min() - floor):+.1f} points over all-background "
+        f"(target +{100 * MIN_MARGIN:.0f}), "
         f"lowest median {100 * (min(medians) - floor):+.1f} (target +{100 * MEDIAN_MARGIN:.0f}), "
         f"{int((every < floor + MIN_MARGIN).sum())}/{every.size} trials below the minimum: "
         + ("target met" if ok else "TARGET MISSED")
