@@ -764,7 +764,8 @@ def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
     x = torch.randn(2, net.head_channels, 4, 4)
     A = torch.softmax(torch.randn(2, 16, 16), -1)
     torch.testing.assert_close(propagate_features(x, A, net.seg_g, net.seg_W), x)
-    assert build_net(make_config("smoke"), 21).seg_W.weight.abs().sum() > 0  # the authors' default init
+    authors = make_config("smoke", ["model.nonlocal_zero_init=false"])
+    assert build_net(authors, 21).seg_W.weight.abs().sum() > 0  # the authors' default init
 
 
 def test_nonlocal_tied_init_starts_each_affinity_as_a_symmetric_feature_similarity():
@@ -779,7 +780,7 @@ def test_nonlocal_tied_init_starts_each_affinity_as_a_symmetric_feature_similari
         torch.testing.assert_close(logits, logits.mT)  # z_i . z_j with z = theta(F)
         assert torch.linalg.eigvalsh(logits.double()).min() > -1e-4  # a Gram matrix: positive semi-definite
     torch.manual_seed(0)
-    plain = build_net(make_config("smoke"), 21)
+    plain = build_net(make_config("smoke", ["model.nonlocal_tied_init=false"]), 21)
     q, k = plain.seg_att.query_key(f)
     assert (torch.bmm(q, k) - torch.bmm(q, k).mT).abs().max() > 1e-2  # the authors' independent draws
     torch.testing.assert_close(plain.seg_att.theta.weight, net.seg_att.theta.weight)  # theta's draw is kept

@@ -4,14 +4,13 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from core.cache import atomic_dir
 from core.config import ConfigError, make_config
 from core.data import VOCDataset, ensure_generated
-from core.metrics import confusion, miou
+from core.metrics import all_background_miou
 from core.model import Classifier, ResNet38, load_backbone
 from core.pretrain import FORMAT
 from core.trial import run_trial
@@ -60,11 +59,12 @@ def test_full_smoke_trial(runs, tmp_path):
     assert d["artifacts"] == {"gallery": str(tmp_path / "gallery.png")}
     w, h = Image.open(tmp_path / "gallery.png").size
     assert w >= 6 * 100 and h >= 8 * 100, (w, h)
-    # The smoke preset must learn something, so that a regression in learning fails the tests.
+    # The smoke preset must learn something, so that a regression in learning fails the tests. The margin
+    # sits below what every measured draw reached (bench.bench_smoke: seeds 0-9 x fp32 / bf16 / AVX2 fp32 x
+    # 1 / 2 threads; README "Test suite"), so another CPU's rounding does not fail it.
     val = VOCDataset(d["dataset"]["root"], "val")
-    conf = sum(confusion(np.zeros_like(val.mask(i)), val.mask(i), 21) for i in range(len(val)))
-    all_background = miou(conf)[0]
-    assert d["final"]["miou"] >= all_background + 0.05, (d["final"]["miou"], all_background)
+    floor = all_background_miou([val.mask(i) for i in range(len(val))], 21)
+    assert d["final"]["miou"] >= floor + 0.05, (d["final"]["miou"], floor)
     assert d["environment"]["threads"] >= 1 and d["environment"]["torch"] == torch.__version__
 
 
