@@ -60,11 +60,12 @@ def test_full_smoke_trial(runs, tmp_path):
     w, h = Image.open(tmp_path / "gallery.png").size
     assert w >= 6 * 100 and h >= 8 * 100, (w, h)
     # The smoke preset must learn something, so that a regression in learning fails the tests. The margin
-    # sits below what every measured draw reached (bench.bench_smoke: seeds 0-9 x fp32 / bf16 / AVX2 fp32 x
-    # 1 / 2 threads; README "Test suite"), so another CPU's rounding does not fail it.
+    # sits 2 points below the worst of 60 measured draws (bench.bench_smoke: seeds 0-9 x fp32 / bf16 / AVX2
+    # fp32 x 1 / 2 threads, all >= all-background + 5.1 points; README "Test suite"), so another CPU's
+    # rounding does not fail it, while a collapse to all-background (+0) does.
     val = VOCDataset(d["dataset"]["root"], "val")
     floor = all_background_miou([val.mask(i) for i in range(len(val))], 21)
-    assert d["final"]["miou"] >= floor + 0.05, (d["final"]["miou"], floor)
+    assert d["final"]["miou"] >= floor + 0.03, (d["final"]["miou"], floor)
     assert d["environment"]["threads"] >= 1 and d["environment"]["torch"] == torch.__version__
 
 
