@@ -73,7 +73,8 @@ class ModelConfig:
     # as released vs 35.5 / 34.7 / 35.8 divided; smoke, seeds 0-9: released - divided -0.0 [-2.3, +2.2]).
     affinity_row_norm: bool = False
     # Common random numbers across ablation rows: each head's initial weights from its own stream (trial
-    # seed, head name), so a head starts identical in every row of a seed. On in the default and smoke presets.
+    # seed, head name), so a head starts identical in every row of a seed. On in the default and smoke
+    # presets.
     head_streams: bool = False
     # Backbone BatchNorm in eval mode with frozen affine parameters, and conv1a frozen, as the authors' code
     # (BN statistics stay the pretrained ones). Off here: a backbone trained from scratch needs BN to learn.
