@@ -622,6 +622,21 @@ def summary(res: TrialResult) -> str:
     return "\n".join(lines)
 
 
+def check_out(out: str) -> None:
+    """--out: a folder (created if missing) this process can write; ConfigError (one line) otherwise."""
+    import tempfile
+
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder (for result.json and gallery.png)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: not a writable folder ({e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m core.trial", description="Run one complete AuxSegNet trial.")
     ap.add_argument("--preset", default="default")
@@ -630,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = make_config(args.preset, parse_overrides([x for group in args.overrides for x in group]))
+        check_out(args.out)  # before any training: a trial's result is never lost to a bad --out
         res = run_trial(cfg, artifacts_dir=args.out)
     except (ConfigError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -73,10 +73,16 @@ def report_path(name: str, url: str = DEFAULT_URL, out_dir: str | Path = DEFAULT
     return Path(out_dir) / f"{report_stem(name, url)}.md"
 
 
-def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path = DEFAULT_OUT) -> Path:
+def build_report(
+    name: str,
+    storage_url: str = DEFAULT_URL,
+    out_dir: str | Path = DEFAULT_OUT,
+    artifacts: str | Path | None = None,
+) -> Path:
     """Write report_path(name, storage_url, out_dir) (and <stem>_*.png beside it) for study NAME; return the
     markdown path. Raises ReportError (one line) for a store that cannot be read, an empty store or an
-    unknown study."""
+    unknown study. The report is also the study's optuna-dashboard note (reports.dashboard), its figures
+    uploaded to the Optuna artifact store folder `artifacts` (None: the note names their files)."""
     from . import figures, per_class, tables
 
     study = load_study(name, storage_url)
@@ -144,7 +150,7 @@ def build_report(name: str, storage_url: str = DEFAULT_URL, out_dir: str | Path 
     try:  # the dashboard's study note; the report file is written whatever happens here
         from .dashboard import publish_note
 
-        publish_note(name, storage_url, path)
+        publish_note(name, storage_url, path, artifacts)
     except Exception as e:
         print(f"[reports] warning: dashboard note not written: {type(e).__name__}: {e}", file=sys.stderr)
     return path

@@ -14,18 +14,20 @@ storage id, `grid_index` a point's position in the study's grid.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 
@@ -212,6 +214,40 @@ class ClaimKeeper:
         self._beat.stop()
 
 
+def draws_curve(cfg: Any, stage_metric: str) -> bool:
+    """Whether a trial's intermediate values are its learning curve: val mIoU on the fixed subset of
+    eval.curve_images val images after each epoch (core.trial's on_epoch). That needs a curve
+    (eval.curve_images > 0), stages of more than one epoch (a stage's last epoch is evaluated on the whole
+    val set only, so a one-epoch stage has no subset point) and val.miou as the stage metric."""
+    return stage_metric == "val.miou" and cfg.eval.curve_images > 0 and cfg.train.stage_epochs > 1
+
+
+class TrialEvents(Protocol):
+    """What a backend tells a live display (studies.live) about the trials it hands out."""
+
+    def started(self, job: Job) -> None: ...
+
+    def ended(self, job: Job, out: Outcome) -> None: ...
+
+
+STOPPED_BY_USER = "stopped by the user (Ctrl-C or SIGTERM)"
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored while the block runs (main thread only; elsewhere a no-op), so that a
+    second Ctrl-C does not cut short the bookkeeping that the first one started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def execute(
     job: Job,
     on_stage: Callable[[int, float | None, dict], None] | None = None,
@@ -219,12 +255,14 @@ def execute(
     on_begin: Callable[[int], None] | None = None,
 ) -> Outcome:
     """Run one trial and record it in the harness tables. on_stage(step, value, metrics) gets every
-    intermediate value: the stage metric at the end of each stage and, when it is val.miou, the learning
-    curve after every other epoch (step = global epoch); it may raise one of pruned_types to stop the
-    trial (recorded as pruned). The claim (if any) is marked done (or
-    freed, for an interrupted trial) once the trial row is closed."""
+    intermediate value (step = global epoch), one measurement per trial: the learning curve on the val
+    subset when the trial draws one (draws_curve), else the stage metric at each stage's last epoch. The
+    whole-val stage values always go to the stage rows (and the result). on_stage may raise one of
+    pruned_types to stop the trial (recorded as pruned). The claim (if any) is marked done (or freed, for
+    an interrupted trial) once the trial row is closed."""
     store = get_store(job.url)
     cfg = make_config(job.preset, job.overrides)
+    curve = draws_curve(cfg, job.stage_metric)
     harness_id = store.begin_trial(
         study=job.study,
         optuna_number=job.optuna_number,
@@ -243,11 +281,11 @@ def execute(
 
     def report(stage: int, metrics: dict) -> None:
         store.record_stage(harness_id, metrics)
-        if on_stage is not None:  # a stage's value lands on the global epoch it ends on
+        if on_stage is not None and not curve:  # a stage's value lands on the global epoch it ends on
             on_stage(metrics.get("epoch", stage), finite(dig(metrics, job.stage_metric)), metrics)
 
     def epoch(step: int, miou: float) -> None:  # learning-curve points (val mIoU on a fixed subset)
-        if on_stage is not None and job.stage_metric == "val.miou":
+        if on_stage is not None and curve:
             on_stage(step, finite(miou), {"epoch": step, "val": {"miou": miou}, "curve": True})
 
     def close(status: str, result: dict | None = None, error: str | None = None) -> None:
@@ -268,7 +306,8 @@ def execute(
                 harness_id=harness_id,
             )
         except KeyboardInterrupt:
-            close(INTERRUPTED, error="stopped by the user (Ctrl-C)")
+            with signals_held():
+                close(INTERRUPTED, error=STOPPED_BY_USER)
             raise
         except Exception as e:
             err = one_line(e)

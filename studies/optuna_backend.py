@@ -16,7 +16,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,9 +30,11 @@ from optuna.trial import TrialState
 
 from studies.db import code_version, pid_alive, retry_locked
 from studies.execute import (
+    STOPPED_BY_USER,
     ClaimKeeper,
     Job,
     Outcome,
+    TrialEvents,
     execute,
     finished_count,
     get_store,
@@ -38,6 +42,7 @@ from studies.execute import (
     job_for_point,
     one_line,
     recover_harness,
+    signals_held,
 )
 from studies.models import COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING
 from studies.plan import GridPoint, Plan
@@ -162,6 +167,10 @@ def trial_attrs(job: Job, out: Outcome) -> dict[str, Any]:
         for name, path in METRIC_ATTRS.items():
             v = finite(dig(leaves, path))
             attrs[name] = None if v is None else round(v * scale, 4)
+        for st in r.get("stages") or []:  # the whole-val value of every stage (the curve is the subset's)
+            v = finite(dig(st, "val.miou"))
+            if v is not None and "stage" in st:
+                attrs[f"stage{int(st['stage'])}_val_miou"] = round(v * scale, 4)
         attrs["warmup_cached"] = dig(r, "warmup.cached")
         attrs["warmup_seconds"] = finite(dig(r, "warmup.seconds"))
         attrs["seconds"] = finite(r.get("seconds"))
@@ -213,10 +222,21 @@ def run_optuna_job(job: Job) -> Outcome:
             what = "val.miou on the curve subset" if metrics.get("curve") else job.stage_metric
             raise optuna.TrialPruned(f"pruned at epoch {step} ({what} {100 * value:.2f} %)")
 
+    global _TRIAL_RUNNING
+    _TRIAL_RUNNING = True
     try:
         out = execute(job, on_stage)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (studies.run; a trial process: from its parent)
+        out = Outcome(optuna_number=job.optuna_number, status=INTERRUPTED, error=STOPPED_BY_USER)
+        with signals_held():
+            tell(study, job, out)
+        if not _IN_WORKER:
+            raise
+        return out  # a trial process: the parent stopped it and reads the outcome
     except Exception as e:  # config/store trouble outside the trial itself: still close the Optuna trial
         out = Outcome(optuna_number=job.optuna_number, status=FAILED, error=one_line(e))
+    finally:
+        _TRIAL_RUNNING = False
     tell(study, job, out)
     out.collapsed = result_collapsed(out.result)
     out.result = None  # it stays in the store; do not pickle it back to the parent
@@ -269,14 +289,68 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
             tell(study, job, out)
             continue
         why = (h or {}).get("error") or "its process died before the trial started"
-        try:
-            retry_locked(study._storage.set_trial_user_attr, ft._trial_id, "error", why)
-            retry_locked(study._storage.set_trial_user_attr, ft._trial_id, "status", INTERRUPTED)
-            retry_locked(study._storage.set_trial_state_values, ft._trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # closed meanwhile by its own process
-        failed.append(ft.number)
+        if mark_interrupted(study, ft._trial_id, why):
+            failed.append(ft.number)
     return failed
+
+
+def mark_interrupted(study: optuna.Study, optuna_trial_id: int, why: str) -> bool:
+    """Close a running Optuna trial as interrupted: FAIL, with user attributes status=interrupted and the
+    error. False when it was closed meanwhile (by its own process)."""
+    try:
+        retry_locked(study._storage.set_trial_user_attr, optuna_trial_id, "error", why)
+        retry_locked(study._storage.set_trial_user_attr, optuna_trial_id, "status", INTERRUPTED)
+        retry_locked(study._storage.set_trial_state_values, optuna_trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
+def close_stopped(
+    plan: Plan, store: Store, study: optuna.Study, jobs: list[Job], why: str = STOPPED_BY_USER
+) -> list[tuple[Job, Outcome]]:
+    """After this process stopped its own trials (Ctrl-C, SIGTERM): close in both stores what they left
+    open, as recover_optuna does for a dead process's trials on the next run. A harness trial still running
+    becomes interrupted and its grid point is freed; an Optuna trial still running is told its harness
+    trial's end (FAIL with status=interrupted, or the result of a trial that finished but was not told).
+    Trials that closed themselves are left as they are. Returns each job's outcome."""
+    rows = {t["optuna_number"]: t for t in store.trial_states(plan.study.name)}
+    out = []
+    for job in jobs:
+        h = rows.get(job.optuna_number)
+        status, error = (h["status"], h["error"]) if h is not None else (INTERRUPTED, why)
+        if h is not None and status == RUNNING:
+            store.finish_trial(h["id"], INTERRUPTED, error=why)
+            status, error = INTERRUPTED, why
+        if status == INTERRUPTED and job.claim_owner is not None:
+            store.release_claim(job.claim_owner, None)  # the point runs again on the next invocation
+        o = Outcome(optuna_number=job.optuna_number, status=status, error=error,
+                    harness_id=h["id"] if h is not None else None)  # fmt: skip
+        if job.optuna_trial_id is not None:
+            ft = retry_locked(study._storage.get_trial, job.optuna_trial_id)
+            if ft.state == TrialState.RUNNING and status == INTERRUPTED:
+                mark_interrupted(study, ft._trial_id, error or why)
+            elif ft.state == TrialState.RUNNING:  # finished in the harness, stopped before telling Optuna
+                full = next(t for t in store.trials(plan.study.name) if t["id"] == o.harness_id)
+                o.result = full["result"]
+                o.value = finite(dig(o.result, plan.study.metric)) if status == COMPLETE else None
+                tell(study, job, o)
+                o.result = None
+        out.append((job, o))
+    return out
+
+
+def label_trial(trial: optuna.Trial, job: Job) -> None:
+    """The trial's row and seed as its optuna-dashboard note, the first thing on its page: the dashboard's
+    trial list shows only "Trial N" and its state, whatever the trial carries (its params row / variant /
+    seed show on its page and in the trial table). A note that cannot be written is no error."""
+    try:
+        import optuna_dashboard
+
+        text = f"seed {job.seed}" if job.row == "trial" else f"**{job.label}**, seed {job.seed}"
+        retry_locked(optuna_dashboard.save_note, trial, text)
+    except Exception:
+        pass
 
 
 def mark_owner(study: optuna.Study, optuna_trial_id: int) -> None:
@@ -328,7 +402,9 @@ class Dispatcher:
             trial = retry_locked(self.study.ask, plan.search_space())
             self._mark_owner(trial)
             self.budget -= 1
-            return job_for_params(plan, trial.params, trial.number, optuna_trial_id=trial._trial_id, **kw)
+            job = job_for_params(plan, trial.params, trial.number, optuna_trial_id=trial._trial_id, **kw)
+            label_trial(trial, job)
+            return job
         got = self.keeper.claim_next(plan, self.retry_failed, skip=self.handed)
         if got is None:
             return None
@@ -341,9 +417,11 @@ class Dispatcher:
             raise
         self.handed.add(point.key)
         self.budget -= 1
-        return job_for_point(
+        job = job_for_point(
             plan, point, trial.number, optuna_trial_id=trial._trial_id, claim_owner=owner, **kw
         )
+        label_trial(trial, job)
+        return job
 
     def lost(self, job: Job) -> None:
         """The process running job died: free its claim (the point reruns on the next invocation)."""
@@ -355,8 +433,73 @@ class Dispatcher:
             self.keeper.close()
 
 
-def _worker_init(env: dict[str, str]) -> None:
+_IN_WORKER = False  # this process is one of run_study's trial processes
+_TRIAL_RUNNING = False  # run_optuna_job is running a trial in this process
+
+
+def _stop_trial(signum: int, frame: object) -> None:
+    """A trial process's SIGTERM: stop the running trial as a Ctrl-C would (it is closed as interrupted in
+    both stores); between trials there is nothing to stop."""
+    if _TRIAL_RUNNING:
+        raise KeyboardInterrupt
+
+
+class _NoTerminal:
+    """A trial process's stderr while the parent draws its live progress: core's own tqdm bars
+    (disable=None) see no terminal and stay off instead of overwriting the parent's lines; warnings and
+    errors still go through."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _worker_init(env: dict[str, str], quiet: bool = False) -> None:
+    """A trial process: the parent's environment for trials, lines flushed as they are written, and the
+    parent in charge of stopping: Ctrl-C in a terminal reaches every process of the group, so trial
+    processes ignore SIGINT and stop on the SIGTERM their parent sends (stop_trial_processes)."""
+    global _IN_WORKER
+    _IN_WORKER = True
     os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_trial)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    if quiet:
+        sys.stderr = _NoTerminal(sys.stderr)
+
+
+STOP_GRACE_S = 15.0  # how long stopped trial processes get to close their trials before they are killed
+
+
+def stop_trial_processes(
+    pool: cf.ProcessPoolExecutor, running: dict[cf.Future, Job], store: Store, study: str
+) -> None:
+    """Stop this process's trial processes: no new trial starts, each process running a trial gets
+    SIGTERM (its trial closes itself as interrupted), and what is still alive after STOP_GRACE_S is
+    killed (close_stopped then closes its trial)."""
+    workers = list(mp.active_children())  # the pool's processes (spawned by multiprocessing)
+    pool.shutdown(wait=False, cancel_futures=True)
+    numbers = {job.optuna_number for fut, job in running.items() if not fut.done()}
+    ours = {p.pid for p in workers}
+    for t in store.trial_states(study):
+        if t["status"] == RUNNING and t["optuna_number"] in numbers and t["pid"] in ours:
+            try:
+                os.kill(t["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    cf.wait([f for f in running if not f.done()], timeout=STOP_GRACE_S)
+    for p in workers:
+        if p.is_alive() and any(not f.done() for f in running):
+            p.kill()
+    for p in workers:
+        p.join(5)
 
 
 def log_outcome(log: Callable[[str], None], metric: str, job: Job, out: Outcome) -> None:
@@ -382,45 +525,76 @@ def run_study(
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
     artifacts: str | None = None,
+    events: TrialEvents | None = None,
 ) -> list[Outcome]:
     """Run (or resume) a study with Optuna; returns this invocation's outcomes. artifacts: the Optuna
-    artifact store folder for the trials' galleries (None: no galleries)."""
+    artifact store folder for the trials' galleries (None: no galleries). events: told when each trial
+    starts and ends (studies.live). On KeyboardInterrupt (Ctrl-C; SIGTERM through studies.run) the trials
+    of this process are stopped and closed as interrupted in both stores, their lines logged, and the
+    KeyboardInterrupt re-raised."""
     store = get_store(url)
     study = open_study(plan, store)
     log_recovered(log, recover_optuna(plan, store, study))
     disp = Dispatcher(plan, store, study, code_version(), n_trials, retry_failed, artifacts)
     outcomes: list[Outcome] = []
+    active: dict[int, Job] = {}  # handed out, not ended: optuna_number -> job
+
+    def start(job: Job) -> Job:
+        active[job.optuna_number] = job
+        if events is not None:
+            events.started(job)
+        return job
 
     def done(out: Outcome, job: Job) -> None:
+        active.pop(job.optuna_number, None)
         outcomes.append(out)
         log_outcome(log, plan.study.metric, job, out)
+        if events is not None:
+            events.ended(job, out)
 
     try:
         if workers <= 1:
             while (job := disp.next_job()) is not None:
-                done(run_optuna_job(job), job)
+                done(run_optuna_job(start(job)), job)
             return outcomes
 
         env = {k: v for k, v in os.environ.items() if k in ("STUDIES_TRIAL_FN", "AUXSEG_RUNS", "PYTHONPATH")}
+        quiet = bool(getattr(events, "terminal", False))  # the parent draws bars: the trials draw none
         with cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(env,)
+            max_workers=workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(env, quiet),
         ) as pool:
             running: dict[cf.Future, Job] = {}
-            while True:
-                while len(running) < workers and (job := disp.next_job()) is not None:
-                    running[pool.submit(run_optuna_job, job)] = job
-                if not running:
-                    break
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    job = running.pop(fut)
-                    try:
-                        out = fut.result()
-                    except Exception as e:  # the worker process died: close the trial here
-                        out = Outcome(optuna_number=job.optuna_number, status=INTERRUPTED, error=one_line(e))
-                        recover_optuna(plan, store, study)  # its pid is dead: only its trial
-                        disp.lost(job)
-                    done(out, job)
+            try:
+                while True:
+                    while len(running) < workers and (job := disp.next_job()) is not None:
+                        running[pool.submit(run_optuna_job, start(job))] = job
+                    if not running:
+                        break
+                    finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        job = running.pop(fut)
+                        try:
+                            out = fut.result()
+                        except Exception as e:  # the worker process died: close the trial here
+                            out = Outcome(
+                                optuna_number=job.optuna_number, status=INTERRUPTED, error=one_line(e)
+                            )
+                            recover_optuna(plan, store, study)  # its pid is dead: only its trial
+                            disp.lost(job)
+                        done(out, job)
+            except KeyboardInterrupt:  # (another error waits for the running trials, which record themselves)
+                with signals_held():
+                    stop_trial_processes(pool, running, store, plan.study.name)
+                raise
         return outcomes
+    except KeyboardInterrupt:
+        if active:
+            with signals_held():
+                for job, out in close_stopped(plan, store, study, list(active.values())):
+                    done(out, job)
+        raise
     finally:
         disp.close()

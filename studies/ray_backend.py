@@ -33,16 +33,20 @@ from studies.execute import (
     ClusterError,
     Job,
     Outcome,
+    TrialEvents,
     execute,
     finished_count,
     get_store,
     job_for_params,
     one_line,
     point_states,
+    signals_held,
 )
 from studies.models import INTERRUPTED, PRUNED, RUNNING
 from studies.optuna_backend import (
+    close_stopped,
     fixed_sampler,
+    label_trial,
     log_outcome,
     log_recovered,
     make_sampler,
@@ -104,9 +108,15 @@ class HarnessSearch(OptunaSearch):
     the harness tables."""
 
     def setup_harness(
-        self, plan: Plan, store: Any, log: Callable[[str], None], retry_failed: bool, budget: int
+        self,
+        plan: Plan,
+        store: Any,
+        log: Callable[[str], None],
+        retry_failed: bool,
+        budget: int,
+        events: TrialEvents | None = None,
     ) -> None:
-        self.h_plan, self.h_store, self.h_log = plan, store, log
+        self.h_plan, self.h_store, self.h_log, self.h_events = plan, store, log, events
         self.h_retry_failed, self.h_budget = retry_failed, budget
         self.h_keeper = ClaimKeeper(store) if plan.is_grid else None
         self.h_handed: set = set()
@@ -154,6 +164,9 @@ class HarnessSearch(OptunaSearch):
             claim_owner=owner,
             value_scale=value_scale(self._ot_study),
         )
+        label_trial(ot, self.h_jobs[trial_id])
+        if self.h_events is not None:
+            self.h_events.started(self.h_jobs[trial_id])
         return {
             **cfg,
             "_number": ot.number,
@@ -208,6 +221,12 @@ class HarnessSearch(OptunaSearch):
             self.h_log(f"[studies] could not tell Optuna about trial #{job.optuna_number}: {one_line(e)}")
         self.h_outcomes.append(out)
         log_outcome(self.h_log, self.h_plan.study.metric, job, out)
+        if self.h_events is not None:
+            self.h_events.ended(job, out)
+
+    def unfinished(self) -> list[Job]:
+        """The jobs this driver handed to Ray whose trials it has not closed."""
+        return [j for tid, j in self.h_jobs.items() if tid not in self._completed_trials]
 
     def _harness_row(self, job: Job) -> dict | None:
         """The harness row of job's trial (by its Optuna number), as Store.trials gives it."""
@@ -281,10 +300,14 @@ def run_study_ray(
     ray_init: dict | None = None,
     user_keys: set[str] | frozenset[str] = frozenset(),
     artifacts: str | None = None,
+    events: TrialEvents | None = None,
 ) -> list[Outcome]:
     """Run (or resume) a study with Ray Tune on this machine (address None) or a running cluster.
     workers: trials at once (default: as many as the cluster's nodes can hold). user_keys: config keys
-    the user set, so that per-trial thread counts are only derived from the resources when unset."""
+    the user set, so that per-trial thread counts are only derived from the resources when unset.
+    events: told when each trial starts and ends (studies.live). On KeyboardInterrupt (SIGTERM through
+    studies.run) Ray is shut down first (a local one) and this driver's open trials are closed as
+    interrupted in both stores."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -348,7 +371,7 @@ def run_study_ray(
             study_name=s.name,
             storage=store.optuna_storage(),
         )
-        searcher.setup_harness(plan, store, log, retry_failed, num)
+        searcher.setup_harness(plan, store, log, retry_failed, num, events)
         if plan.is_grid or s.pruner == "none":
             scheduler = FIFOScheduler()
         else:
@@ -382,6 +405,17 @@ def run_study_ray(
             ),
         )
         tuner.fit()
+    except KeyboardInterrupt:
+        if searcher is not None and getattr(searcher, "h_jobs", None):
+            if started:  # stop this driver's trials before closing them
+                ray.shutdown()
+                started = False
+            with signals_held():
+                for job, out in close_stopped(plan, store, study, searcher.unfinished()):
+                    log_outcome(log, plan.study.metric, job, out)
+                    if events is not None:
+                        events.ended(job, out)
+        raise
     finally:
         if searcher is not None:
             searcher.close()

@@ -9,15 +9,21 @@ Re-running the same command continues the study: finished trials are kept, trial
 killed process are marked failed ("interrupted") and their grid points run again. --n-trials caps the
 new trials of an ablation in this invocation, or sets the total trial count of a tuning study. At the
 end it prints a summary (row, n, mean +- std of the metric) and writes the report (runs/reports/).
-Exit status: 0 ok, 1 some trial failed or the run broke, 2 bad input (one line on stderr).
+Before the first trial the device, the initial weights and the data set are checked (every file decoded
+once; the pass is cached by the files' stats). While trials run, studies.live shows the progress (bars in a
+terminal, a flushed status line otherwise). Ctrl-C or SIGTERM stops this process's trials and closes them
+as interrupted in both stores before it exits (status 130).
+Exit status: 0 ok, 1 some trial failed or the run broke, 2 bad input (one line on stderr), 130 stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
+import threading
 from typing import Any
 
 from core.config import ConfigError, make_config, parse_overrides
@@ -35,12 +41,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"studies.run: {message} (see --help)")
 
 
-def check_user_data(plan: Plan) -> None:
-    """A user's VOC folder and the initial weights are checked once per distinct setting before any trial
-    is scheduled, so a wrong path is one line and exit 2, not every trial failing. The embedded benchmark
-    is generated."""
+def check_user_data(plan: Plan, log=print) -> None:
+    """The device, the initial weights and the data set are checked once per distinct setting before any
+    trial is scheduled, so a wrong path or a bad file is one line and exit 2, not every trial failing. The
+    data set check (check_data) decodes every image, mask and saliency map file once and remembers the
+    pass by the files' stats."""
     from core.pretrain import check_init_weights
-    from core.trial import load_data
 
     seen: set = set()
     for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
@@ -57,9 +63,30 @@ def check_user_data(plan: Plan) -> None:
         if (cfg.model.init_weights, cfg.model.width) not in seen:
             seen.add((cfg.model.init_weights, cfg.model.width))
             check_init_weights(cfg.model.init_weights, cfg.model.width)
-        if cfg.data.name == "voc" and cfg.data not in seen:
+        if cfg.data not in seen:
             seen.add(cfg.data)
-            load_data(cfg, validate=False)
+            check_data(cfg, log)
+
+
+def check_data(cfg, log=print) -> None:
+    """The data set of cfg: layout, split lists and saliency source (core.trial.load_data), then every
+    file decoded and sized (core.data.check, cached under runs/cache/data-check/); DataError names the
+    first bad file. The embedded benchmark's own folder is left to the first trial while it does not
+    exist yet: it is generated then, correct by construction (and checked from the next run on)."""
+    from core.data.check import check_splits
+    from core.trial import load_data, runs_dir
+
+    if cfg.data.name == "synthetic" and not cfg.data.root:  # core.trial.resolve_data_root's folder
+        generated = runs_dir() / "data" / f"synthetic-{cfg.data.preset}-seed{cfg.data.seed}"
+        if not (generated / "summary.json").is_file():
+            return
+    train, val = load_data(cfg, validate=False)
+    r = check_splits([train, val], runs_dir() / "cache" / "data-check", cfg.data.num_classes)
+    how = "unchanged since its last check" if r.cached else f"checked in {r.seconds:.1f} s"
+    log(
+        f"[studies] data set {train.root}: {len(train)} train + {len(val)} val images, {r.files} image, "
+        f"mask and saliency files decode at their image's size ({how})"
+    )
 
 
 def _help_epilog(study_file: str = "study.yaml") -> str:
@@ -345,13 +372,14 @@ def study_summary(plan: Plan, store) -> str:
     return "\n".join(lines)
 
 
-def write_report(name: str, url: str, out_dir: str = "runs/reports") -> None:
+def write_report(name: str, url: str, out_dir: str = "runs/reports", artifacts: str | None = None) -> None:
     """The CLI edge's one call into reports: the study's results are safe in the store whatever happens
-    here, so a failing report is a warning, not a failed run."""
+    here, so a failing report is a warning, not a failed run. artifacts: the Optuna artifact store that
+    the dashboard note's figures are uploaded to."""
     import reports
 
     try:
-        print(f"[studies] report: {reports.build_report(name, url, out_dir=out_dir)}")
+        print(f"[studies] report: {reports.build_report(name, url, out_dir=out_dir, artifacts=artifacts)}")
     except Exception as e:
         msg = str(e).strip().splitlines()
         print(
@@ -381,7 +409,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: this process's trials are closed as interrupted first."""
+    raise KeyboardInterrupt
+
+
+def _line_buffered() -> None:
+    """Every line out at once, in order, also when stdout is a file (`nohup ... > log`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(line_buffering=True)
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _line_buffered()
     try:
         args = parse_args(argv)
         if args.workers is not None and args.workers < 1:
@@ -408,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             how += "" if args.workers else " (automatic: --workers N to choose)"
             dry_run(plan, url, workers, how if args.backend == "optuna" else " (ray: as the cluster holds)")
             return 0
-        check_user_data(plan)
+        check_user_data(plan, log=lambda line: print(line, flush=True))
         from studies.db import StoreError, check_reachable
         from studies.execute import get_store
 
@@ -425,9 +469,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
 
     from studies.execute import ClusterError
+    from studies.live import Live
     from studies.models import FAILED, INTERRUPTED
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    live = None
     try:
+        live = Live(
+            plan,
+            store,
+            workers if args.backend == "optuna" else (args.workers or 1),
+            retry_failed=args.retry_failed,
+            n_trials=args.n_trials,
+        )
         if args.backend == "ray":
             from studies.ray_backend import run_study_ray
 
@@ -442,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                 gpus_per_trial=args.gpus_per_trial,
                 user_keys=user_keys,
                 artifacts=artifacts,
+                log=live.log,
+                events=live,
             )
         else:
             from studies.optuna_backend import run_study
@@ -453,20 +510,33 @@ def main(argv: list[str] | None = None) -> int:
                 n_trials=args.n_trials,
                 retry_failed=args.retry_failed,
                 artifacts=artifacts,
+                log=live.log,
+                events=live,
             )
+        live.close()
         print(study_summary(plan, store))
     except KeyboardInterrupt:
+        if live is not None:
+            live.close()
+        sys.stdout.flush()  # the trial lines first, then the message
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except ClusterError as e:
+        if live is not None:
+            live.close()
         print(f"studies.run: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if live is not None:
+            live.close()
         msg = str(e).strip().splitlines()
         print(f"studies.run: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if not args.no_report:
-        write_report(args.name, url)
+        write_report(args.name, url, artifacts=artifacts)
     failed = [o for o in outcomes if o.status in (FAILED, INTERRUPTED)]
     if failed:
         print(

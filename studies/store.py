@@ -402,6 +402,29 @@ class Store:
         with self._session() as s:
             return [(r, v, sd, _legacy_status(st, err)) for r, v, sd, st, err in s.execute(q).all()]
 
+    @retrying
+    def trial_states(self, study: str) -> list[dict]:
+        """What a live display polls every few seconds: each trial's id, optuna_number, row, variant, seed,
+        status, error, started_at, seconds, host, pid and `stages` (its stage rows so far), without the JSON
+        columns (the results grow with the study). Ordered by Optuna number."""
+        stages = (
+            sa.select(sa.func.count(StageRow.id)).where(StageRow.trial_id == TrialRow.id).scalar_subquery()
+        )
+        cols = (TrialRow.id, TrialRow.optuna_number, TrialRow.row, TrialRow.variant, TrialRow.seed,
+                TrialRow.status, TrialRow.error, TrialRow.started_at, TrialRow.seconds, TrialRow.host,
+                TrialRow.pid)  # fmt: skip
+        q = (
+            sa.select(*cols, stages.label("stages"))
+            .join(StudyRow, StudyRow.id == TrialRow.study_id)
+            .where(StudyRow.name == study)
+            .order_by(TrialRow.optuna_number, TrialRow.id)
+        )
+        with self._session() as s:
+            out = [dict(r._mapping) for r in s.execute(q).all()]
+        for d in out:
+            d["status"] = _legacy_status(d["status"], d["error"])
+        return out
+
     # -- grid-point claims ------------------------------------------------------------------------
     def claim_point(
         self, study: str, key: str, owner: str, retake_failed: bool = False, stale_s: float = CLAIM_STALE_S

@@ -1,11 +1,12 @@
 """What optuna-dashboard shows for a study, read from a real `optuna-dashboard` server's HTTP API: the
-report as the study note, the metric's name and unit, clean user attributes, per-epoch learning curves
-and each trial's gallery artifact."""
+report as the study note (its figures embedded, its gallery links served), the metric's name and unit,
+clean user attributes, per-epoch learning curves of one measurement and each trial's gallery artifact."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,7 +83,19 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
     assert report.name.startswith("g--studies-")  # not the default store: the file name names the store
     assert f"Report file: `{report}`" in note
     assert "- **Reproduce:** `python -m studies.run g --preset smoke" in note
-    assert "## Galleries" in note and "[seed 0](../artifacts/" in note  # each row links its galleries
+    # each row links its seeds' galleries at the path the dashboard serves them (not ../artifacts/<id>)
+    sid = summary["study_id"]
+    links = re.findall(r"\[seed (\d)\]\((/artifacts/[^)]+)\)", note)
+    assert "## Galleries" in note and len(links) == 4 and "../artifacts/" not in note
+    for _, link in links:
+        assert link.startswith(f"/artifacts/{sid}/")
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}{link}").read().startswith(b"\x89PNG")
+    # the report's figures are study artifacts, embedded in the note as images the dashboard serves
+    figures = re.findall(r"^!\[[^\]]*\]\((/artifacts/[^)]+)\)$", note, flags=re.M)
+    assert figures and "*Figure:" not in note  # the stand-in trials draw the metric figure
+    for link in figures:
+        assert link.startswith(f"/artifacts/{sid}/")
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}{link}").read().startswith(b"\x89PNG")
     assert d["objective_names"] == ["final.miou (%)"]
     assert {a["key"]: a["value"] for a in summary["user_attrs"]}["value_unit"] == "percent"
     assert len(d["trials"]) == 4
@@ -94,6 +107,9 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
         )
         assert all(v not in (None, "None", "null") for v in attrs.values())
         seed = int(t["params"][[p["name"] for p in t["params"]].index("seed")]["param_external_value"])
+        row = t["params"][[p["name"] for p in t["params"]].index("row")]["param_external_value"]
+        # the trial list shows only "Trial N": row and seed are the trial's note, at the top of its page
+        assert t["note"]["body"] == f"**{row}**, seed {seed}"
         assert t["values"] == [pytest.approx(30.0 + seed)]  # percent: the stand-in trial's 0.30 + 0.01 seed
         (gallery,) = t["artifacts"]  # the trial's gallery, uploaded to the default runs/artifacts
         assert gallery["mimetype"] == "image/png" and gallery["filename"] == "gallery.png"
@@ -101,6 +117,9 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
             f"http://127.0.0.1:{port}/artifacts/{summary['study_id']}/{t['trial_id']}/{gallery['artifact_id']}"
         ).read()
         assert png.startswith(b"\x89PNG")
-        curve = {p["step"]: p["value"] for p in t["intermediate_values"]}  # per epoch, then the stage end
-        assert sorted(curve) == [0, 1, 2, 3]
-        assert curve[0] == pytest.approx(10.0 + seed) and curve[3] == pytest.approx(30.0 + seed)
+        # one measurement: the curve subset's val mIoU per epoch; the stage end's whole-val value is not
+        # on it (it is a user attribute and a stage row)
+        curve = {p["step"]: p["value"] for p in t["intermediate_values"]}
+        assert sorted(curve) == [0, 1, 2]
+        assert curve[0] == pytest.approx(10.0 + seed) and curve[2] == pytest.approx(20.0 + seed)
+        assert float(attrs["stage0_val_miou"]) == pytest.approx(30.0 + seed)

@@ -425,6 +425,31 @@ class VOCDataset:
         return ["background"] + [f"class{c}" for c in range(1, self.num_classes)]
 
     # ---------------------------------------------------------------- checks
+    def item_files(self, i: int) -> list[Path]:
+        """The files item i is read from: its image, its mask (if any), its saliency map (a folder source)."""
+        files = [self.image_path(i)]
+        if self._mask_paths[self._index(i)] is not None:
+            files.append(self._mask_paths[self._index(i)])
+        if self._sal_dir is not None:
+            files.append(self._sal_dir / f"{self.names[self._index(i)]}.png")
+        return files
+
+    def check_item(self, i: int) -> None:
+        """Read item i as a trial does (image, mask where the split has masks, labels, saliency map where
+        the source is a folder of maps), raising its DataError, without keeping what it read in memory."""
+        i = self._index(i)
+        before = set(self._cache)
+        try:
+            self.image(i)
+            if self.has_masks:
+                self.mask(i)
+            self.labels(i)
+            if self._sal_dir is not None:
+                self.saliency(i)
+        finally:
+            for key in [k for k in self._cache if k[1] == i and k not in before]:
+                del self._cache[key]
+
     def validate(self, masks: bool | None = None) -> dict:
         """Load every item once (image, mask where the split has masks, labels, saliency if configured);
         raise the first DataError. Returns counts."""

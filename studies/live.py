@@ -1,0 +1,330 @@
+"""What `studies.run` shows while a study runs: the study's progress and each of its running trials.
+
+    live = Live(plan, store, workers, retry_failed=False, n_trials=None)
+    run_study(..., log=live.log, events=live)   # the backends call live.started(job) / live.ended(job, out)
+    live.close()
+
+In a terminal (stderr is a TTY), tqdm bars redrawn every REFRESH_S seconds:
+
+    ablation_tasks  3/15 points |#####          | running 2, failed 0, elapsed 4m10s, ETA 12m30s
+      #3 seg+cls seed 1          |###            | stage 0 (of 1), epoch 3/8, 1m05s
+      #4 seg seed 1              |               | warm-up and pseudo labels, 12s
+
+Without a terminal (`nohup ... > log`), one flushed `[studies] progress:` line at each trial start and end,
+and one after STATUS_S seconds without any, with the same numbers and each running trial's stage and epoch.
+The `[studies]` lines of the backends go through `log`, so they print above the bars, in order.
+
+Everything shown is read from the store, so it also counts the trials of other processes on the study:
+points done / total and running / failed from the harness rows (reports.progress, the count the summary and
+the report use), a running trial's stage from its stage rows and its epoch from its Optuna intermediate
+values (step = global epoch). The ETA replays the claim order (longest point first, studies.plan) on this
+process's workers, each point's time its cost (plan.trial_cost) times the seconds per cost unit of the
+study's complete trials; a tuning study uses their median time. No ETA before the first trial ends.
+This module belongs to the CLI edge (studies.run), as its summary does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timezone
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from core.config import make_config
+from studies.execute import Job, Outcome
+from studies.models import COMPLETE, FAILED, PRUNED, RUNNING
+from studies.plan import Plan, trial_cost
+from studies.store import Store
+
+REFRESH_S = 2.0  # terminal: how often the bars are redrawn from the store
+STATUS_S = 60.0  # no terminal: a status line at least this often (and at every trial event)
+
+
+def duration(seconds: float | None) -> str:
+    """'45s', '4m10s', '1h02m'; '?' for None."""
+    if seconds is None:
+        return "?"
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass
+class TrialView:
+    """One running trial of this process as the display shows it."""
+
+    job: Job
+    stages: int  # train.stages
+    stage_epochs: int  # train.stage_epochs
+    cost: float
+    handed_at: float = 0.0  # when this process handed it out
+    begun: bool = False  # its harness row exists (its process has started it)
+    epochs_done: int = 0
+    stages_done: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.stages * self.stage_epochs
+
+    @property
+    def name(self) -> str:
+        return f"#{self.job.optuna_number} {self.job.label} seed {self.job.seed}"
+
+    def where(self) -> str:
+        """'stage 0 (of 2), epoch 3/8' (stages numbered from 0 as in the report, epochs of the stage done),
+        or what the trial does before its first epoch / after its last."""
+        if not self.begun:
+            return "starting"
+        if self.epochs_done == 0 and self.stages_done == 0:
+            return "warm-up and pseudo labels"
+        if self.epochs_done >= self.total_epochs:
+            return "evaluation and gallery"
+        s = min(self.epochs_done // self.stage_epochs, self.stages - 1)
+        epoch = self.epochs_done - s * self.stage_epochs
+        return f"stage {s} (of {self.stages}), epoch {epoch}/{self.stage_epochs}"
+
+
+class _Bar(tqdm):
+    """A tqdm bar with a `{status}` field for its bar_format (tqdm's documented format_dict extension;
+    `{postfix}` would start with a comma)."""
+
+    status = ""
+
+    @property
+    def format_dict(self) -> dict:
+        return {**super().format_dict, "status": self.status}
+
+
+class Live:
+    """The live display of one `studies.run` invocation (see the module docstring). Thread-safe: a
+    daemon thread redraws (terminal) or prints the periodic status line (no terminal)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: Store,
+        workers: int,
+        retry_failed: bool = False,
+        n_trials: int | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        terminal: bool | None = None,
+    ):
+        self.plan, self.store, self.workers, self.retry_failed = plan, store, max(1, workers), retry_failed
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.terminal = self.err.isatty() if terminal is None else terminal
+        self.t0 = time.time()
+        self.mine: dict[int, TrialView] = {}  # this process's running trials by Optuna number
+        self.started_here = 0
+        self.budget = n_trials  # grid: at most this many new trials here; tuning: the study's n_trials
+        s = plan.study
+        if not plan.is_grid:
+            self.budget = n_trials if n_trials is not None else s.n_trials
+        self.cost = {p.key: p.cost for p in plan.points}
+        self._lock = threading.RLock()
+        self._last_line = 0.0
+        self._stop = threading.Event()
+        self._bars: list[Any] = []
+        if self.terminal:
+            self._open_bars()
+        self.status()
+        self._last_line = time.time()
+        self._thread = threading.Thread(target=self._loop, name="studies-live", daemon=True)
+        self._thread.start()
+
+    # -- what the backends call ----------------------------------------------------------------
+    def log(self, line: str) -> None:
+        """A `[studies]` line: above the bars in a terminal, else printed and flushed at once."""
+        with self._lock:
+            if self.terminal and self._bars:
+                tqdm.write(line, file=self.out)
+                self.out.flush()
+            else:
+                print(line, file=self.out, flush=True)
+
+    def started(self, job: Job) -> None:
+        cfg = make_config(job.preset, job.overrides)
+        view = TrialView(job, cfg.train.stages, cfg.train.stage_epochs, trial_cost(cfg), time.time())
+        with self._lock:
+            self.mine[job.optuna_number] = view
+            self.started_here += 1
+        self.status()
+
+    def ended(self, job: Job, out: Outcome) -> None:
+        with self._lock:
+            self.mine.pop(job.optuna_number, None)
+        self.status()
+
+    def close(self) -> None:
+        """Stop redrawing; the study bar stays on the screen with its last numbers."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            if self._bars:
+                try:
+                    self.status()
+                except Exception:
+                    pass
+                for bar in reversed(self._bars[1:]):
+                    bar.close()
+                self._bars[0].close()
+                self._bars = []
+
+    # -- reading the store ---------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Counts, this process's running trials (stage, epoch, time) and the ETA, from the store."""
+        from reports.progress import progress
+
+        s = self.plan.study
+        trials = self.store.trial_states(s.name)
+        if self.plan.is_grid:
+            prog = progress(trials, [p.key for p in self.plan.points])
+        else:
+            prog = progress(trials, None, self.budget)
+        now = time.time()
+        by_number = {t["optuna_number"]: t for t in trials}
+        with self._lock:
+            views = list(self.mine.values())
+        storage = self.store.optuna_storage()
+        for v in views:
+            t = by_number.get(v.job.optuna_number)
+            if t is None or t["status"] != RUNNING:
+                v.seconds = now - v.handed_at
+                continue
+            v.begun = True
+            v.stages_done = int(t["stages"] or 0)
+            if t["started_at"] is not None:
+                v.seconds = now - t["started_at"].replace(tzinfo=timezone.utc).timestamp()
+            epochs = v.stages_done * v.stage_epochs
+            if v.job.optuna_trial_id is not None:
+                steps = storage.get_trial(v.job.optuna_trial_id).intermediate_values
+                if steps:
+                    epochs = max(epochs, max(steps) + 1)
+            v.epochs_done = min(epochs, v.total_epochs)
+        return {"progress": prog, "trials": trials, "views": views, "eta": self.eta(trials, views)}
+
+    def eta(self, trials: list[dict], views: list[TrialView]) -> float | None:
+        """Seconds until this process's work is done (see the module docstring); None before any trial of
+        the study is complete."""
+        done = [t for t in trials if t["status"] == COMPLETE and t["seconds"]]
+        if not done:
+            return None
+        if self.plan.is_grid:
+            costs = [(self.cost.get((t["row"], t["variant"], t["seed"])), t["seconds"]) for t in done]
+            costs = [(c, sec) for c, sec in costs if c]
+            if not costs:
+                return None
+            rate = sum(sec for _, sec in costs) / sum(c for c, _ in costs)
+            finished = {
+                (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in (COMPLETE, PRUNED)
+            }
+            if not self.retry_failed:
+                finished |= {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == FAILED}
+            running = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == RUNNING}
+            running |= {(v.job.row, v.job.variant, v.job.seed) for v in views}  # handed out, maybe not begun
+            left = [p.cost * rate for p in self.plan.claim_order if p.key not in finished | running]
+            if self.budget is not None:
+                left = left[: max(0, self.budget - self.started_here)]
+        else:
+            per = statistics.median(t["seconds"] for t in done)
+            rate = per / max(v.cost for v in views) if views else 0.0
+            stored = sum(t["status"] != "interrupted" for t in trials) + sum(not v.begun for v in views)
+            left = [per] * max(0, self.budget - stored)
+        loads = sorted(max(0.0, v.cost * rate - v.seconds) for v in views)
+        loads += [0.0] * max(0, self.workers - len(loads))
+        for work in left:  # list scheduling in claim order: the next point goes to the first free worker
+            loads.sort()
+            loads[0] += work
+        return max(loads) if loads else 0.0
+
+    # -- drawing ---------------------------------------------------------------------------------
+    def _study_text(self, snap: dict) -> tuple[str, int, int]:
+        prog = snap["progress"]
+        failed = prog.states.get(FAILED, 0)
+        running = prog.running + sum(not v.begun for v in snap["views"])  # handed out, not begun yet
+        text = (
+            f"running {running}, failed {failed}, elapsed {duration(time.time() - self.t0)}, "
+            f"ETA {duration(snap['eta']) if snap['eta'] is not None else '? (after the first trial)'}"
+        )
+        return text, prog.finished, prog.total
+
+    def status(self) -> None:
+        """Redraw the bars (terminal) or print one status line (no terminal)."""
+        try:
+            snap = self.snapshot()
+        except Exception:  # the store is busy or briefly unreachable: the next refresh tries again
+            return
+        text, done, total = self._study_text(snap)
+        with self._lock:
+            if not self.terminal:
+                unit = "points" if self.plan.is_grid else "trials"
+                trials = "; ".join(f"{v.name}: {v.where()}, {duration(v.seconds)}" for v in snap["views"])
+                line = f"[studies] progress: {done}/{total} {unit} done, {text}"
+                print(line + (f"; {trials}" if trials else ""), file=self.out, flush=True)
+                self._last_line = time.time()
+                return
+            if not self._bars:
+                return
+            study = self._bars[0]
+            study.total, study.n = total, done
+            study.status = text
+            study.refresh()
+            views = sorted(snap["views"], key=lambda v: v.job.optuna_number)
+            self._ensure_slots(len(views))
+            for i, bar in enumerate(self._bars[1:]):
+                if i < len(views):
+                    v = views[i]
+                    bar.set_description_str(v.name, refresh=False)
+                    bar.total, bar.n = max(1, v.total_epochs), v.epochs_done
+                    bar.status = f"{v.where()}, {duration(v.seconds)}"
+                else:
+                    bar.set_description_str("(idle)", refresh=False)
+                    bar.total, bar.n = 1, 0
+                    bar.status = ""
+                bar.refresh()
+
+    def _open_bars(self) -> None:
+        unit = "points" if self.plan.is_grid else "trials"
+        self._bars.append(
+            _Bar(
+                total=max(1, len(self.plan.points)),
+                desc=self.plan.study.name,
+                file=self.err,
+                position=0,
+                leave=True,
+                dynamic_ncols=True,
+                bar_format="{desc} {n_fmt}/{total_fmt} " + unit + " |{bar:20}| {status}",
+                mininterval=0,
+            )
+        )
+        self._ensure_slots(self.workers)
+
+    def _ensure_slots(self, n: int) -> None:
+        while len(self._bars) - 1 < n:
+            self._bars.append(
+                _Bar(
+                    total=1,
+                    desc="(idle)",
+                    file=self.err,
+                    position=len(self._bars),
+                    leave=False,
+                    dynamic_ncols=True,
+                    bar_format="  {desc:<32} |{bar:20}| {status}",
+                    mininterval=0,
+                )
+            )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(REFRESH_S if self.terminal else 1.0):
+            if self.terminal or time.time() - self._last_line >= STATUS_S:
+                self.status()
