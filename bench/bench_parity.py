@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import platform
 import subprocess
 import sys
 import time
@@ -56,22 +55,12 @@ from torch import nn
 
 from core.config import ConfigError, make_config, parse_overrides
 from core.losses import auxsegnet_loss
-from core.trial import build_net
+from core.trial import build_net, cpu_model
 
 NUM_CLASSES = 21
 SIZES = ("2x3x96x96", "1x3x161x161", "1x3x321x321")
 PHI_BIAS = "grad *_att.phi.bias (0 in exact arithmetic)"
 OUTPUTS = ("feat", "cls", "cam", "sal", "seg", "affinity", "sal_ref", "seg_ref")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_head() -> str:
@@ -294,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     tol = args.tol
-    print(f"machine: {cpu_name()}, {args.threads} thread(s); torch {torch.__version__}; git {git_head()}")
+    print(f"machine: {cpu_model()}, {args.threads} thread(s); torch {torch.__version__}; git {git_head()}")
     print(
         f"theirs: {args.official}/network/AuxSegNet.py SegNet({NUM_CLASSES}); ours: preset paper {overrides}"
     )

@@ -35,6 +35,7 @@ from core.config import ConfigError, make_config
 from core.data import VOCDataset
 from core.metrics import all_background_miou
 from core.train import cpu_bf16_supported
+from core.trial import cpu_model
 
 PATHS = {
     "fp32": (["train.cpu_amp=off"], {}),
@@ -108,9 +109,7 @@ def main() -> int:
     (root,) = roots  # every seed trains on the same generated data set
     val = VOCDataset(root, cfg.data.val_split)
     floor = all_background_miou([val.mask(i) for i in range(len(val))], val.num_classes)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
+    cpu = cpu_model()
     print(f"\nfinal val mIoU (%), smoke preset, {cpu}, {cores} cores; all-background {100 * floor:.1f}")
     print("| seed | " + " | ".join(f"{p}, {t} thr" for p, t in columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")

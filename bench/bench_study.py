@@ -30,18 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.trial import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "initial_labels", "train", "curve", "eval", "label_update", "gallery")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_once(
@@ -96,7 +88,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
     settings = {"new": (a.workers, a.sets), "baseline": (a.baseline_workers, a.baseline_set)}
     if a.only:
         settings = {a.only: settings[a.only]}
