@@ -141,8 +141,8 @@ class EvalConfig:
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     flip: bool = True
     crf: bool = True
-    # Learning curves: val mIoU on this many fixed val images (evenly spaced) after every epoch but a
-    # stage's last (which gets the whole val set); 0 turns them off. Never changes training.
+    # Learning curves: val mIoU on this many fixed val images (evenly spaced) after every epoch, a stage's
+    # last included (which also gets the whole val set); 0 turns them off. Never changes training.
     curve_images: int = 16
     # Image gallery (core.gallery): this many fixed val images, written when the runner asks for it.
     gallery_images: int = 8

@@ -38,7 +38,8 @@ class CurvePoint(TypedDict):
 class StageRecord(TypedDict, total=False):
     """One stage: val metrics of the net trained on pseudo labels of quality pgt; what report() gets.
     epoch: the global epoch the stage ends on (its step in a learning curve); curve: the stage's
-    per-epoch points before its last epoch (whose value is `val`, on the whole val set)."""
+    per-epoch points on the curve subset, its last epoch included (`val`: that epoch on the whole val
+    set)."""
 
     stage: int
     val: ValMetrics

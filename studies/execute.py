@@ -216,10 +216,9 @@ class ClaimKeeper:
 
 def draws_curve(cfg: Any, stage_metric: str) -> bool:
     """Whether a trial's intermediate values are its learning curve: val mIoU on the fixed subset of
-    eval.curve_images val images after each epoch (core.trial's on_epoch). That needs a curve
-    (eval.curve_images > 0), stages of more than one epoch (a stage's last epoch is evaluated on the whole
-    val set only, so a one-epoch stage has no subset point) and val.miou as the stage metric."""
-    return stage_metric == "val.miou" and cfg.eval.curve_images > 0 and cfg.train.stage_epochs > 1
+    eval.curve_images val images after each epoch, a stage's last included (core.trial's on_epoch). That
+    needs a curve (eval.curve_images > 0) and val.miou as the stage metric."""
+    return stage_metric == "val.miou" and cfg.eval.curve_images > 0
 
 
 class TrialEvents(Protocol):
