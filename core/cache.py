@@ -41,3 +41,13 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return False
+
+
+def writable_dir(path: str | Path) -> Path:
+    """path as a folder this process can write (created if missing), or OSError: proven with a real file,
+    since permission bits alone do not tell (root, read-only mounts, full disks)."""
+    p = Path(path).expanduser()
+    p.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+        pass
+    return p

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.cache import atomic_dir
+from core.cache import atomic_dir, writable_dir
 from core.config import Config, ConfigError, make_config, parse_overrides
 from core.data import DEFAULT_SALIENCY, DataError, VOCDataset, ensure_generated, normalize
 from core.evaluate import evaluate
@@ -624,15 +624,11 @@ def summary(res: TrialResult) -> str:
 
 def check_out(out: str) -> None:
     """--out: a folder (created if missing) this process can write; ConfigError (one line) otherwise."""
-    import tempfile
-
     p = Path(out).expanduser()
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder (for result.json and gallery.png)")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
-            pass
+        writable_dir(p)
     except OSError as e:
         raise ConfigError(f"--out {out}: not a writable folder ({e.strerror or e})") from None
 

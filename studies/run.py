@@ -105,14 +105,13 @@ def _help_epilog(study_file: str = "study.yaml") -> str:
 
 def check_artifacts(folder: str) -> str:
     """The artifact folder, created and proven writable before any trial; its absolute path."""
-    import tempfile
     from pathlib import Path
+
+    from core.cache import writable_dir
 
     p = Path(folder).expanduser().resolve()
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
-            pass
+        writable_dir(p)
     except OSError as e:
         raise UsageError(f"--artifacts {folder}: not a writable folder ({e.strerror or e})") from None
     return str(p)

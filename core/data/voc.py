@@ -440,32 +440,29 @@ class VOCDataset:
         i = self._index(i)
         before = set(self._cache)
         try:
-            self.image(i)
-            if self.has_masks:
-                self.mask(i)
-            self.labels(i)
-            if self._sal_dir is not None:
-                self.saliency(i)
+            self._read_item(i, self.has_masks, self._sal_dir is not None)
         finally:
             for key in [k for k in self._cache if k[1] == i and k not in before]:
                 del self._cache[key]
+
+    def _read_item(self, i: int, masks: bool, saliency: bool) -> None:
+        """What a trial reads of item i: its image, labels and, if asked, mask and saliency map."""
+        self.image(i)
+        if masks:
+            self.mask(i)
+        self.labels(i)
+        if saliency:
+            self.saliency(i)
 
     def validate(self, masks: bool | None = None) -> dict:
         """Load every item once (image, mask where the split has masks, labels, saliency if configured);
         raise the first DataError. Returns counts."""
         check_masks = self.has_masks if masks is None else masks
-        n_masks = 0
         for i in range(len(self)):
-            self.image(i)
-            if check_masks:
-                self.mask(i)
-                n_masks += 1
-            self.labels(i)
-            if self.saliency_name is not None:
-                self.saliency(i)
+            self._read_item(i, check_masks, self.saliency_name is not None)
         return {
             "images": len(self),
-            "masks": n_masks,
+            "masks": len(self) if check_masks else 0,
             "num_classes": self.num_classes,
             "saliency": self.saliency_name,
         }
