@@ -47,6 +47,7 @@ class StageRecord(TypedDict, total=False):
     seconds: float
     epoch: int
     curve: list[CurvePoint]
+    losses: dict[str, float]  # the stage's mean training loss per Eq. 8 term (cls, sal1, sal2, seg1, seg2)
 
 
 class FinalMetrics(TypedDict):

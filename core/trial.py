@@ -533,7 +533,9 @@ def run_trial(
                     on_epoch(s * epochs + epoch, m)
 
             curve_before = timings.get("curve", 0.0)
-            train_stage(net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s, epoch_end)
+            losses = train_stage(
+                net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s, epoch_end
+            )
             spent_on_curve = timings.get("curve", 0.0) - curve_before
             timings["train"] = timings.get("train", 0.0) + time.time() - t - spent_on_curve
             t = time.time()
@@ -548,6 +550,7 @@ def run_trial(
                 "seconds": time.time() - t_stage,
                 "epoch": (s + 1) * epochs - 1,
                 "curve": curve,
+                "losses": losses,
             }
             result.stages.append(record)
             if report is not None:
