@@ -185,10 +185,14 @@ class ClaimKeeper:
         self, plan: Plan, retry_failed: bool, skip: set | frozenset = frozenset()
     ) -> tuple[GridPoint, str] | None:
         """The first grid point, longest trial first, not done, not running and not in skip that this call
-        could claim."""
+        could claim; with adaptive seeds only among the points the study wants now (Plan.wanted_keys, read
+        before the states, so a point it wants on an older read is still checked against the newer states)."""
+        wanted = plan.wanted_keys(self.store.trials(plan.study.name)) if plan.adaptive else None
         done, running = point_states(plan, self.store, retry_failed)
         for p in plan.claim_order:
             if p.key in done or p.key in running or p.key in skip:
+                continue
+            if wanted is not None and p.key not in wanted:  # an added seed the rule does not ask for (yet)
                 continue
             owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
             if self.store.claim_point(plan.study.name, point_key(*p.key), owner, retake_failed=retry_failed):

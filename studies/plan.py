@@ -3,6 +3,8 @@
     plan = make_plan(spec, "ablation_tasks", preset=None, cli_set={"train.stages": "1"})
     plan.points   -> [GridPoint(grid_index, row, variant, seed, overrides)]  (rows x variants x seeds)
     plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
+    plan.wanted_keys(store.trials(name))   (adaptive seeds: the points the study needs now; None: all)
+    confirm_plan(plan, trials)             (a tuning study's confirmation: its top sets on fresh seeds)
 
 Every config a study can produce is built with core.config.make_config before anything runs, and a
 bad value is blamed on its source: the study file's line (rows, variants, study set), --set or --preset.
@@ -16,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import PRESETS, Config, ConfigError, make_config
-from studies.spec import SourceLines, Spec, SpecError, Study, Variant
+from studies.sequential import StudyDecision, decide_study
+from studies.spec import Row, SourceLines, Spec, SpecError, Study, Variant
+from studies.store import dig, finite
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,28 @@ class Plan:
     def claim_order(self) -> tuple[GridPoint, ...]:
         """The grid points, longest trial first (grid order among equals)."""
         return tuple(sorted(self.points, key=lambda p: (-p.cost, p.grid_index)))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.is_grid and self.study.adaptive is not None
+
+    def decide(self, trials: list[dict]) -> StudyDecision:
+        """The adaptive rule on the study's trials (Store.trials records): each row's decision and the
+        (row, seed) points wanted now (studies.sequential.decide_study)."""
+        s = self.study
+        records = [
+            {"row": t["row"], "seed": t["seed"], "status": t["status"],
+             "value": finite(dig(t.get("result"), s.metric))}
+            for t in trials
+        ]  # fmt: skip
+        return decide_study(s.adaptive, [r.label for r in s.rows], s.baseline, s.direction, records)
+
+    def wanted_keys(self, trials: list[dict]) -> set[tuple] | None:
+        """The grid keys the study needs now: None (every point) unless its seeds are adaptive; then each
+        row's initial seeds and the next seed of every unresolved row and of the baseline."""
+        if not self.adaptive:
+            return None
+        return {(row, None, seed) for row, seed in self.decide(trials).wanted}
 
     def search_space(self) -> dict[str, Any]:
         """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""
@@ -170,3 +196,74 @@ def make_plan(
                 except ConfigError as e:
                     raise ctx.err(path, str(e)) from None
     return Plan(study, preset, base, allcli, tuple(points), user_set=cli, study_file=spec.path)
+
+
+CONFIRM_BASELINE = "preset"  # the confirmation's baseline row: the preset's own values of the tuned keys
+
+
+def confirm_name(name: str) -> str:
+    """The confirmation of tuning study NAME is the ablation study NAME.confirm, in the same store."""
+    return f"{name}.confirm"
+
+
+def top_sets(plan: Plan, trials: list[dict]) -> list[Row]:
+    """The tuning study's `confirm.top` best complete trials with distinct parameters (Store.trials
+    records), best first, as rows labelled by their Optuna number ("#12")."""
+    s = plan.study
+    sign = -1.0 if s.direction == "minimize" else 1.0
+    done = [(t, finite(dig(t.get("result"), s.metric))) for t in trials if t["status"] == "complete"]
+    done = sorted(
+        ((t, v) for t, v in done if v is not None), key=lambda x: (-sign * x[1], x[0]["optuna_number"])
+    )
+    rows, seen = [], set()
+    for t, v in done:
+        key = tuple(sorted(t["params"].items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        what = f"search trial #{t['optuna_number']}: {100 * v:.2f} % on seed {t['seed']}"
+        rows.append(Row(label=f"#{t['optuna_number']}", set=dict(t["params"]), description=what))
+        if len(rows) == s.confirm.top:
+            break
+    return rows
+
+
+def confirm_plan(plan: Plan, trials: list[dict], stored_rows: list[dict] | None = None) -> Plan | None:
+    """The confirmation of a tuning study: an adaptive ablation NAME.confirm whose baseline row is the
+    preset's own values (no tuned key set) and whose other rows are the search's top sets (top_sets;
+    stored_rows, the rows a previous run chose, win, so a rerun confirms the same sets), on fresh seeds
+    under the study's confirm rule. None when the study has no confirmation or no complete trial."""
+    s = plan.study
+    if plan.is_grid or s.confirm is None:
+        return None
+    if stored_rows:
+        rows = [Row(label=r["label"], set=dict(r.get("set") or {}), description=r.get("description", ""))
+                for r in stored_rows if r["label"] != CONFIRM_BASELINE]  # fmt: skip
+    else:
+        rows = top_sets(plan, trials)
+    if not rows:
+        return None
+    rows = [
+        Row(label=CONFIRM_BASELINE, set={}, description="the preset's own values of the tuned keys")
+    ] + rows
+    name = confirm_name(s.name)
+    rule = s.confirm.rule
+    raw = {
+        "kind": "ablation",
+        "description": f"Confirmation of {s.name}: its top {len(rows) - 1} parameter sets re-run on fresh "
+        "seeds, each paired against the preset's own values",
+        "metric": s.metric,
+        "stage_metric": s.stage_metric,
+        "direction": s.direction,
+        "seeds": rule.record(),
+        "baseline": CONFIRM_BASELINE,
+        "rows": [{"label": r.label, "set": r.set, "description": r.description} for r in rows],
+        "confirms": s.name,
+    }
+    study = Study(name=name, kind="ablation", description=raw["description"], paper_table=None,
+                  metric=s.metric, stage_metric=s.stage_metric, direction=s.direction, set={},
+                  seeds=rule.sequence(), adaptive=rule, baseline=CONFIRM_BASELINE, rows=tuple(rows),
+                  raw=raw, lines={})  # fmt: skip
+    spec = Spec(plan.study_file, "", plan.preset, dict(plan.base_overrides), {name: study})
+    extra = {k: v for k, v in plan.cli_overrides.items() if k not in plan.user_set}
+    return make_plan(spec, name, preset=plan.preset, cli_set=plan.user_set, extra=extra)

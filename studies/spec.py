@@ -17,7 +17,8 @@ File shape:
         direction: maximize | minimize
         set: {...}                           # study-wide overrides
         # ablation
-        seeds: [0, 1, 2]
+        seeds: [0, 1, 2]                     # or adaptive (studies.sequential):
+        #   seeds: {initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05}
         baseline: ROW                        # deltas in the report are against this row
         columns: [Seg., Cls., Sal.]          # optional check-mark column names
         rows: [{label, set, columns: {Seg.: true, ...}, paper: 56.9 | {key: number}}]
@@ -30,6 +31,8 @@ File shape:
         n_trials: 20
         pruner: median | successive_halving | hyperband | none
         params: {config.key: {type: float|int|categorical, low, high, log, step, choices}}
+        confirm: {top: 3, seeds: {initial: [1, 2, 3], max: 8, rope: 0.5, alpha: 0.05}} | false
+                                             # the top sets re-run on fresh seeds against the preset's values
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ from typing import Any
 import yaml
 
 from core.config import ConfigError, make_config
+from studies.sequential import SeedRule
 from studies.store import DEFAULT_URL
 
 TOP_KEYS = {"storage", "base", "studies"}
 BASE_KEYS = {"preset", "set"}
 COMMON_KEYS = {"kind", "description", "paper_table", "metric", "stage_metric", "direction", "set"}
 ABLATION_KEYS = COMMON_KEYS | {"seeds", "baseline", "columns", "rows", "variants", "paper_reference"}
-TUNING_KEYS = COMMON_KEYS | {"seed", "sampler", "sampler_seed", "n_trials", "pruner", "params"}
+TUNING_KEYS = COMMON_KEYS | {"seed", "sampler", "sampler_seed", "n_trials", "pruner", "params", "confirm"}
+SEED_KEYS = {"initial", "max", "rope", "alpha"}
+CONFIRM_KEYS = {"top", "seeds"}
+CONFIRM_TOP = 3  # parameter sets re-run on fresh seeds after a tuning study, unless `confirm: false`
+CONFIRM_SEEDS, CONFIRM_MAX = 3, 8  # fresh seeds to start with (the first integers other than `seed`), at most
 ROW_KEYS = {"label", "set", "columns", "paper", "description"}
 VARIANT_KEYS = ROW_KEYS - {"columns"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
@@ -140,6 +148,15 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """A tuning study's confirmation: its `top` best parameter sets re-run on fresh seeds, each paired against
+    the preset's own values (the baseline row), under the adaptive rule `rule` (studies.sequential)."""
+
+    top: int
+    rule: SeedRule
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     kind: str
@@ -149,7 +166,8 @@ class Study:
     stage_metric: str
     direction: str
     set: dict[str, Any]
-    seeds: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = ()  # every seed a row may get (adaptive: the initial ones, then up to max)
+    adaptive: SeedRule | None = None  # `seeds: {initial, max, ...}`: seeds added per row (studies.sequential)
     baseline: str | None = None
     columns: tuple[str, ...] = ()
     rows: tuple[Row, ...] = ()
@@ -161,6 +179,7 @@ class Study:
     n_trials: int = 20
     pruner: str = "median"
     params: tuple[Param, ...] = ()
+    confirm: Confirm | None = None  # tuning: the top sets confirmed on fresh seeds (None: `confirm: false`)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the study's YAML mapping
     lines: dict = field(default_factory=dict, compare=False, repr=False)  # YAML path -> line (for blame)
 
@@ -293,6 +312,55 @@ def _param(ctx: SourceLines, path: tuple, name: str, d: Any) -> Param:
     )
 
 
+def _seed_list(ctx: SourceLines, path: tuple, seeds: Any, least: int = 1) -> tuple[int, ...]:
+    _expect(ctx, path, seeds, list, "a list of integer seeds")
+    if len(seeds) < least:
+        raise ctx.err(path, f"needs at least {least} seed{'' if least == 1 else 's'}")
+    for i, s in enumerate(seeds):
+        _expect(ctx, path + (i,), s, int, "an integer seed")
+    if len(set(seeds)) != len(seeds):
+        raise ctx.err(path, f"duplicate seed in {seeds}")
+    return tuple(seeds)
+
+
+def _seed_rule(ctx: SourceLines, path: tuple, d: Any, default_initial: tuple[int, ...] = ()) -> SeedRule:
+    """`{initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05}`: rope in percent points, alpha family-wise."""
+    _keys(ctx, path, d, SEED_KEYS, () if default_initial else ("initial", "max"))
+    initial = (
+        _seed_list(ctx, path + ("initial",), d["initial"], least=2) if "initial" in d else default_initial
+    )
+    n_max = d.get("max", CONFIRM_MAX)
+    _expect(ctx, path + ("max",), n_max, int, "an integer (the most seeds a row gets)")
+    if n_max < len(initial):
+        raise ctx.err(path + ("max",), f"max ({n_max}) must be >= the {len(initial)} initial seeds")
+    rope, alpha = d.get("rope", 0.5), d.get("alpha", 0.05)
+    _expect(ctx, path + ("rope",), rope, (int, float), "a number of percent points")
+    if not (math.isfinite(rope) and rope > 0):
+        raise ctx.err(path + ("rope",), f"rope must be > 0 percent points, got {rope!r}")
+    _expect(ctx, path + ("alpha",), alpha, (int, float), "a number")
+    if not 0 < alpha < 1:
+        raise ctx.err(path + ("alpha",), f"alpha must be in (0, 1), got {alpha!r}")
+    return SeedRule(initial, n_max, float(rope), float(alpha))
+
+
+def _confirm(ctx: SourceLines, path: tuple, d: Any, seed: int) -> Confirm | None:
+    """A tuning study's `confirm`: false, or {top, seeds}; absent = top 3 on 3 fresh seeds, at most 8."""
+    if d is False:
+        return None
+    fresh = tuple(range(seed + 1, seed + 1 + CONFIRM_SEEDS))  # the search trained on `seed` only
+    if d is None or d is True:
+        return Confirm(CONFIRM_TOP, SeedRule(fresh, CONFIRM_MAX))
+    _keys(ctx, path, d, CONFIRM_KEYS)
+    top = d.get("top", CONFIRM_TOP)
+    _expect(ctx, path + ("top",), top, int, "an integer (parameter sets to confirm)")
+    if top < 1:
+        raise ctx.err(path + ("top",), f"top must be >= 1, got {top}")
+    rule = _seed_rule(ctx, path + ("seeds",), d.get("seeds") or {}, default_initial=fresh)
+    if seed in rule.sequence():
+        raise ctx.err(path + ("seeds",), f"the search's seed {seed} is not fresh: leave it out of the seeds")
+    return Confirm(top, rule)
+
+
 def _study(ctx: SourceLines, name: str, d: Any) -> Study:
     path = ("studies", name)
     _expect(ctx, path, d, dict, "a mapping")
@@ -331,13 +399,12 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         lines=ctx.lines,
     )
     if kind == "ablation":
-        seeds = _expect(ctx, path + ("seeds",), d["seeds"], list, "a list of integer seeds")
-        if not seeds:
-            raise ctx.err(path + ("seeds",), "needs at least one seed")
-        for i, s in enumerate(seeds):
-            _expect(ctx, path + ("seeds", i), s, int, "an integer seed")
-        if len(set(seeds)) != len(seeds):
-            raise ctx.err(path + ("seeds",), f"duplicate seed in {seeds}")
+        adaptive = None
+        if isinstance(d["seeds"], dict):
+            adaptive = _seed_rule(ctx, path + ("seeds",), d["seeds"])
+            seeds = list(adaptive.sequence())
+        else:
+            seeds = list(_seed_list(ctx, path + ("seeds",), d["seeds"]))
         columns = d.get("columns") or []
         _expect(ctx, path + ("columns",), columns, list, "a list of column names")
         columns = tuple(str(c) for c in columns)
@@ -353,9 +420,13 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
             )
         ref = d.get("paper_reference") or []
         _expect(ctx, path + ("paper_reference",), ref, list, "a list of mappings")
+        if adaptive is not None and (variants or len(rows) < 2):
+            why = "a study with variants" if variants else "a single row (nothing to compare)"
+            raise ctx.err(path + ("seeds",), f"adaptive seeds ({{initial, max}}) are not supported for {why}")
         return Study(
             **common,
             seeds=tuple(seeds),
+            adaptive=adaptive,
             baseline=str(baseline),
             columns=columns,
             rows=rows,
@@ -377,6 +448,7 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         raise ctx.err(path + ("n_trials",), f"n_trials must be >= 1, got {n_trials}")
     for k in ("seed", "sampler_seed"):
         _expect(ctx, path + (k,), d.get(k, 0), int, "an integer")
+    _expect(ctx, path + ("confirm",), d.get("confirm"), (dict, bool, type(None)), "false or {top, seeds}")
     return Study(
         **common,
         seed=d.get("seed", 0),
@@ -385,6 +457,7 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         n_trials=n_trials,
         pruner=pruner,
         params=tuple(_param(ctx, path + ("params", str(k)), str(k), v) for k, v in params.items()),
+        confirm=_confirm(ctx, path + ("confirm",), d.get("confirm"), d.get("seed", 0)),
     )
 
 
