@@ -102,6 +102,9 @@ def trial_resources(
     return cpus, gpus_per_trial, max(1, slots)
 
 
+LOOK_S = 2.0  # adaptive seeds: how often a waiting searcher reads the store for newly wanted seeds
+
+
 class HarnessSearch(OptunaSearch):
     """OptunaSearch that claims grid points, passes the Optuna trial number on, reports per stage, and
     closes trials the harness way (complete / failed / pruned by ASHA / interrupted) in both Optuna and
@@ -122,6 +125,7 @@ class HarnessSearch(OptunaSearch):
         self.h_handed: set = set()
         self.h_jobs: dict[str, Job] = {}
         self.h_outcomes: list[Outcome] = []
+        self.h_look_after = 0.0  # adaptive seeds: when suggest may read the store again
 
     def __getstate__(self) -> dict:  # the Tuner pickles its config; the live study and store stay here
         return {}
@@ -140,7 +144,12 @@ class HarnessSearch(OptunaSearch):
             return Searcher.FINISHED
         plan, owner = self.h_plan, None
         if plan.is_grid:
+            if plan.adaptive and time.time() < self.h_look_after:
+                return None  # Ray asks many times a second: look at the store every LOOK_S seconds
             got = self.h_keeper.claim_next(plan, self.h_retry_failed, skip=self.h_handed)
+            if got is None and plan.adaptive and self.unfinished():
+                self.h_look_after = time.time() + LOOK_S
+                return None  # adaptive seeds: the running trials may ask for more; Ray asks again later
             if got is None:
                 return Searcher.FINISHED
             point, owner = got
