@@ -187,8 +187,10 @@ class Live:
 
         s = self.plan.study
         trials = self.store.trial_states(s.name)
+        # adaptive seeds: the points the rule wants so far (it reads the results: store.trials)
+        points = self.plan.expected_keys(self.store.trials(s.name)) if self.plan.adaptive else None
         if self.plan.is_grid:
-            prog = progress(trials, [p.key for p in self.plan.points])
+            prog = progress(trials, points if points is not None else [p.key for p in self.plan.points])
         else:
             prog = progress(trials, None, self.budget)
         now = time.time()
@@ -211,11 +213,13 @@ class Live:
                 if steps:
                     epochs = max(epochs, max(steps) + 1)
             v.epochs_done = min(epochs, v.total_epochs)
-        return {"progress": prog, "trials": trials, "views": views, "eta": self.eta(trials, views)}
+        eta = self.eta(trials, views, None if points is None else set(points))
+        return {"progress": prog, "trials": trials, "views": views, "eta": eta}
 
-    def eta(self, trials: list[dict], views: list[TrialView]) -> float | None:
+    def eta(self, trials: list[dict], views: list[TrialView], expected: set | None = None) -> float | None:
         """Seconds until this process's work is done (see the module docstring); None before any trial of
-        the study is complete."""
+        the study is complete. expected: with adaptive seeds, the points wanted so far (not every seed up to
+        max), so the ETA is that of the work known now."""
         done = [t for t in trials if t["status"] == COMPLETE and t["seconds"]]
         if not done:
             return None
@@ -232,7 +236,8 @@ class Live:
                 finished |= {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == FAILED}
             running = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == RUNNING}
             running |= {(v.job.row, v.job.variant, v.job.seed) for v in views}  # handed out, maybe not begun
-            left = [p.cost * rate for p in self.plan.claim_order if p.key not in finished | running]
+            todo = [p for p in self.plan.claim_order if p.key not in finished | running]
+            left = [p.cost * rate for p in todo if expected is None or p.key in expected]
             if self.budget is not None:
                 left = left[: max(0, self.budget - self.started_here)]
         else:

@@ -98,6 +98,15 @@ class Plan:
             return None
         return {(row, None, seed) for row, seed in self.decide(trials).wanted}
 
+    def expected_keys(self, trials: list[dict]) -> list[tuple]:
+        """The grid keys the study counts as its points so far: every point; with adaptive seeds the points
+        the rule wants now plus any that have trials (a point the rule stopped wanting after it ran)."""
+        wanted = self.wanted_keys(trials)
+        if wanted is None:
+            return [p.key for p in self.points]
+        have = wanted | {(t["row"], t["variant"], t["seed"]) for t in trials}
+        return [p.key for p in self.points if p.key in have]
+
     def search_space(self) -> dict[str, Any]:
         """Optuna distributions: row/variant/seed categoricals (ablation) or the tuned params."""
         import optuna.distributions as d

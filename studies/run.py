@@ -28,7 +28,8 @@ from typing import Any
 
 from core.config import ConfigError, make_config, parse_overrides
 from core.data import DataError
-from studies.plan import Plan, make_plan
+from studies.plan import Plan, confirm_name, confirm_plan, make_plan
+from studies.sequential import interval_text, status_text
 from studies.spec import Spec, SpecError, load_spec
 
 
@@ -256,15 +257,27 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
     print(f"storage: {redact_url(url)} ({len(trials)} trial(s) of this study stored)")
     print(f"workers: {workers} trial(s) at once{how}")
     if plan.is_grid:
-        print(
-            f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
-            f"{len(s.seeds)} seeds; metric {s.metric}"
-        )
-        print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  {'state':<8} overrides")
+        if plan.adaptive:
+            rule, n_rows = s.adaptive, len(s.rows)
+            print(
+                f"adaptive seeds: initial {list(rule.initial)}, at most {rule.max} per row (then seeds "
+                f"{', '.join(map(str, rule.sequence()[len(rule.initial) :])) or 'none'}, as rows need them); "
+                f"{n_rows * len(rule.initial)} to {len(plan.points)} trials = {n_rows} rows x "
+                f"{len(rule.initial)} to {rule.max} seeds; metric {s.metric}"
+            )
+            print(rule.describe(n_rows - 1))
+        else:
+            print(
+                f"{len(plan.points)} trials = {len(s.rows)} rows x {max(1, len(s.variants))} variants x "
+                f"{len(s.seeds)} seeds; metric {s.metric}"
+            )
+        wanted = plan.wanted_keys(trials)  # adaptive: the points the rule asks for now
+        print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  {'state':<9} overrides")
         for p in plan.points:
             ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
             state = "done" if p.key in done_keys else "failed" if p.key in failed_keys else "todo"
-            print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {state:<8} {ov}")
+            state = "if needed" if state == "todo" and wanted is not None and p.key not in wanted else state
+            print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {state:<9} {ov}")
         print(f"{'row':<34} {'variant':<10} done / left")
         for r in s.rows:
             for v in list(s.variants) or [None]:
@@ -272,6 +285,12 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
                 n_done = sum(p.key in done_keys for p in pts)
                 print(f"{r.label:<34} {v.label if v else '-':<10} {n_done:>4} / {len(pts) - n_done}")
         left = sum(p.key not in done_keys and p.key not in failed_keys for p in plan.points)
+        if wanted is not None:  # adaptive: at least the points wanted now, at most every seed up to max
+            lo_left = sum(k not in done_keys and k not in failed_keys for k in wanted)
+            for r, d in plan.decide(trials).rows.items():
+                print(f"  {r}: {status_text(d, s.adaptive)}, {d.n} paired seed(s), {interval_text(d)}")
+            _estimate(plan, seconds, workers, lo_left, left)
+            return
     else:
         print(
             f"{s.n_trials} trials, sampler {s.sampler} (seed {s.sampler_seed}), pruner {s.pruner} on "
@@ -290,14 +309,33 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
         print(f"  fixed overrides: {ov}")
         left = max(0, s.n_trials - sum(t["status"] != "interrupted" for t in trials))
         print(f"done: {s.n_trials - left}, left: {left}")
-    if seconds and left:
-        per = statistics.median(seconds)
-        print(
-            f"estimate: {left} trial(s) x {per:.0f} s (median of {len(seconds)} complete trial(s) of preset "
-            f"{plan.preset} in this store) / {workers} worker(s) = {left * per / workers / 60:.1f} min"
-        )
-    elif left:
+        if s.confirm is not None:
+            c = s.confirm
+            lo_n, hi_n = (c.top + 1) * len(c.rule.initial), (c.top + 1) * c.rule.max
+            print(
+                f"then the confirmation ({confirm_name(s.name)}): the top {c.top} parameter sets and the "
+                f"preset's values on fresh seeds {list(c.rule.initial)}, at most {c.rule.max} per row: "
+                f"{lo_n} to {hi_n} trials ({c.rule.describe(c.top)}); `confirm: false` switches it off"
+            )
+            _estimate(plan, seconds, workers, left + lo_n, left + hi_n)
+            return
+    _estimate(plan, seconds, workers, left, left)
+
+
+def _estimate(plan: Plan, seconds: list[float], workers: int, low: int, high: int) -> None:
+    """The dry run's time estimate for low to high trials left (the same number for a fixed grid)."""
+    if not high:
+        return
+    if not seconds:
         print(f"estimate: none yet (no complete trial of preset {plan.preset} in this store)")
+        return
+    per = statistics.median(seconds)
+    n = f"{low}" if low == high else f"{low} to {high}"
+    t = f"{low * per / workers / 60:.1f}" + ("" if low == high else f" to {high * per / workers / 60:.1f}")
+    print(
+        f"estimate: {n} trial(s) x {per:.0f} s (median of {len(seconds)} complete trial(s) of preset "
+        f"{plan.preset} in this store) / {workers} worker(s) = {t} min"
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -329,7 +367,7 @@ def study_summary(plan: Plan, store) -> str:
                 groups.setdefault(key, []).append(v)
             if result_collapsed(t["result"]):
                 collapsed[key] = collapsed.get(key, 0) + 1
-    points = [p.key for p in plan.points] if plan.is_grid else None
+    points = plan.expected_keys(trials) if plan.is_grid else None
 
     def notes(key: tuple) -> list[str]:
         if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note
@@ -367,8 +405,31 @@ def study_summary(plan: Plan, store) -> str:
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()
                 )
             )
+    if plan.adaptive:
+        lines.append(s.adaptive.describe(len(s.rows) - 1))
+        for r, d in plan.decide(trials).rows.items():
+            lines.append(
+                f"  {r}: {status_text(d, s.adaptive)}; {d.n} paired seed(s) "
+                f"{list(d.seeds)}; Δ vs {s.baseline} {interval_text(d)}"
+            )
     lines.append(progress(trials, points, None if plan.is_grid else s.n_trials).line())
     return "\n".join(lines)
+
+
+def confirmation(plan: Plan, store, n_trials: int | None = None) -> Plan | None:
+    """The confirmation plan of a tuning study whose search is done (n_trials finished, not counting
+    interrupted trials), else None. A rerun confirms the sets the first run chose (stored with
+    NAME.confirm)."""
+    from studies.execute import finished_count
+
+    s = plan.study
+    if plan.is_grid or s.confirm is None:
+        return None
+    if finished_count(plan, store) < (n_trials if n_trials is not None else s.n_trials):
+        return None
+    name = confirm_name(s.name)
+    stored = store.study_record(name)["spec"].get("rows") if name in store.study_names() else None
+    return confirm_plan(plan, store.trials(s.name), stored)
 
 
 def write_report(name: str, url: str, out_dir: str = "runs/reports", artifacts: str | None = None) -> None:
@@ -473,61 +534,54 @@ def main(argv: list[str] | None = None) -> int:
 
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    live = None
-    try:
-        live = Live(
-            plan,
-            store,
-            workers if args.backend == "optuna" else (args.workers or 1),
-            retry_failed=args.retry_failed,
-            n_trials=args.n_trials,
-        )
-        if args.backend == "ray":
-            from studies.ray_backend import run_study_ray
 
-            outcomes = run_study_ray(
-                plan,
-                url,
-                workers=args.workers,
-                n_trials=args.n_trials,
-                retry_failed=args.retry_failed,
-                address=args.address,
-                cpus_per_trial=args.cpus_per_trial,
-                gpus_per_trial=args.gpus_per_trial,
-                user_keys=user_keys,
-                artifacts=artifacts,
-                log=live.log,
-                events=live,
-            )
-        else:
+    def run_phase(p: Plan, n_trials: int | None) -> list:
+        """One study on the chosen backend, with its live display."""
+        live = Live(p, store, workers if args.backend == "optuna" else (args.workers or 1),
+                    retry_failed=args.retry_failed, n_trials=n_trials)  # fmt: skip
+        try:
+            if args.backend == "ray":
+                from studies.ray_backend import run_study_ray
+
+                return run_study_ray(
+                    p,
+                    url,
+                    workers=args.workers,
+                    n_trials=n_trials,
+                    retry_failed=args.retry_failed,
+                    address=args.address,
+                    cpus_per_trial=args.cpus_per_trial,
+                    gpus_per_trial=args.gpus_per_trial,
+                    user_keys=user_keys,
+                    artifacts=artifacts,
+                    log=live.log,
+                    events=live,
+                )
             from studies.optuna_backend import run_study
 
-            outcomes = run_study(
-                plan,
-                url,
-                workers=workers,
-                n_trials=args.n_trials,
-                retry_failed=args.retry_failed,
-                artifacts=artifacts,
-                log=live.log,
-                events=live,
-            )
-        live.close()
-        print(study_summary(plan, store))
-    except KeyboardInterrupt:
-        if live is not None:
+            return run_study(p, url, workers=workers, n_trials=n_trials, retry_failed=args.retry_failed,
+                             artifacts=artifacts, log=live.log, events=live)  # fmt: skip
+        finally:
             live.close()
+
+    names = [args.name]
+    try:
+        outcomes = run_phase(plan, args.n_trials)
+        print(study_summary(plan, store))
+        cplan = confirmation(plan, store, args.n_trials)
+        if cplan is not None:  # a tuning study's search is done: its top sets on fresh seeds
+            print(f"[studies] confirmation {cplan.study.name}: {cplan.study.description}", flush=True)
+            outcomes += run_phase(cplan, None)
+            print(study_summary(cplan, store))
+            names.append(cplan.study.name)
+    except KeyboardInterrupt:
         sys.stdout.flush()  # the trial lines first, then the message
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except ClusterError as e:
-        if live is not None:
-            live.close()
         print(f"studies.run: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if live is not None:
-            live.close()
         msg = str(e).strip().splitlines()
         print(f"studies.run: {type(e).__name__}: {msg[0] if msg else ''}", file=sys.stderr)
         return 1
@@ -535,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     if not args.no_report:
-        write_report(args.name, url, artifacts=artifacts)
+        for name in names[::-1]:  # the confirmation first: the tuning report reads it
+            write_report(name, url, artifacts=artifacts)
     failed = [o for o in outcomes if o.status in (FAILED, INTERRUPTED)]
     if failed:
         print(

@@ -223,3 +223,25 @@ def decide_study(
             out.wanted |= {(r, dec.next_seed), (baseline, dec.next_seed)}
         out.rows[r] = dec
     return out
+
+
+def _pp(x: float) -> str:
+    """A fraction as signed percent points, one decimal; ±∞ for an unbounded end."""
+    return ("+∞" if x > 0 else "−∞") if math.isinf(x) else f"{100 * x:+.1f}"
+
+
+def interval_text(d: RowDecision) -> str:
+    """'+1.0 [+0.2, +1.8]' (percent points), '– (no paired seeds)' when the row has none yet."""
+    return "– (no paired seeds)" if d.n == 0 else f"{_pp(d.mean)} [{_pp(d.lo)}, {_pp(d.hi)}]"
+
+
+def status_text(d: RowDecision, rule: SeedRule) -> str:
+    """'better', 'equivalent within ±0.5', 'unresolved at max', 'unresolved (seed 4 next)', or 'initial
+    seeds running' before the row has its initial seeds."""
+    if d.status == "equivalent":
+        return f"equivalent within ±{rule.rope:g}"
+    if d.status == "unresolved" and d.next_seed in rule.initial:
+        return "initial seeds running"
+    if d.status == "unresolved" and d.next_seed is not None:
+        return f"unresolved (seed {d.next_seed} next)"
+    return d.status
