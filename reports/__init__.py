@@ -104,12 +104,14 @@ def build_report(
         return table + (f"\n\n{seeds}" if seeds else "")
 
     section("Warnings", tables.collapsed_warnings(study))
+    rope = study.seed_rule.rope / 100 if study.seed_rule is not None else None  # adaptive: shaded ±rope
     bars = (
         "metric per configuration, one dot per seed (a line joins each seed across rows, | = row mean); "
         "paired Δ against the baseline row with its 95% CI",
-        None if tuning else figures.metric_figure(study, out, f"{stem}_metric.png"),
+        None if tuning else figures.metric_figure(study, out, f"{stem}_metric.png", rope=rope),
     )
     if tuning:
+        section("Confirmation on fresh seeds (the answer)", tables.confirmation(study))
         section(
             "Best trials",
             tables.tuning_tables(study),

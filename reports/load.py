@@ -14,6 +14,7 @@ import pandas as pd
 
 from studies.db import StoreError, check_reachable, redact_url
 from studies.quality import is_collapsed, last_stage_iou
+from studies.sequential import SeedRule, StudyDecision, decide_study, rule_from_record
 from studies.store import Store, dig, finite
 
 from .progress import Progress, progress
@@ -73,10 +74,36 @@ class StudyResults:
         seeds = self.spec.get("seeds")
         return len(seeds) if isinstance(seeds, list) else None
 
+    @property
+    def seed_rule(self) -> SeedRule | None:
+        """The adaptive seed rule of an ablation whose spec gives `seeds: {initial, max, ...}`, else None."""
+        seeds = self.spec.get("seeds")
+        return (
+            rule_from_record(seeds)
+            if self.spec.get("kind") == "ablation" and isinstance(seeds, dict)
+            else None
+        )
+
+    def decisions(self) -> StudyDecision | None:
+        """Each row's adaptive-seed decision (studies.sequential) from the stored trials, or None."""
+        rule = self.seed_rule
+        if rule is None:
+            return None
+        rows = [r["label"] for r in self.spec.get("rows") or []]
+        records = self.trials[["row", "seed", "status", "value"]].to_dict("records")
+        return decide_study(rule, rows, self.spec.get("baseline") or rows[0], self.direction, records)
+
     def points(self, row: str | None = None, variant: str | None = None) -> list[tuple[str, str, int]] | None:
         """The grid's (row, variant, seed) keys from the spec (only those of `row` / `variant` when given);
-        None for a tuning study."""
+        with adaptive seeds the points the rule wants so far and those that ran; None for a tuning study."""
         seeds = self.spec.get("seeds")
+        if self.spec.get("kind") != "tuning" and isinstance(seeds, dict):
+            t = self.trials
+            keys = {(r, "", int(s)) for r, s in self.decisions().wanted}
+            keys |= {(r, v, int(s)) for r, v, s in zip(t["row"], t["variant"], t["seed"])}
+            return sorted(
+                k for k in keys if (row is None or k[0] == row) and (variant is None or k[1] == variant)
+            )
         if self.spec.get("kind") == "tuning" or not isinstance(seeds, list):
             return None
         rows = [r["label"] for r in self.spec.get("rows") or []]

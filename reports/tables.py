@@ -17,9 +17,10 @@ import pandas as pd
 
 from studies.db import redact_url
 from studies.quality import COLLAPSED_MEANING
+from studies.sequential import interval_text, status_text
 from studies.store import dig, finite
 
-from .load import StudyResults, optuna_study
+from .load import ReportError, StudyResults, load_study, optuna_study
 from .paired import PairedDelta, better_cell, delta_cell, paired_delta
 
 PAPER_COL = "Paper (VOC val)"
@@ -280,9 +281,30 @@ def baseline_deltas(study: StudyResults) -> list[tuple[str, str, PairedDelta | N
     ]
 
 
+ADAPTIVE_NOTE = (
+    "*Δ paired (deciding interval): mean over seeds of (row − baseline row, same seed) in percent points, "
+    "with the anytime-valid interval at the seed count that decided (or the last one): it holds at every "
+    "seed count at once, so adding seeds and looking again keeps its level; ±∞ while too few seeds bound it. "
+    "seeds used: the paired seeds up to the decision, in the order they were added. The figure's forest "
+    "panel shows the Student-t 95% interval over every paired seed (descriptive, not the decision).*"
+)
+
+
+def adaptive_rows(study: StudyResults) -> dict[str, list[str]]:
+    """Per compared row: [status, seeds used, Δ paired with its deciding interval] (studies.sequential)."""
+    rule, dec = study.seed_rule, study.decisions()
+    out = {}
+    for r, d in dec.rows.items():
+        seeds = f"{d.n}" + (f" ({', '.join(map(str, d.seeds))})" if d.seeds else "")
+        out[r] = [status_text(d, rule), seeds, interval_text(d)]
+    return out
+
+
 def ablation_table(study: StudyResults) -> str:
     """Tables 3/4 layout: one row per configuration, check-mark columns, mean ± std, n, Δ of means, paired Δ
-    against the baseline row (95% CI) and seeds better, paper."""
+    against the baseline row (95% CI) and seeds better, paper. With adaptive seeds (studies.sequential) the
+    paired columns are each row's status, the seeds it used and the interval that decided it, under a line
+    naming the method, alpha and rope."""
     rows, done = study.row_order(), study.complete
     checks = list(
         dict.fromkeys(
@@ -297,8 +319,12 @@ def ablation_table(study: StudyResults) -> str:
     base = study.spec.get("baseline")
     base_mean = stats(done[done["row"] == base]["value"])[0] if base else math.nan
     deltas = {r: p for r, _, p in baseline_deltas(study)}
+    adaptive = adaptive_rows(study) if study.seed_rule is not None and base else None
     header = ["Config", *checks, metric_label(study.metric), "n", f"Δ of means vs {base or 'baseline'}"]
-    header += ["Δ paired (95% CI)", "seeds better"] if base else []
+    if adaptive is not None:
+        header += ["status", "seeds used", "Δ paired (deciding interval)"]
+    elif base:
+        header += ["Δ paired (95% CI)", "seeds better"]
     body = []
     for r in rows:
         cols = study.row_spec(r).get("columns") or {}
@@ -307,17 +333,22 @@ def ablation_table(study: StudyResults) -> str:
             [config_cell(study, r), *(check(cols.get(k)) for k in checks), mean_std(values), n_cell(study, r)]
         )
         if r == base:
-            body[-1] += ["(baseline)"] * 3
+            body[-1] += ["(baseline)"] * (4 if adaptive is not None else 3)
         else:
             body[-1].append(signed(stats(values)[0] - base_mean))
-            if base:
+            if adaptive is not None:
+                body[-1] += adaptive.get(r, ["–"] * 3)
+            elif base:
                 p = deltas[r]
                 body[-1] += [delta_cell(p), better_cell(p)]
         if has_paper:
             p = papers[r]
             body[-1].append(paper(p) if isinstance(p, (int, float)) else "–")
     text = markdown(header + ([PAPER_COL] if has_paper else []), body)
-    text += ("\n\n" + PAIRED_NOTE.format(direction=study.direction)) if base else ""
+    if adaptive is not None:
+        text = f"**{study.seed_rule.describe(len(rows) - 1)}**\n\n{text}\n\n{ADAPTIVE_NOTE}"
+    else:
+        text += ("\n\n" + PAIRED_NOTE.format(direction=study.direction)) if base else ""
     return text + ("\n\n" + PAPER_NOTE if has_paper else "")
 
 
@@ -538,6 +569,69 @@ def tuning_tables(study: StudyResults, k: int = 10) -> str:
             "(needs enough complete trials with varying parameters in the Optuna study).*",
         ]
     return "\n".join(out)
+
+
+def confirmation(study: StudyResults) -> str | None:
+    """A tuning study's confirmation (studies.plan.confirm_plan: the ablation NAME.confirm in the same store):
+    each top parameter set's Δ against the preset's own values on fresh seeds, its status, seeds and deciding
+    interval, beside its value in the search; then the answer: the confirmed Δ, not the search's best value.
+    None when the store holds no confirmation."""
+    try:
+        conf = load_study(f"{study.name}.confirm", study.url)
+    except ReportError:
+        return None
+    rule, dec = conf.seed_rule, conf.decisions()
+    if rule is None or dec is None:
+        return None
+    keys = study.param_keys()
+    search = {
+        f"#{int(t.optuna_number)}": t.value for t in study.trials.itertuples() if pd.notna(t.optuna_number)
+    }
+    base = conf.spec.get("baseline")
+    body = []
+    for r in conf.row_order():
+        spec_row = conf.row_spec(r)
+        values = conf.complete[conf.complete["row"] == r]["value"]
+        cells = [
+            r,
+            *(_fmt_param((spec_row.get("set") or {}).get(p)) if r != base else "preset" for p in keys),
+        ]
+        cells += [pct(search.get(r)) if r != base else "–", mean_std(values), n_cell(conf, r)]
+        if r == base:
+            cells += ["(baseline)"] * 3
+        else:
+            d = dec.rows[r]
+            seeds = f"{d.n}" + (f" ({', '.join(map(str, d.seeds))})" if d.seeds else "")
+            cells += [interval_text(d), status_text(d, rule), seeds]
+        body.append(cells)
+    seed = f" (seed {study.trials['seed'].iloc[0]})" if len(study.trials) else ""
+    header = ["Set", *keys, f"search value{seed}", f"{metric_label(study.metric)} fresh seeds", "n",
+              f"confirmed Δ vs {base} (deciding interval)", "status", "seeds used"]  # fmt: skip
+    sign = -1 if study.direction == "minimize" else 1
+    won = [d for d in dec.rows.values() if d.status == "better"]
+    if won:
+        best = max(won, key=lambda d: sign * d.mean)
+        answer = (
+            f"**Answer:** set {best.row} is confirmed better than the preset's values: "
+            f"Δ {interval_text(best)} points over {best.n} fresh seeds (its search value, one seed: "
+            f"{pct(search.get(best.row))})."
+        )
+    else:
+        answer = (
+            "**Answer:** no set is confirmed better than the preset's values on fresh seeds ("
+            + "; ".join(f"{d.row}: {status_text(d, rule)}, Δ {interval_text(d)}" for d in dec.rows.values())
+            + "); the search's best value is not evidence on its own (winner's curse)."
+        )
+    return "\n\n".join(
+        [
+            answer,
+            f"**{rule.describe(len(dec.rows))}**",
+            markdown(header, body),
+            f"*The search picked these sets on one seed among {len(study.trials)} trials, so their search "
+            f"values are biased upward; the confirmed Δ is measured on fresh seeds (study `{conf.name}`, "
+            f"its own report: `python -m reports {conf.name}`).*",
+        ]
+    )
 
 
 def _fmt_param(v) -> str:
