@@ -52,13 +52,9 @@ class SeedRule:
     alpha: float = 0.05
 
     def sequence(self) -> tuple[int, ...]:
-        """The seeds in the order they are added: the initial ones, then the smallest unused integers >= 0."""
-        out, s = list(self.initial), 0
-        while len(out) < self.max:
-            if s not in self.initial:
-                out.append(s)
-            s += 1
-        return tuple(out)
+        """The seeds in the order they are added: the initial ones, then the integers after the largest."""
+        start = max(self.initial) + 1
+        return tuple(self.initial) + tuple(range(start, start + self.max - len(self.initial)))
 
     def record(self) -> dict:
         return {"initial": list(self.initial), "max": self.max, "rope": self.rope, "alpha": self.alpha}
