@@ -592,10 +592,11 @@ def confirmation(study: StudyResults) -> str | None:
     for r in conf.row_order():
         spec_row = conf.row_spec(r)
         values = conf.complete[conf.complete["row"] == r]["value"]
-        cells = [
-            r,
-            *(_fmt_param((spec_row.get("set") or {}).get(p)) if r != base else "preset" for p in keys),
-        ]
+        if r == base:  # the preset's own values, as its trials ran them
+            cfg = next(iter(conf.trials[conf.trials["row"] == r]["config"]), {})
+            cells = [r, *(_fmt_param(dig(cfg, p)) for p in keys)]
+        else:
+            cells = [r, *(_fmt_param((spec_row.get("set") or {}).get(p)) for p in keys)]
         cells += [pct(search.get(r)) if r != base else "–", mean_std(values), n_cell(conf, r)]
         if r == base:
             cells += ["(baseline)"] * 3
