@@ -1,0 +1,318 @@
+"""Adaptive seed counts (studies.sequential): the rule on fixed sequences, the boundary's error rate, the
+study.yaml syntax, and real `studies.run` processes adding seeds (a kill and a rerun, two processes on one
+study, the Ray backend, a tuning study's confirmation), with a stand-in trial whose metric is known."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studies.sequential import SeedRule, decide_study, row_decision, t_mixture_interval
+from tests.conftest import ROOT
+
+PY = sys.executable
+EFFECT = {1.0: 0.0, 2.0: 0.05, 3.0: 0.0}  # loss.cls -> true effect: seg (baseline), up (+5 points), noisy (0)
+
+
+def known_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+    """A stand-in trial: metric 0.30 + the row's effect (by loss.cls) + a seed term every row shares, plus for
+    loss.cls = 3 a ±2-point swing by seed (a row no seed count up to max resolves); sleeps $SEQ_TEST_SLEEP."""
+    time.sleep(float(os.environ.get("SEQ_TEST_SLEEP", "0")))
+    swing = 0.02 * (-1) ** cfg.seed if cfg.loss.cls == 3.0 else 0.0005 * math.sin(7 * cfg.seed + cfg.loss.cls)
+    v = 0.30 + EFFECT.get(cfg.loss.cls, 0.01 * math.log(cfg.loss.cls)) + 0.01 * math.cos(cfg.seed) + swing
+    stage = {"stage": 0, "val": {"miou": v}, "pgt": {}, "seconds": 0.01, "epoch": 0}
+    if report is not None:
+        report(0, stage)
+    return {"status": "complete", "error": None, "config": cfg.to_dict(), "final": {"miou": v},
+            "stages": [stage], "seconds": 0.01}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the rule itself
+RULE = SeedRule(initial=(0, 1, 2), max=6, rope=0.5, alpha=0.05)
+
+
+def test_a_large_effect_resolves_better_at_the_initial_seeds_and_worse_when_minimising():
+    pairs = [(s, 0.05 + 0.001 * s) for s in range(3)]
+    d = row_decision(RULE, "up", pairs, next_seed=3, m=1)
+    assert (d.status, d.n, d.seeds, d.next_seed) == ("better", 3, (0, 1, 2), None)
+    assert 0 < d.lo < d.mean < d.hi
+    assert row_decision(RULE, "up", pairs, 3, 1, sign=-1.0).status == "worse"  # higher is worse
+    assert row_decision(RULE, "down", [(s, -x) for s, x in pairs], 3, 1).status == "worse"
+
+
+def test_a_tiny_difference_is_equivalent_within_the_rope_once_the_interval_is_narrow_enough():
+    pairs = [(s, 0.0004 * (-1) ** s) for s in range(6)]
+    d = row_decision(RULE, "same", pairs, next_seed=None, m=1)
+    assert d.status == "equivalent"
+    assert -0.005 < d.lo < 0 < d.hi < 0.005  # inside ±0.5 points, and it contains 0
+    assert d.n < 6 and d.seeds == tuple(range(d.n))  # decided at the first seed count that could
+
+
+def test_a_noisy_row_wants_seeds_then_is_unresolved_at_max():
+    pairs = [(s, 0.02 * (-1) ** s) for s in range(3)]
+    d = row_decision(RULE, "noisy", pairs, next_seed=3, m=1)
+    assert (d.status, d.next_seed) == ("unresolved", 3)
+    pairs = [(s, 0.02 * (-1) ** s) for s in range(6)]
+    d = row_decision(RULE, "noisy", pairs, next_seed=None, m=1)
+    assert (d.status, d.n, d.next_seed) == ("unresolved at max", 6, None)
+    assert d.lo < 0 < d.hi
+
+
+def test_the_study_wants_the_next_seed_for_unresolved_rows_and_the_baseline_only():
+    def trial(row, seed, value, status="complete"):
+        return {"row": row, "seed": seed, "status": status, "value": value}
+
+    trials = [trial("seg", s, 0.30 + 0.01 * math.cos(s)) for s in range(3)]
+    trials += [trial("up", s, 0.35 + 0.01 * math.cos(s)) for s in range(3)]
+    trials += [trial("noisy", s, 0.30 + 0.01 * math.cos(s) + 0.02 * (-1) ** s) for s in range(3)]
+    dec = decide_study(RULE, ["seg", "up", "noisy"], "seg", "maximize", trials)
+    assert dec.rows["up"].status == "better" and dec.rows["noisy"].status == "unresolved"
+    initial = {(r, s) for r in ("seg", "up", "noisy") for s in range(3)}
+    assert dec.wanted == initial | {("noisy", 3), ("seg", 3)}
+    # the baseline's seed 3 still running: the row waits for it and wants nothing beyond
+    trials += [trial("noisy", 3, 0.29), trial("seg", 3, None, "running")]
+    dec = decide_study(RULE, ["seg", "up", "noisy"], "seg", "maximize", trials)
+    assert dec.rows["noisy"].n == 3 and dec.wanted == initial | {("noisy", 3), ("seg", 3)}
+    # a failed seed is skipped, the next one wanted
+    trials[-1] = trial("seg", 3, None, "failed")
+    dec = decide_study(RULE, ["seg", "up", "noisy"], "seg", "maximize", trials)
+    assert dec.rows["noisy"].n == 3 and ("noisy", 4) in dec.wanted and ("seg", 4) in dec.wanted
+    assert RULE.sequence() == (0, 1, 2, 3, 4, 5)
+    assert SeedRule((1, 2, 3), 5).sequence() == (1, 2, 3, 4, 5)  # fresh seeds never come back to 0
+
+
+def test_the_interval_covers_the_mean_at_every_seed_count_at_once_with_probability_1_minus_alpha():
+    """Gaussian differences, sd unknown to the rule: the share of runs whose interval misses the true mean at
+    ANY of 30 seed counts stays below alpha (Monte-Carlo, 3 standard errors); a Student-t interval looked at
+    after each seed misses far more often (what peeking costs)."""
+    rng = np.random.default_rng(0)
+    reps, alpha = 20_000, 0.05
+    d = rng.normal(0.3, 1.7, size=(reps, 30))
+    _, lo, hi = t_mixture_interval(d, alpha, 0.1)
+    miss = ((lo > 0.3) | (hi < 0.3))[:, 2:].any(axis=1).mean()
+    assert miss <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps), miss
+    from bench.bench_sequential import student_t_interval
+
+    tlo, thi = student_t_interval(d, alpha)
+    assert ((tlo > 0.3) | (thi < 0.3))[:, 2:].any(axis=1).mean() > 2 * alpha
+
+
+# ---------------------------------------------------------------------------------- study.yaml
+GRID = """storage: {url}
+base:
+  preset: smoke
+  set: {{train.warmup_epochs: 1, train.stage_epochs: 1, train.stages: 1, eval.post: false}}
+studies:
+  g:
+    kind: ablation
+    seeds: {seeds}
+    baseline: seg
+    rows:
+      - {{label: seg, set: {{loss.cls: 1.0}}}}
+      - {{label: up, set: {{loss.cls: 2.0}}}}
+      - {{label: noisy, set: {{loss.cls: 3.0}}}}
+"""
+
+
+def write_grid(tmp_path: Path, seeds: str = "{initial: [0, 1, 2], max: 5}") -> tuple[Path, str]:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    p = tmp_path / "study.yaml"
+    p.write_text(GRID.format(url=url, seeds=seeds))
+    return p, url
+
+
+@pytest.mark.parametrize(
+    "seeds,expect",
+    [
+        ("{initial: [0], max: 5}", "seeds.initial: needs at least 2 seeds"),
+        ("{initial: [0, 1, 2], max: 2}", "seeds.max: max (2) must be >= the 3 initial seeds"),
+        ("{initial: [0, 1, 2], max: 5, rope: 0}", "seeds.rope: rope must be > 0"),
+        ("{initial: [0, 1, 2], max: 5, alpha: 1.5}", "seeds.alpha: alpha must be in (0, 1)"),
+        ("{initial: [0, 1, 2], maximum: 5}", "unknown key 'maximum'"),
+        ("{initial: [0, 1, 1], max: 5}", "duplicate seed"),
+    ],
+)
+def test_a_bad_seeds_mapping_is_one_line_naming_file_line_and_key(tmp_path, seeds, expect):
+    from studies.spec import SpecError, load_spec
+
+    y, _ = write_grid(tmp_path, seeds)
+    with pytest.raises(SpecError) as e:
+        load_spec(y)
+    msg = str(e.value)
+    assert msg.startswith(f"{y}:") and expect in msg and "\n" not in msg, msg
+    line = int(msg[len(str(y)) + 1 :].split(":")[0])
+    assert y.read_text().splitlines()[line - 1].strip().startswith("seeds:"), line
+
+
+def test_a_plain_seed_list_is_a_fixed_grid_and_a_mapping_an_adaptive_one(tmp_path):
+    from studies.plan import make_plan
+    from studies.spec import load_spec
+
+    y, _ = write_grid(tmp_path, "[0, 1, 2]")
+    plan = make_plan(load_spec(y), "g")
+    assert not plan.adaptive and plan.study.seeds == (0, 1, 2) and plan.wanted_keys([]) is None
+    y, _ = write_grid(tmp_path, "{initial: [0, 1, 2], max: 5, rope: 1, alpha: 0.1}")
+    plan = make_plan(load_spec(y), "g")
+    assert plan.adaptive and plan.study.adaptive == SeedRule((0, 1, 2), 5, 1.0, 0.1)
+    assert len(plan.points) == 15 and len(plan.wanted_keys([])) == 9
+
+
+def test_dry_run_shows_initial_seeds_max_and_the_range_of_trials(tmp_path, capsys):
+    from studies.run import main
+
+    y, _ = write_grid(tmp_path)
+    assert main(["g", "--study-file", str(y), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "adaptive seeds: initial [0, 1, 2], at most 5 per row (then seeds 3, 4" in out
+    assert "9 to 15 trials" in out and "alpha 0.05" in out and "rope ±0.5" in out
+    assert out.count("if needed") == 6
+    assert not (tmp_path / "studies.db").exists()
+
+
+# ----------------------------------------------------------------------------- real processes
+def env(sleep: float = 0.0) -> dict:
+    return {**os.environ, "STUDIES_TRIAL_FN": "tests.test_sequential:known_trial", "PYTHONPATH": str(ROOT),
+            "SEQ_TEST_SLEEP": str(sleep), "AUXSEG_RUNS": os.environ.get("AUXSEG_RUNS", "runs")}  # fmt: skip
+
+
+def expected_end(url: str) -> None:
+    """The study ended as the known metric says: up better at 3 seeds, noisy unresolved at max (5), every
+    point the rule wanted complete exactly once, nothing else run."""
+    from studies.store import Store
+
+    trials = Store(url).trials("g")
+    complete = [(t["row"], t["seed"]) for t in trials if t["status"] == "complete"]
+    assert len(complete) == len(set(complete)), sorted(complete)
+    want = {("up", s) for s in range(3)} | {(r, s) for r in ("seg", "noisy") for s in range(5)}
+    assert set(complete) == want
+    assert all(t["status"] in ("complete", "interrupted") for t in trials)
+
+
+@pytest.mark.slow
+def test_seeds_are_added_across_a_kill_and_a_rerun(tmp_path):
+    from studies.store import Store
+
+    y, url = write_grid(tmp_path)
+    store = Store(url)
+    cmd = [PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report", "--workers", "1"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env(0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # kill it while an added seed (3 or 4) runs
+            try:
+                ts = store.trials("g")
+            except Exception:
+                ts = []
+            if any(t["status"] == "running" and t["seed"] >= 3 for t in ts):
+                break
+            assert proc.poll() is None, "the study finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("never saw an added seed running")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    killed = [t for t in store.trials("g") if t["status"] == "running"]
+    assert len(killed) == 1 and killed[0]["seed"] >= 3
+    p = subprocess.run(cmd, cwd=tmp_path, env=env(0.0), capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    expected_end(url)
+    after = {t["id"]: t for t in store.trials("g")}
+    assert after[killed[0]["id"]]["status"] == "interrupted"
+    assert "noisy: unresolved at max; 5 paired seed(s)" in p.stdout and "up: better; 3 paired" in p.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_add_seeds_to_one_study_without_running_a_point_twice(tmp_path):
+    y, url = write_grid(tmp_path)
+    cmd = [PY, "-m", "studies.run", "g", "--study-file", str(y), "--no-report", "--workers", "1"]
+    ps = [subprocess.Popen(cmd, cwd=tmp_path, env=env(0.4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in ps]
+    for p, (so, se) in zip(ps, outs):
+        assert p.returncode == 0, se[-2000:]
+    expected_end(url)
+    from studies.store import Store
+
+    claims = Store(url).claims("g")
+    assert len(claims) == 13 and {c["state"] for c in claims} == {"done"}
+    ran = [so.count(": complete") for so, _ in outs]
+    assert sum(ran) == 13 and all(ran), ran  # both processes ran trials, 13 in all
+
+
+@pytest.mark.slow
+def test_the_ray_backend_adds_seeds_too(tmp_path, monkeypatch):
+    import ray
+
+    from studies.run import main
+
+    y, url = write_grid(tmp_path)
+    for k, v in env(0.0).items():
+        monkeypatch.setenv(k, v)
+    keys = ("STUDIES_TRIAL_FN", "PYTHONPATH", "SEQ_TEST_SLEEP", "AUXSEG_RUNS")
+    trial_env = {k: env(0.0)[k] for k in keys}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": trial_env})
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(["g", "--study-file", str(y), "--backend", "ray", "--workers", "2", "--cpus-per-trial", "1",
+                   "--no-report"])  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    expected_end(url)
+
+
+@pytest.mark.slow
+def test_a_tuning_study_ends_with_its_top_sets_confirmed_on_fresh_seeds(tmp_path, capsys, monkeypatch):
+    from studies.run import main
+    from studies.store import Store
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    y = tmp_path / "study.yaml"
+    text = {
+        "storage": url,
+        "base": {"preset": "smoke", "set": {}},
+        "studies": {
+            "t": {"kind": "tuning", "n_trials": 4, "pruner": "none", "sampler": "random",
+                  "confirm": {"top": 2, "seeds": {"max": 4}},
+                  "params": {"loss.cls": {"type": "float", "low": 0.5, "high": 8.0, "log": True}}},
+            "off": {"kind": "tuning", "n_trials": 2, "confirm": False,
+                    "params": {"loss.cls": {"type": "float", "low": 0.5, "high": 8.0, "log": True}}},
+        },
+    }  # fmt: skip
+    y.write_text(json.dumps(text))
+    for k, v in env(0.0).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    assert main(["t", "--study-file", str(y), "--workers", "1", "--artifacts", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    store = Store(url)
+    search = {f"#{t['optuna_number']}": t for t in store.trials("t")}
+    conf = store.trials("t.confirm")
+    rows = {t["row"] for t in conf}
+    assert len(search) == 4 and "preset" in rows and len(rows) == 3 and rows - {"preset"} <= set(search)
+    assert {t["seed"] for t in conf} <= {1, 2, 3, 4} and all(t["status"] == "complete" for t in conf)
+    for t in conf:  # each confirmed row runs its search trial's parameters; the baseline the preset's value
+        want = 1.0 if t["row"] == "preset" else search[t["row"]]["params"]["loss.cls"]
+        assert t["config"]["loss"]["cls"] == pytest.approx(want)
+    assert "t.confirm: final.miou" in out and "Δ vs preset" in out
+    report = (tmp_path / "runs" / "reports").glob("t--*.md")
+    md = next(p for p in report if ".confirm" not in p.name).read_text()
+    assert "## Confirmation on fresh seeds (the answer)" in md and "**Answer:**" in md
+    assert md.index("Confirmation on fresh seeds") < md.index("## Best trials")
+    # a rerun confirms the same sets; `confirm: false` runs none
+    assert main(["t", "--study-file", str(y), "--workers", "1", "--no-report"]) == 0
+    assert len(store.trials("t.confirm")) == len(conf)
+    assert main(["off", "--study-file", str(y), "--workers", "1", "--no-report"]) == 0
+    assert "off.confirm" not in store.study_names()
