@@ -367,7 +367,13 @@ def study_summary(plan: Plan, store) -> str:
                 groups.setdefault(key, []).append(v)
             if result_collapsed(t["result"]):
                 collapsed[key] = collapsed.get(key, 0) + 1
-    points = plan.expected_keys(trials) if plan.is_grid else None
+    points = (
+        None
+        if not plan.is_grid
+        else plan.expected_keys(trials)
+        if plan.adaptive
+        else [p.key for p in plan.points]
+    )
 
     def notes(key: tuple) -> list[str]:
         if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note

@@ -576,6 +576,7 @@ def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
 
     plan = SimpleNamespace(
         is_grid=True,
+        adaptive=False,
         study=SimpleNamespace(name="collapse", metric="final.miou", rows=[SimpleNamespace(label="A"),
                               SimpleNamespace(label="B")], variants=(), direction="maximize"),
         points=[SimpleNamespace(key=(r, None, s)) for r in "AB" for s in range(3)],
@@ -812,6 +813,7 @@ def test_counts_after_interrupted_then_completed_attempts(store, url, tmp_path):
     assert table_row(md, "0")[4] == "interrupted; rerun complete"  # Failed trials: the lost attempt, resolved
     plan = SimpleNamespace(
         is_grid=True,
+        adaptive=False,
         study=SimpleNamespace(name="rerun", metric="final.miou", rows=[SimpleNamespace(label="a"),
                               SimpleNamespace(label="b")], variants=(), direction="maximize"),
         points=[SimpleNamespace(key=(r, None, s)) for r in "ab" for s in (0, 1)],
