@@ -232,12 +232,12 @@ def interval_text(d: RowDecision) -> str:
 
 
 def status_text(d: RowDecision, rule: SeedRule) -> str:
-    """'better', 'equivalent within ±0.5', 'unresolved at max', 'unresolved (seed 4 next)', or 'initial
-    seeds running' before the row has its initial seeds."""
+    """'better', 'equivalent within ±0.5', 'unresolved at max', 'unresolved (seed 4 next)', or 'waiting for
+    the initial seeds' before the row has them."""
     if d.status == "equivalent":
         return f"equivalent within ±{rule.rope:g}"
     if d.status == "unresolved" and d.next_seed in rule.initial:
-        return "initial seeds running"
+        return "waiting for the initial seeds"
     if d.status == "unresolved" and d.next_seed is not None:
         return f"unresolved (seed {d.next_seed} next)"
     return d.status
