@@ -6,7 +6,7 @@
     dec.wanted -> {(row, seed), ...}   the grid points the study needs now (studies.plan claims only these)
 
 The rule (`row_decision`). For a row and the baseline row, d_s = metric(row, s) − metric(baseline, s) over
-the seeds both have, in the study's seed order (the initial seeds, then the next unused integers). After
+the seeds both have, in the study's seed order (the initial seeds, then the integers after them). After
 every seed the row's interval for the mean paired difference is `t_mixture_interval`, a confidence sequence:
 it covers the true mean at every seed count at once with probability >= 1 − alpha/m, so looking after each
 seed and stopping when it decides does not inflate the error rate (a Student-t interval looked at after each
