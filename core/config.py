@@ -118,6 +118,10 @@ class TrainConfig:
     channels_last: bool = True  # on a GPU
     threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
     workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
+    # Checkpoint a running trial every this many epochs, and at each stage's start (after its label update),
+    # so that a killed trial resumes there (core.checkpoint); 0: no checkpoints. Results do not depend on it.
+    checkpoint_every: int = 1
+    keep_checkpoint: bool = False  # keep the last checkpoint (the trained network) when the trial ends
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.stages < 1:
         raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(
+            f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}"
+        )
     if cfg.eval.gallery_images < 0:
         raise ConfigError(f"eval.gallery_images must be >= 0 (0: no gallery), got {cfg.eval.gallery_images}")
     if cfg.eval.curve_images < 0:

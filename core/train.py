@@ -173,13 +173,22 @@ def train_stage(
     rng: np.random.Generator,
     stage: int,
     on_epoch: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    resume: dict | None = None,
 ) -> dict[str, float]:
     """One stage of multi-task training on the current pseudo labels; returns mean loss terms.
-    on_epoch(epoch) runs after each epoch (it may evaluate: the net is put back in training mode)."""
+    on_epoch(epoch) runs after each epoch (it may evaluate: the net is put back in training mode), then
+    on_checkpoint(epoch, train_state) with what resuming after that epoch needs besides the network and the
+    random streams: resume=train_state continues the stage after its epoch train_state["epoch"]."""
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
     opt = stage_optimizer(net, cfg)
+    sums: dict[str, float] = {}
+    step, first = 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sums, step, first = dict(resume["sums"]), resume["step"], resume["epoch"] + 1
     weights = {"cls": cfg.loss.cls, "sal": cfg.loss.sal, "seg": cfg.loss.seg}
 
     def extra(i: int) -> dict[str, np.ndarray]:
@@ -189,10 +198,8 @@ def train_stage(
         return out
 
     net.train()
-    sums: dict[str, float] = {}
-    step = 0
-    bar = tqdm(total=total, desc=f"stage {stage}", leave=False, disable=None)
-    for epoch in range(epochs):
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", leave=False, disable=None)
+    for epoch in range(first, epochs):
         for b in batches(ds, cfg, rng, extra):
             set_poly(opt, step, total, cfg.train.poly_power)
             x = b["image"].to(device)
@@ -215,5 +222,9 @@ def train_stage(
         if on_epoch is not None:
             on_epoch(epoch)
             net.train()
+        if on_checkpoint is not None:
+            on_checkpoint(
+                epoch, {"epoch": epoch, "step": step, "sums": dict(sums), "optimizer": opt.state_dict()}
+            )
     bar.close()
     return {k: v / max(step, 1) for k, v in sums.items()}

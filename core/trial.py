@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core import checkpoint
 from core.cache import atomic_dir, writable_dir
 from core.config import Config, ConfigError, make_config, parse_overrides
 from core.data import DEFAULT_SALIENCY, DataError, VOCDataset, ensure_generated, normalize
@@ -122,6 +123,9 @@ class TrialResult:
     dataset: DatasetRecord | None = None
     environment: EnvironmentRecord | None = None
     artifacts: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> file (the gallery)
+    # Where a killed run of this trial was resumed: [{stage, epoch}], epoch = the stage's epochs done then.
+    resumed_from: list[dict] = dataclasses.field(default_factory=list)
+    checkpoint: dict = dataclasses.field(default_factory=dict)  # {bytes: last.pt's size, writes}
 
     def to_dict(self) -> TrialRecord:
         """The result.json record (see core.records)."""
@@ -443,15 +447,26 @@ def gallery_rows(
     return rows
 
 
+def _aside(timings: dict[str, float]) -> float:
+    """Time spent inside a stage's training loop on other things than training (curve, checkpoints)."""
+    return timings.get("curve", 0.0) + timings.get("checkpoint", 0.0)
+
+
 def run_trial(
     cfg: Config,
     report: Report | None = None,
     on_epoch: EpochReport | None = None,
     artifacts_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrialResult:
     """One trial. report(stage, record) after each stage; on_epoch(global epoch, subset val mIoU) after
-    every other epoch when eval.curve_images > 0. Either may raise to stop the trial (pruning).
-    artifacts_dir: where the image gallery (core.gallery) is written, if given."""
+    every epoch when eval.curve_images > 0. Either may raise to stop the trial (pruning).
+    artifacts_dir: where the image gallery (core.gallery) is written, if given.
+    checkpoint_dir: where the trial checkpoints itself (train.checkpoint_every, core.checkpoint). When it
+    holds a checkpoint of this config, the trial resumes from it with the same final numbers as an
+    uninterrupted run (same machine and thread count), after replaying the report() and on_epoch() calls
+    of what was done before, so that a caller sees the whole trial either way. The checkpoint is removed
+    when the trial ends (complete or failed) unless train.keep_checkpoint."""
     t_start = time.time()
     timings: dict[str, float] = {}
     result = TrialResult(status="complete", error=None, config=cfg.to_dict())
@@ -462,6 +477,9 @@ def run_trial(
     check_init_weights(cfg.model.init_weights, cfg.model.width)
     if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).expanduser().is_file():
         raise FileNotFoundError(f"model.init_checkpoint: no such file {cfg.model.init_checkpoint!r}")
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    fingerprint = checkpoint.config_fingerprint(cfg)
+    resumed = checkpoint.load(ckpt_dir, fingerprint) if ckpt_dir is not None else None
 
     t = time.time()
     ds, val = load_data(cfg)
@@ -488,17 +506,36 @@ def run_trial(
         result.warmup = {"cached": hit, "seconds": warm_secs}
         timings["warmup"] = time.time() - t
 
-        t = time.time()
-        segs, sal_targets, pgt = make_labels(
-            ds,
-            cfg,
-            lambda i: _cam_at(warm_cams[i], ds.image(i).shape[:2]),
-            lambda i: None,
-            pool,
-            "initial labels",
-        )
-        result.initial_pgt = pgt
-        timings["initial_labels"] = time.time() - t
+        if resumed is None:
+            t = time.time()
+            segs, sal_targets, pgt = make_labels(
+                ds,
+                cfg,
+                lambda i: _cam_at(warm_cams[i], ds.image(i).shape[:2]),
+                lambda i: None,
+                pool,
+                "initial labels",
+            )
+            result.initial_pgt = pgt
+            timings["initial_labels"] = time.time() - t
+            first_stage, curve_done, stage_secs = 0, [], 0.0
+        else:
+            done = json.loads(resumed["trial"])
+            result.initial_pgt, result.stages, result.warmup = (
+                done["initial_pgt"],
+                done["stages"],
+                done["warmup"],
+            )
+            for k, v in done["timings"].items():  # this run's data / warm-up time on top of the first's
+                timings[k] = timings.get(k, 0.0) + v
+            t_start -= done["seconds"]
+            segs, sal_targets, pgt = resumed["segs"], resumed["sal_targets"], done["pgt"]
+            first_stage, curve_done, stage_secs = resumed["stage"], done["curve"], done["stage_seconds"]
+            epochs_done = 0 if resumed["train"] is None else resumed["train"]["epoch"] + 1
+            result.resumed_from = done["resumed_from"] + [{"stage": first_stage, "epoch": epochs_done}]
+            print(
+                f"resuming from {ckpt_dir}: stage {first_stage} after {epochs_done} epoch(s)", file=sys.stderr
+            )
 
         # Same stream of randomness for the stages whether the warm-up was computed or loaded.
         torch.manual_seed(cfg.seed + 1)
@@ -509,18 +546,76 @@ def run_trial(
         net.load_from_classifier(clf)
         if cfg.model.init_checkpoint:  # a whole trained network (released or ours) replaces all of it
             net.load_official(Path(cfg.model.init_checkpoint).expanduser())
+        if resumed is not None:
+            net.load_state_dict(resumed["net"])
+            checkpoint.set_rng_state(resumed["rng"], rng)
         net = to_device(net, cfg, device)
 
         def amp() -> contextlib.AbstractContextManager:
             return autocast(cfg, device)
 
+        # What was done before the checkpoint, told again: the caller's record of the trial is whole.
+        for rec in result.stages:
+            for point in rec.get("curve", []):
+                if on_epoch is not None:
+                    on_epoch(point["epoch"], point["miou"])
+            if report is not None:
+                report(rec["stage"], rec)
+        for point in curve_done:
+            if on_epoch is not None:
+                on_epoch(point["epoch"], point["miou"])
+
+        every = cfg.train.checkpoint_every if ckpt_dir is not None else 0
         has_sal = "sal" in cfg.model.branches
         subset = curve_indices(len(val), cfg.eval.curve_images)
         epochs = cfg.train.stage_epochs
-        for s in range(cfg.train.stages):
-            t_stage = time.time()
+        for s in range(first_stage, cfg.train.stages):
+            resuming = resumed is not None and s == first_stage
+            t_stage = time.time() - (stage_secs if resuming else 0.0)
             t = time.time()
-            curve: list[CurvePoint] = []
+            curve: list[CurvePoint] = list(curve_done) if resuming else []
+            aside_before = _aside(timings)
+
+            def save(train_state: dict | None, s: int = s, curve: list[CurvePoint] = curve) -> None:
+                now = time.time()
+                snapshot = dict(timings)  # the stage's training so far counts as training
+                snapshot["train"] = snapshot.get("train", 0.0) + now - t - (_aside(snapshot) - aside_before)
+                state = {
+                    "fingerprint": fingerprint,
+                    "stage": s,
+                    "train": train_state,
+                    "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                    "rng": checkpoint.rng_state(rng),
+                    "trial": json.dumps(
+                        {
+                            "initial_pgt": result.initial_pgt,
+                            "stages": result.stages,
+                            "warmup": result.warmup,
+                            "timings": snapshot,
+                            "seconds": now - t_start,
+                            "resumed_from": result.resumed_from,
+                            "pgt": pgt,
+                            "curve": curve,
+                            "stage_seconds": now - t_stage,
+                            "environment": result.environment,
+                        }
+                    ),
+                }
+                assert ckpt_dir is not None
+                took = checkpoint.save(ckpt_dir, state)
+                if took is not None:
+                    timings["checkpoint"] = timings.get("checkpoint", 0.0) + took
+                    snapshot_bytes = (ckpt_dir / checkpoint.LAST).stat().st_size
+                    result.checkpoint = {
+                        "bytes": snapshot_bytes,
+                        "writes": result.checkpoint.get("writes", 0) + 1,
+                    }
+
+            if every and not resuming:  # the stage's start: its labels, once
+                t_ckpt = time.time()
+                checkpoint.save_labels(ckpt_dir, s, segs, sal_targets if has_sal else None)  # type: ignore[arg-type]
+                timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.time() - t_ckpt
+                save(None)
 
             def epoch_end(epoch: int, s: int = s, curve: list[CurvePoint] = curve) -> None:
                 if not subset:  # every epoch, a stage's last included: one measurement, one curve
@@ -532,12 +627,24 @@ def run_trial(
                 if on_epoch is not None:
                     on_epoch(s * epochs + epoch, m)
 
-            curve_before = timings.get("curve", 0.0)
+            def epoch_checkpoint(epoch: int, train_state: dict) -> None:
+                if every and ((epoch + 1) % every == 0 or epoch == epochs - 1):
+                    save(train_state)
+
             losses = train_stage(
-                net, ds, segs, sal_targets if has_sal else None, cfg, device, rng, s, epoch_end
+                net,
+                ds,
+                segs,
+                sal_targets if has_sal else None,
+                cfg,
+                device,
+                rng,
+                s,
+                epoch_end,
+                on_checkpoint=epoch_checkpoint,
+                resume=resumed["train"] if resuming else None,  # type: ignore[index]
             )
-            spent_on_curve = timings.get("curve", 0.0) - curve_before
-            timings["train"] = timings.get("train", 0.0) + time.time() - t - spent_on_curve
+            timings["train"] = timings.get("train", 0.0) + time.time() - t - (_aside(timings) - aside_before)
             t = time.time()
             last = s == cfg.train.stages - 1
             post = cfg.eval.post and (last or cfg.eval.post_every_stage)
@@ -581,6 +688,8 @@ def run_trial(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if ckpt_dir is not None and not cfg.train.keep_checkpoint:  # ended: nothing left to resume
+        checkpoint.remove(ckpt_dir)
     result.timings = timings
     result.seconds = time.time() - t_start
     return result
@@ -619,6 +728,8 @@ def summary(res: TrialResult) -> str:
             f"{st['stage']:>5}  {pct(v['miou']):>8}  {pct(v['miou_post']):>9}  "
             f"{pct(p['precision'])} / {pct(p['recall'])} / {pct(p['miou'])}  {st['seconds']:7.1f}"
         )
+    for r in res.resumed_from:
+        lines.append(f"resumed in stage {r['stage']} after {r['epoch']} of its epochs")
     lines.append(
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()) + f"; total {res.seconds:.1f}s"
     )
@@ -645,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(args.preset, parse_overrides([x for group in args.overrides for x in group]))
         check_out(args.out)  # before any training: a trial's result is never lost to a bad --out
-        res = run_trial(cfg, artifacts_dir=args.out)
+        # The checkpoint lives beside result.json: rerunning the same command resumes a killed trial.
+        res = run_trial(cfg, artifacts_dir=args.out, checkpoint_dir=Path(args.out) / "checkpoint")
     except (ConfigError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
