@@ -23,7 +23,7 @@ PY = sys.executable
 EFFECT = {1.0: 0.0, 2.0: 0.05, 3.0: 0.0}  # loss.cls -> true effect: seg (baseline), up (+5 points), noisy (0)
 
 
-def known_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+def known_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
     """A stand-in trial: metric 0.30 + the row's effect (by loss.cls) + a seed term every row shares, plus for
     loss.cls = 3 a ±2-point swing by seed (a row no seed count up to max resolves); sleeps $SEQ_TEST_SLEEP."""
     time.sleep(float(os.environ.get("SEQ_TEST_SLEEP", "0")))
@@ -316,3 +316,15 @@ def test_a_tuning_study_ends_with_its_top_sets_confirmed_on_fresh_seeds(tmp_path
     assert len(store.trials("t.confirm")) == len(conf)
     assert main(["off", "--study-file", str(y), "--workers", "1", "--no-report"]) == 0
     assert "off.confirm" not in store.study_names()
+
+
+def test_the_adaptive_main_job_in_study_yaml_is_table_3_with_a_seed_rule():
+    from studies.plan import make_plan
+    from studies.spec import load_spec
+
+    spec = load_spec(ROOT / "study.yaml")
+    fixed, adaptive = spec.study("ablation_tasks"), spec.study("ablation_tasks_adaptive")
+    assert adaptive.adaptive == SeedRule((0, 1, 2), 8) and fixed.adaptive is None
+    assert adaptive.rows == fixed.rows and adaptive.set == fixed.set and adaptive.baseline == fixed.baseline
+    plan = make_plan(spec, "ablation_tasks_adaptive", preset="smoke")
+    assert len(plan.points) == 5 * 8 and len(plan.wanted_keys([])) == 5 * 3
