@@ -24,8 +24,8 @@ different seed counts and equivalence is read from the interval, which Bonferron
 
 What the interval assumes: the paired differences of a row are independent draws (one per seed) from a
 normal distribution with unknown mean and unknown sd. The sd is not estimated and plugged in (that is not
-valid at 3 seeds); the interval is exact for every sd, which is why it is wider than a Student-t interval
-at the same n (about 1.5-2.5x for 3-10 seeds).
+valid at 3 seeds); the interval is valid for every sd, which is why it is wider than a one-look Student-t
+interval at the same n (about 2-3x at 4-10 seeds, and unbounded at 3 for the usual alphas).
 """
 
 from __future__ import annotations
