@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """This process gets `sig` when its parent exits (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing), so
+    a runner killed with SIGKILL leaves no orphan behind: a worker blocked on its dead parent's pipe would
+    never exit. `parent`: the pid the caller expects as parent; if it is gone already, exit now."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+        os._exit(1)
+
 
 def make_pool(workers: int) -> Executor | None:
-    """workers: 0 -> one process per core, 1 -> no pool (in-process). Spawned, so no torch state is forked."""
+    """workers: 0 -> one process per core, 1 -> no pool (in-process). Spawned, so no torch state is forked;
+    the workers hold no state, so they are killed outright when the trial's process dies."""
     n = workers or os.cpu_count() or 1
     if n <= 1:
         return None
-    return ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=n,
+        mp_context=mp.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 def bounded_map(pool: Executor | None, fn: Callable, jobs: Iterable, window: int = 16) -> Iterator:

@@ -15,7 +15,9 @@ storage id, `grid_index` a point's position in the study's grid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -297,10 +299,12 @@ def execute(
             store.release_claim(job.claim_owner, status)
 
     scratch = tempfile.mkdtemp(prefix="trial-artifacts-") if job.artifacts else None
+    ckpt = checkpoint_dir(job, cfg)
     try:
         try:
-            res = trial_fn()(cfg, report=report, on_epoch=epoch, artifacts_dir=scratch)
+            res = trial_fn()(cfg, report=report, on_epoch=epoch, artifacts_dir=scratch, checkpoint_dir=ckpt)
         except pruned_types as e:
+            shutil.rmtree(ckpt, ignore_errors=True)  # a pruned trial is never resumed
             close(PRUNED, error=str(e) or "pruned")
             return Outcome(
                 optuna_number=job.optuna_number,
@@ -336,6 +340,20 @@ def execute(
         beat.stop()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def checkpoint_dir(job: Job, cfg: Any) -> Path:
+    """Where the trial of a job checkpoints itself, so that rerunning its grid point (or a tuning trial's
+    parameters and seed) after a kill resumes there: runs/checkpoints/STUDY/<point>-<config fingerprint>.
+    The fingerprint keeps a checkpoint from being resumed by a changed config (e.g. another preset). A Ray
+    trial resolves runs/ through AUXSEG_RUNS, which the driver sets to its own absolute runs/: resuming on
+    another node needs that folder on storage every node reaches (README, Resuming)."""
+    from core.checkpoint import config_fingerprint
+    from core.trial import runs_dir
+
+    point = json.dumps([job.row, job.variant, job.seed, job.params], sort_keys=True, default=str)
+    key = hashlib.sha256(point.encode()).hexdigest()[:12]
+    return runs_dir() / "checkpoints" / job.study / f"{key}-{config_fingerprint(cfg)}"
 
 
 def upload_gallery(job: Job, store: Store, path: str) -> str | None:

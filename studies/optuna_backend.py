@@ -14,12 +14,15 @@ Ray Tune drives the same Optuna study through OptunaSearch.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from datetime import timezone
@@ -28,6 +31,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from core.parallel import die_with_parent
 from studies.db import code_version, pid_alive, retry_locked
 from studies.execute import (
     STOPPED_BY_USER,
@@ -232,6 +236,8 @@ def run_optuna_job(job: Job) -> Outcome:
             tell(study, job, out)
         if not _IN_WORKER:
             raise
+        if orphaned():  # nobody reads the outcome, and the pool's pipes would block this process forever
+            os._exit(1)
         return out  # a trial process: the parent stopped it and reads the outcome
     except Exception as e:  # config/store trouble outside the trial itself: still close the Optuna trial
         out = Outcome(optuna_number=job.optuna_number, status=FAILED, error=one_line(e))
@@ -359,6 +365,21 @@ def mark_owner(study: optuna.Study, optuna_trial_id: int) -> None:
         retry_locked(study._storage.set_trial_system_attr, optuna_trial_id, k, v)
 
 
+def enqueue_interrupted(plan: Plan, store: Store, study: optuna.Study) -> None:
+    """Tuning: each interrupted trial's parameters are asked again before any new ones (Optuna's
+    RetryFailedTrialCallback idiom), so that the rerun resumes from the checkpoint that its parameters
+    and seed name (execute.checkpoint_dir). Enqueued once across processes: a claim on
+    ["resume", number] in the claims table."""
+    name = plan.study.name
+    for t in store.trials(name, status=INTERRUPTED):
+        if t["row"] != "trial":  # a grid point (e.g. a confirmation seed) reruns through its claim
+            continue
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        if store.claim_point(name, json.dumps(["resume", t["optuna_number"]]), owner):
+            retry_locked(study.enqueue_trial, t["params"], user_attrs={"resumes": t["optuna_number"]})
+            store.release_claim(owner, COMPLETE)
+
+
 class Dispatcher:
     """Hands out the next trial: a claimed grid point (exactly once across processes), or the next
     sampled tuning trial."""
@@ -384,6 +405,8 @@ class Dispatcher:
         else:
             target = n_trials if n_trials is not None else plan.study.n_trials
             self.budget = max(0, target - finished_count(plan, store))
+            if self.budget:
+                enqueue_interrupted(plan, store, study)
 
     def _mark_owner(self, trial: optuna.Trial) -> None:
         mark_owner(self.study, trial._trial_id)
@@ -437,9 +460,22 @@ _IN_WORKER = False  # this process is one of run_study's trial processes
 _TRIAL_RUNNING = False  # run_optuna_job is running a trial in this process
 
 
+_PARENT = 0  # a trial process: the pid of the studies.run process that started it
+
+
+def orphaned() -> bool:
+    """This trial process's parent is gone (killed): no one reads its outcome or gives it work."""
+    return _IN_WORKER and os.getppid() != _PARENT
+
+
 def _stop_trial(signum: int, frame: object) -> None:
-    """A trial process's SIGTERM: stop the running trial as a Ctrl-C would (it is closed as interrupted in
-    both stores); between trials there is nothing to stop."""
+    """A trial process's SIGTERM, from its parent or from the kernel when the parent died: stop the
+    running trial as a Ctrl-C would (it is closed as interrupted in both stores; its checkpoint stays for
+    the rerun). An orphan then exits: between trials at once, after a trial within STOP_GRACE_S at most."""
+    if orphaned():
+        if not _TRIAL_RUNNING:
+            os._exit(1)
+        threading.Timer(STOP_GRACE_S, os._exit, (1,)).start()
     if _TRIAL_RUNNING:
         raise KeyboardInterrupt
 
@@ -459,15 +495,16 @@ class _NoTerminal:
         return getattr(self._stream, name)
 
 
-def _worker_init(env: dict[str, str], quiet: bool = False) -> None:
+def _worker_init(env: dict[str, str], parent: int, quiet: bool = False) -> None:
     """A trial process: the parent's environment for trials, lines flushed as they are written, and the
     parent in charge of stopping: Ctrl-C in a terminal reaches every process of the group, so trial
     processes ignore SIGINT and stop on the SIGTERM their parent sends (stop_trial_processes)."""
-    global _IN_WORKER
-    _IN_WORKER = True
+    global _IN_WORKER, _PARENT
+    _IN_WORKER, _PARENT = True, parent
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_trial)
+    die_with_parent(parent, signal.SIGTERM)  # a parent killed outright: this process stops too
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
@@ -564,7 +601,7 @@ def run_study(
             max_workers=workers,
             mp_context=mp.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(env, quiet),
+            initargs=(env, os.getpid(), quiet),
         ) as pool:
             running: dict[cf.Future, Job] = {}
             try:

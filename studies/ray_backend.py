@@ -45,6 +45,7 @@ from studies.execute import (
 from studies.models import INTERRUPTED, PRUNED, RUNNING
 from studies.optuna_backend import (
     close_stopped,
+    enqueue_interrupted,
     fixed_sampler,
     label_trial,
     log_outcome,
@@ -367,6 +368,8 @@ def run_study_ray(
             num = min(num, n_trials) if n_trials is not None else num
         else:
             num = max(0, (n_trials if n_trials is not None else s.n_trials) - finished_count(plan, store))
+            if num:
+                enqueue_interrupted(plan, store, study)  # the searcher asks their parameters first
         if num == 0:
             log("[studies] nothing to run: every trial of this study is finished")
             return []

@@ -38,7 +38,7 @@ def stand_in_result(cfg, seconds: float, report=None, artifacts: dict | None = N
     }
 
 
-def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
     """A stand-in trial: sleeps, draws a learning curve, reports one stage, writes a tiny gallery."""
     time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "0.2")))
     if on_epoch is not None:  # a learning curve rising to the stage's value

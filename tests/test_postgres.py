@@ -18,7 +18,7 @@ pg_server = pgserver.pg_server  # the fixtures: a session-wide server, a fresh d
 pg_url = pgserver.pg_url
 
 
-def stub_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+def stub_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
     """A fast stand-in for core.trial.run_trial: two stages, a metric that depends on the seed."""
     miou = 0.5 + 0.01 * cfg.seed
     stages = []

@@ -35,23 +35,36 @@ NODES_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 
 
-def cluster_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+def cluster_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
     """A stand-in trial run by Ray on some node: sleeps, reports one stage, returns a result shaped like
     core.trial's. On the node named in $RAY_CLUSTER_TEST_DIR/slow_node it writes slow_started and sleeps
-    long (so that the test can kill that node mid-trial)."""
+    long (so that the test can kill that node mid-trial), checkpointing its seconds slept each second in
+    checkpoint_dir as core.trial checkpoints its epochs; a trial that finds a checkpoint there says so in
+    resumed_from, and removes it when it ends."""
     import ray
 
+    from tests.test_claims import stand_in_result
+
     sleep_s = FAST_S
+    progress = Path(checkpoint_dir or ".", "progress.json")
+    resumed = json.loads(progress.read_text())["seconds"] if checkpoint_dir and progress.exists() else None
     ctrl = os.environ.get("RAY_CLUSTER_TEST_DIR")
     if ctrl and ray.is_initialized():
         slow = Path(ctrl, "slow_node")
         if slow.exists() and slow.read_text().strip() == ray.get_runtime_context().get_node_id():
             Path(ctrl, "slow_started").write_text(json.dumps({"seed": cfg.seed}))
             sleep_s = SLOW_S
-    time.sleep(sleep_s)
-    from tests.test_claims import stand_in_result
-
-    return stand_in_result(cfg, sleep_s, report)
+    for k in range(int(sleep_s / FAST_S)):
+        time.sleep(FAST_S)
+        if checkpoint_dir is not None and sleep_s == SLOW_S:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.write_text(json.dumps({"seconds": (k + 1) * FAST_S}))
+    res = stand_in_result(cfg, sleep_s, report)
+    if resumed is not None:
+        res["resumed_from"] = [{"stage": 0, "epoch": resumed}]
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return res
 
 
 # ------------------------------------------------------------------------------------ the cluster
@@ -352,3 +365,7 @@ def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_p
     failed, rerun = ot[victim["optuna_number"]], ot[max(ot)]
     assert rerun.state.name == "COMPLETE" and rerun.params == failed.params, (rerun, failed)
     assert rerun.user_attrs["ray_node"] in (cluster.head_id, cluster.worker_id)
+    # the rerun found the killed trial's checkpoint (runs/checkpoints/, reached by both nodes) and removed it
+    again = [t for t in trials if t["optuna_number"] == rerun.number][0]
+    assert again["result"]["resumed_from"][0]["epoch"] >= 1, again["result"]
+    assert not any((tmp_path / "runs" / "checkpoints" / STUDY).glob("*/progress.json"))

@@ -21,11 +21,13 @@ PY = sys.executable
 TINY = {**TINY_SET, "train.threads": 1}
 
 
-def recording_trial(cfg, report=None, on_epoch=None, artifacts_dir=None):
+def recording_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
     """The real core.trial.run_trial, plus a copy of each result in $STUDIES_TEST_RESULTS (to compare)."""
     from core.trial import run_trial
 
-    res = run_trial(cfg, report=report, on_epoch=on_epoch, artifacts_dir=artifacts_dir)
+    res = run_trial(
+        cfg, report=report, on_epoch=on_epoch, artifacts_dir=artifacts_dir, checkpoint_dir=checkpoint_dir
+    )
     out = Path(os.environ["STUDIES_TEST_RESULTS"])
     out.mkdir(parents=True, exist_ok=True)
     d = res.to_dict()

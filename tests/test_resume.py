@@ -1,0 +1,213 @@
+"""A killed trial resumes from its last checkpoint with the same final numbers as an uninterrupted run
+(core.trial --out DIR, and a grid point of studies.run), and a killed studies.run leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import checkpoint
+from core.config import make_config
+from tests.conftest import ROOT, run_module
+
+PY = sys.executable
+# Two stages of two epochs: a kill in the second stage after one of its epochs has a label update, a
+# finished stage and a half-done one behind it. No post-processing or gallery: the numbers are the point.
+SHORT = ["train.stage_epochs=2", "eval.post=false", "eval.gallery_images=0", "train.threads=1"]
+
+
+def comparable(result: dict) -> dict:
+    """What an interrupted and resumed trial must reproduce bit for bit (not its times)."""
+    stages = [{k: v for k, v in s.items() if k != "seconds"} for s in result["stages"]]
+    return {"initial_pgt": result["initial_pgt"], "stages": stages, "final": result["final"]}
+
+
+def trial_cmd(out: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "core.trial", "--preset", "smoke", "--set", *SHORT, *extra, "--out", str(out)]
+
+
+def wait_for_checkpoint(folder: Path, pattern: str, proc: subprocess.Popen, stage: int) -> dict:
+    """Poll the checkpoints folder.glob(pattern) until one holds an epoch of `stage` (not only its start)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        for path in folder.glob(pattern):
+            try:
+                st = torch.load(path, weights_only=True)
+            except Exception:  # being replaced right now
+                continue
+            if st["stage"] == stage and st["train"] is not None:
+                return st
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of stage {stage} in {folder} (process rc {proc.poll()})")
+
+
+def process_tree(root: int) -> set[int]:
+    """root and every descendant, from /proc."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited: only its exit status waits to be read
+
+
+@pytest.fixture(scope="module")
+def reference(runs, tmp_path_factory):
+    """The uninterrupted trial (seed 0), run without checkpoints from a folder whose checkpoint is
+    garbage: the trial warns in one line naming the file and starts from its first epoch."""
+    out = tmp_path_factory.mktemp("reference")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / checkpoint.LAST).write_bytes(b"PK\x03\x04 truncated by a full disk")
+    r = subprocess.run(trial_cmd(out, "train.checkpoint_every=0"), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint {out / 'checkpoint' / checkpoint.LAST} is unreadable" in r.stderr, r.stderr[-2000:]
+    assert "starting the trial from its first epoch" in r.stderr
+    assert not (out / "checkpoint").exists()  # the trial ended: nothing left to resume
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from"] == [] and result["status"] == "complete"
+    return result
+
+
+@pytest.mark.slow
+def test_a_trial_killed_in_its_second_stage_resumes_with_identical_numbers(runs, reference, tmp_path):
+    out = tmp_path / "t"
+    p = subprocess.Popen(trial_cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        st = wait_for_checkpoint(out / "checkpoint", checkpoint.LAST, p, stage=1)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait()
+    assert st["train"]["epoch"] == 0  # killed after the second stage's first epoch
+    assert not (out / "result.json").exists()
+    # a kill in the middle of the next write left a torn temporary file: it is ignored
+    (out / "checkpoint" / (checkpoint.LAST + ".tmp")).write_bytes(b"torn")
+    r = subprocess.run(trial_cmd(out, "train.keep_checkpoint=true"), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed in stage 1 after 1 of its epochs" in r.stdout, r.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from"] == [{"stage": 1, "epoch": 1}]
+    assert comparable(result) == comparable(reference)
+    assert result["seconds"] >= result["timings"]["train"]
+    # train.keep_checkpoint: the trained network stays, as the last epoch's checkpoint
+    kept = torch.load(out / "checkpoint" / checkpoint.LAST, weights_only=True)
+    assert kept["stage"] == 1 and kept["train"]["epoch"] == 1 and "seg_conv4.weight" in kept["net"]
+    assert result["checkpoint"]["bytes"] == (out / "checkpoint" / checkpoint.LAST).stat().st_size
+
+
+def test_a_checkpoint_of_another_config_is_refused_in_one_line(tmp_path):
+    cfg = make_config("smoke", ["loss.cls=0.5"])
+    folder = tmp_path / "t" / "checkpoint"
+    checkpoint.save(folder, {"fingerprint": checkpoint.config_fingerprint(cfg), "stage": 0, "train": None})
+    r = run_module("core.trial", ["--preset", "smoke", "--set", *SHORT, "--out", str(tmp_path / "t")])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(
+        f"error: checkpoint {folder / checkpoint.LAST} was written by a trial of another"
+    )
+    # what a checkpoint must match: not how often it is written or whether it is kept
+    other = make_config("smoke", ["loss.cls=0.5", "train.checkpoint_every=3", "train.keep_checkpoint=true"])
+    assert checkpoint.config_fingerprint(other) == checkpoint.config_fingerprint(cfg)
+
+
+def test_unreadable_checkpoint_labels_fall_back_to_the_start(tmp_path, capsys):
+    cfg = make_config("smoke")
+    fp = checkpoint.config_fingerprint(cfg)
+    checkpoint.save(tmp_path, {"fingerprint": fp, "stage": 1, "train": None})
+    assert checkpoint.load(tmp_path, fp) is None  # labels-s1.npz is missing
+    assert f"checkpoint labels {tmp_path / 'labels-s1.npz'} are unreadable" in capsys.readouterr().err
+    segs = [
+        torch.randint(0, 21, (5, 7), dtype=torch.uint8).numpy(),
+        torch.zeros(3, 2, dtype=torch.uint8).numpy(),
+    ]
+    checkpoint.save_labels(tmp_path, 1, segs, None)
+    state = checkpoint.load(tmp_path, fp)
+    assert state is not None and state["sal_targets"] is None
+    assert [s.tolist() for s in state["segs"]] == [s.tolist() for s in segs]
+
+
+def write_study(tmp_path: Path) -> Path:
+    text = {
+        "base": {"preset": "smoke", "set": {}},
+        "studies": {
+            "r": {
+                "kind": "ablation",
+                "metric": "final.miou",
+                "seeds": [0, 1],
+                "set": {
+                    k: json.loads(v) if v[0].isdigit() or v in ("true", "false") else v
+                    for k, v in (x.split("=", 1) for x in SHORT)
+                },  # fmt: skip
+                "rows": [{"label": "full", "set": {"train.workers": 2}}],  # a CRF pool in each trial process
+            }
+        },
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(json.dumps(text))
+    return p
+
+
+@pytest.mark.slow
+def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs, reference, tmp_path):
+    study = write_study(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cmd = [PY, "-m", "studies.run", "r", "--study-file", str(study), "--storage", url, "--workers", "2",
+           "--no-report"]  # fmt: skip
+    env = {**os.environ, "AUXSEG_RUNS": str(runs)}
+    ckpts = runs / "checkpoints" / "r"
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_checkpoint(ckpts, f"*/{checkpoint.LAST}", p, stage=1)
+        tree = process_tree(p.pid)
+        p.send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        p.wait()
+        tree.discard(p.pid)
+        # 2 trial processes, each with a CRF pool of 2, and multiprocessing's resource tracker
+        assert len(tree) >= 6, tree
+        while any(alive(pid) for pid in tree) and time.monotonic() - t_kill < 30:
+            time.sleep(0.2)
+        left = [pid for pid in tree if alive(pid)]
+    finally:
+        p.kill()
+    for pid in left:  # do not leave them to the other tests
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running {time.monotonic() - t_kill:.0f} s after the kill: {left}"
+
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from studies.store import Store
+
+    store = Store(url)
+    trials = store.trials("r")
+    store.close()
+    done = {t["seed"]: t for t in trials if t["status"] == "complete"}
+    assert sorted(done) == [0, 1] and sum(t["status"] == "interrupted" for t in trials) == 2, trials
+    for t in done.values():
+        assert t["result"]["resumed_from"], t["result"]  # neither started over
+    assert comparable(done[0]["result"]) == comparable(reference)
+    assert not any(ckpts.iterdir())  # complete trials leave no checkpoint behind
