@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,3 +212,63 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
         assert t["result"]["resumed_from"], t["result"]  # neither started over
     assert comparable(done[0]["result"]) == comparable(reference)
     assert not any(ckpts.iterdir())  # complete trials leave no checkpoint behind
+
+
+def checkpointing_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
+    """A stand-in trial that logs each call (its parameter, its checkpoint folder, whether that held a
+    checkpoint) to $RESUME_TEST_DIR/calls.jsonl; the first call ever checkpoints and then hangs until
+    killed."""
+    from tests.test_claims import stand_in_result
+
+    ctrl, folder = Path(os.environ["RESUME_TEST_DIR"]), Path(checkpoint_dir)
+    found = (folder / "progress").exists()
+    with open(ctrl / "calls.jsonl", "a") as f:
+        f.write(json.dumps({"loss.cls": cfg.loss.cls, "dir": str(folder), "found": found}) + "\n")
+    if not (ctrl / "hung").exists():
+        folder.mkdir(parents=True)
+        (folder / "progress").write_text("1")
+        (ctrl / "hung").write_text("")
+        time.sleep(600)
+    res = stand_in_result(cfg, 0.0, report)
+    res["resumed_from"] = [{"stage": 0, "epoch": 1}] if found else []
+    shutil.rmtree(folder, ignore_errors=True)  # as run_trial: an ended trial leaves nothing to resume
+    return res
+
+
+def test_an_interrupted_tuning_trial_is_asked_again_and_finds_its_checkpoint(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({"base": {"preset": "smoke"}, "studies": {"t": {
+        "kind": "tuning", "metric": "final.miou", "n_trials": 2, "sampler": "random", "confirm": False,
+        "params": {"loss.cls": {"type": "float", "low": 0.1, "high": 10.0, "log": True}}}}}))  # fmt: skip
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cmd = [PY, "-m", "studies.run", "t", "--study-file", str(study), "--storage", url, "--workers", "1",
+           "--no-report"]  # fmt: skip
+    env = {**os.environ, "AUXSEG_RUNS": str(tmp_path / "runs"), "RESUME_TEST_DIR": str(tmp_path),
+           "STUDIES_TRIAL_FN": "tests.test_resume:checkpointing_trial"}  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "hung").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert (tmp_path / "hung").exists(), p.stderr.read() if p.poll() is not None else "no trial started"
+    finally:
+        p.kill()
+        p.wait()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 3, calls  # the killed trial, its rerun, one new trial
+    killed, rerun, new = calls
+    assert rerun == {**killed, "found": True}  # same parameters, same folder, checkpoint found
+    assert not new["found"]
+    import optuna
+
+    from studies.store import Store
+
+    store = Store(url)
+    trials = store.trials("t")
+    ot = optuna.load_study(study_name="t", storage=store.optuna_storage()).get_trials(deepcopy=False)
+    store.close()
+    assert [t["status"] for t in trials] == ["interrupted", "complete", "complete"], trials
+    assert trials[1]["result"]["resumed_from"] and trials[1]["params"] == trials[0]["params"]
+    assert ot[1].user_attrs["resumes"] == ot[0].number
