@@ -73,7 +73,13 @@ class Plan:
 
     @functools.cached_property  # claim_next asks on every claim; the grid does not change
     def claim_order(self) -> tuple[GridPoint, ...]:
-        """The grid points, longest trial first (grid order among equals)."""
+        """The grid points, longest trial first (grid order among equals). With adaptive seeds the initial
+        seeds come first (longest first), then the added seeds in the order they are added, so that every
+        row has its initial seeds before any row gets more."""
+        if self.adaptive:
+            rule = self.study.adaptive
+            rank = {s: max(0, i - len(rule.initial) + 1) for i, s in enumerate(rule.sequence())}
+            return tuple(sorted(self.points, key=lambda p: (rank[p.seed], -p.cost, p.grid_index)))
         return tuple(sorted(self.points, key=lambda p: (-p.cost, p.grid_index)))
 
     @property

@@ -328,3 +328,15 @@ def test_the_adaptive_main_job_in_study_yaml_is_table_3_with_a_seed_rule():
     assert adaptive.rows == fixed.rows and adaptive.set == fixed.set and adaptive.baseline == fixed.baseline
     plan = make_plan(spec, "ablation_tasks_adaptive", preset="smoke")
     assert len(plan.points) == 5 * 8 and len(plan.wanted_keys([])) == 5 * 3
+
+
+def test_initial_seeds_are_claimed_before_added_ones_longest_first(tmp_path):
+    from studies.plan import make_plan
+    from studies.spec import load_spec
+
+    y, _ = write_grid(tmp_path, "{initial: [0, 1], max: 4}")
+    text = y.read_text().replace("{label: up, set: {loss.cls: 2.0}}", "{label: up, set: {train.stages: 2}}")
+    y.write_text(text)
+    order = [(p.row, p.seed) for p in make_plan(load_spec(y), "g").claim_order]
+    assert order[:2] == [("up", 0), ("up", 1)]  # the longest row first among the initial seeds
+    assert {s for _, s in order[:6]} == {0, 1} and [s for _, s in order[6:]] == [2, 2, 2, 3, 3, 3]
