@@ -1,7 +1,7 @@
 """Table 4 on the embedded benchmark: what does each affinity setting learn, and where does it gain or lose?
 
     python -m bench.bench_affinity [--preset default] [--seeds 0 1 2] [--jobs 2] [--threads 1]
-        [--dir DIR] [--set KEY=VALUE ...]
+        [--dir DIR] [--set KEY=VALUE ...] [--row LABEL KEY=VALUE ...] ...
 
 Trains the rows of study.yaml's ``ablation_affinity`` (none; seg affinity + seg constraint; cross-task + seg
 constraint; cross-task + seg, sal constraints: one stage, no post-processing, as the study runs them), and
@@ -17,8 +17,11 @@ Then, per row and seed, on the whole val split, one scale, the trial's precision
   * val mIoU of the seg branch's own prediction (``seg``, eval.refined=false) and of the affinity-refined
     one (``seg_ref``, Eq. 7, what inference uses), and refined - own;
   * attention purity (:func:`attention_purity`) of the affinity that refines seg (A_seg in the seg row,
-    A_CT in the cross-task rows) and, where the net has them, of A_seg and A_sal (Eq. 2-3) alone; beside
-    it the chance level (uniform attention) and the mean self-weight A(i, i);
+    A_CT in the cross-task rows) and, where the net has them, of A_seg and A_sal (Eq. 2-3) alone, on the
+    foreground cells (beside it the chance level of uniform attention) and on the background cells, and
+    the mean self-weight A(i, i);
+  * what the refinement changes in the prediction (:func:`refinement_moves`): background to object,
+    object to background, object to another object, each as pixels changed / net pixels made right;
   * the stage's mean training loss per Eq. 8 term (the trial record's ``losses``: cls, sal1, sal2, seg1,
     seg2; a term the row does not have is "-").
 And per row, paired by seed against ``none`` (reports.paired: mean difference, Student-t 95 % interval,
