@@ -16,7 +16,7 @@ stage. Two layers of the real code path:
          ClaimKeeper.claim_next (reads the study's trials, then Store.claim_point) and
          studies.execute.execute (begin_trial, claim_started, record_stage, finish_trial, release_claim).
 
-PostgreSQL is a throwaway server (tests/pgserver.py, one fresh database per measurement), stopped at
+PostgreSQL is a throwaway server (testkit/pgserver.py, one fresh database per measurement), stopped at
 the end; SQLite is a temp file (WAL). Per backend x N it prints: wall (launch to the last exit, with the
 processes' start-up), work (first trial start to last trial end, from the stub's own log), claims/s
 (points / work), the store overhead per trial (N x work / points - sleep: what each process spends per
@@ -44,6 +44,8 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from testkit.stand_ins import stand_in_result, write_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "bench_claims"
@@ -74,7 +76,7 @@ def _barrier(log: str, procs: int) -> None:
         time.sleep(0.1)
 
 
-def _stub(row_index: int, seed: int, report) -> dict:
+def _stub(cfg, row_index: int, seed: int, report) -> dict:
     """Sleep, report one stage, log (row, seed, start, end) to this process's file; a result.json shape."""
     log, procs = os.environ.get(LOG_ENV), int(os.environ.get(PROCS_ENV) or 0)
     if log and procs:
@@ -82,17 +84,7 @@ def _stub(row_index: int, seed: int, report) -> dict:
     t0 = time.time()
     try:
         time.sleep(float(os.environ.get(SLEEP_ENV, "5")) / 1000)
-        miou = 0.3 + 0.001 * row_index + 0.01 * seed
-        stage = {"stage": 0, "val": {"miou": miou}, "pgt": {}, "seconds": 0.0}
-        if report is not None:
-            report(0, stage)
-        return {
-            "status": "complete",
-            "error": None,
-            "final": {"miou": miou},
-            "stages": [stage],
-            "seconds": 0.0,
-        }
+        return stand_in_result(cfg, 0.0, report, miou=0.3 + 0.001 * row_index + 0.01 * seed)
     finally:
         if log:
             with open(Path(log) / f"{os.getpid()}.jsonl", "a") as f:
@@ -102,8 +94,7 @@ def _stub(row_index: int, seed: int, report) -> dict:
 def stub_trial(cfg, report=None, **_hooks) -> dict:
     """STUDIES_TRIAL_FN: the point is (loss.cls - 1, seed), as the generated grid sets them; other hooks of
     core.trial.run_trial (on_epoch) are accepted and not called."""
-    res = _stub(round(cfg.loss.cls) - 1, int(cfg.seed), report)
-    return {**res, "config": cfg.to_dict()}
+    return _stub(cfg, round(cfg.loss.cls) - 1, int(cfg.seed), report)
 
 
 # ------------------------------------------------------------------------------------------ the grid
@@ -119,22 +110,7 @@ def row_label(i: int) -> str:
 
 def write_study(folder: Path, url: str, points: int) -> Path:
     rows, seeds = grid(points)
-    spec = {
-        "storage": url,
-        "base": {"preset": "smoke", "set": {}},
-        "studies": {
-            STUDY: {
-                "kind": "ablation",
-                "description": "bench.bench_claims: a stub grid",
-                "metric": "final.miou",
-                "seeds": list(range(seeds)),
-                "rows": [{"label": row_label(i), "set": {"loss.cls": float(i + 1)}} for i in range(rows)],
-            }
-        },
-    }
-    path = folder / "study.yaml"
-    path.write_text(json.dumps(spec))  # JSON is YAML
-    return path
+    return write_grid(folder, url, rows, seeds, STUDY, row_label, "bench.bench_claims: a stub grid")
 
 
 # -------------------------------------------------------------------------------------- store layer
@@ -448,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.ExitStack() as stack:
                 server = None
                 if backend == "postgresql":
-                    from tests.pgserver import create_database, postgres_server
+                    from testkit.pgserver import create_database, postgres_server
 
                     server = stack.enter_context(postgres_server())  # stopped when this backend is done
                 for mode in a.modes:

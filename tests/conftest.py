@@ -1,14 +1,21 @@
 """Shared test setup: the repository root, the fast smoke variant, VOC settings that validate without the
-data, a fresh runs/ folder per test module, and a helper that runs a module's CLI in a subprocess."""
+data, a fresh runs/ folder per test module, a helper that runs a module's CLI in a subprocess, and a real
+throwaway PostgreSQL server (testkit.pgserver): pg_server for the session, pg_url a fresh database per test.
+Stand-in trials and their study files are in testkit.stand_ins."""
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from testkit.pgserver import PgServerError, create_database, postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +53,20 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp("runs")
         mp.setenv("AUXSEG_RUNS", str(d))
         yield d
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server for the whole session: its superuser URL. Fails (never skips) without binaries."""
+    try:
+        with postgres_server() as url:
+            yield url
+    except PgServerError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture
+def pg_url(pg_server: str, request) -> str:
+    """A fresh, empty database on the session's server, as a postgresql+psycopg:// URL."""
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return create_database(pg_server, f"t_{name}_{secrets.token_hex(3)}")

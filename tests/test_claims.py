@@ -3,7 +3,6 @@ compare-and-set races) and several real `studies.run` processes on one study, ea
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,43 +13,10 @@ from pathlib import Path
 import pytest
 
 from studies.store import Store, point_key
-from tests import pgserver
+from testkit.stand_ins import write_grid
+from tests.conftest import ROOT
 
-pg_server, pg_url = pgserver.pg_server, pgserver.pg_url  # a real throwaway PostgreSQL (tests/pgserver.py)
-
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def stand_in_result(cfg, seconds: float, report=None, artifacts: dict | None = None) -> dict:
-    """A result shaped like core.trial's, its metric 0.30 + 0.01 x seed; the stage goes to report."""
-    stage = {"stage": 0, "val": {"miou": 0.3 + 0.01 * cfg.seed}, "pgt": {}, "seconds": 0.1, "epoch": 3}
-    if report is not None:
-        report(0, stage)
-    return {
-        "status": "complete",
-        "error": None,
-        "config": cfg.to_dict(),
-        "final": {"miou": 0.3 + 0.01 * cfg.seed},
-        "stages": [stage],
-        "seconds": seconds,
-        "artifacts": artifacts or {},
-    }
-
-
-def sleepy_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
-    """A stand-in trial: sleeps, draws a learning curve, reports one stage, writes a tiny gallery."""
-    time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "0.2")))
-    if on_epoch is not None:  # a learning curve rising to the stage's value
-        for epoch in range(3):
-            on_epoch(epoch, 0.1 + 0.05 * epoch + 0.01 * cfg.seed)
-    artifacts = {}
-    if artifacts_dir is not None:  # a stand-in gallery, so the upload path runs
-        from PIL import Image
-
-        artifacts["gallery"] = str(Path(artifacts_dir) / "gallery.png")
-        Image.new("RGB", (4, 4), (cfg.seed, 0, 0)).save(artifacts["gallery"])
-    return stand_in_result(cfg, 0.2, report, artifacts)
 
 
 def dead_pid() -> int:
@@ -117,30 +83,11 @@ def test_takeover_race_has_one_winner(tmp_path):
     assert sum(wins) == 1, wins
 
 
-def write_grid(tmp_path: Path, url: str, rows: int = 3, seeds: int = 4) -> Path:
-    labels = [f"r{i}" for i in range(rows)]
-    text = {
-        "storage": url,
-        "base": {"preset": "smoke", "set": {}},
-        "studies": {
-            "g": {
-                "kind": "ablation",
-                "metric": "final.miou",
-                "seeds": list(range(seeds)),
-                "rows": [{"label": lab, "set": {"loss.cls": 1.0 + i}} for i, lab in enumerate(labels)],
-            }
-        },
-    }
-    p = tmp_path / "study.yaml"
-    p.write_text(json.dumps(text))  # JSON is YAML
-    return p
-
-
 def run_concurrently(tmp_path: Path, url: str, procs: int = 3) -> list[subprocess.CompletedProcess]:
     study = write_grid(tmp_path, url)
     env = {
         **os.environ,
-        "STUDIES_TRIAL_FN": "tests.test_claims:sleepy_trial",
+        "STUDIES_TRIAL_FN": "testkit.stand_ins:sleepy_trial",
         "PYTHONPATH": str(ROOT),
         "CLAIMS_TEST_SLEEP": "0.3",
     }

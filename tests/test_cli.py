@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_claims import write_grid
+from testkit.stand_ins import write_grid
 
 
 @pytest.fixture
 def grid(tmp_path, monkeypatch):
-    monkeypatch.setenv("STUDIES_TRIAL_FN", "tests.test_claims:sleepy_trial")
+    monkeypatch.setenv("STUDIES_TRIAL_FN", "testkit.stand_ins:sleepy_trial")
     monkeypatch.setenv("CLAIMS_TEST_SLEEP", "0.05")
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'studies.db'}"

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 import pytest
 
 from reports import report_path
-from tests.test_claims import write_grid
+from testkit.pgserver import free_port
+from testkit.stand_ins import write_grid
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str) -> dict:
@@ -40,7 +34,7 @@ def served_study(tmp_path):
     """A 2 x 2 grid run by `studies.run` with a stand-in trial, then a dashboard server on its store."""
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     study = write_grid(tmp_path, url, rows=2, seeds=2)
-    env = {**os.environ, "STUDIES_TRIAL_FN": "tests.test_claims:sleepy_trial", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "STUDIES_TRIAL_FN": "testkit.stand_ins:sleepy_trial", "PYTHONPATH": str(ROOT),
            "CLAIMS_TEST_SLEEP": "0.01"}  # fmt: skip
     run = subprocess.run([sys.executable, "-m", "studies.run", "g", "--study-file", str(study)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip

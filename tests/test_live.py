@@ -61,8 +61,8 @@ def write_study(tmp_path: Path, rows: int = 1, seeds: int = 2, base_set: dict | 
 
 
 def stand_in_env(sleep: float) -> dict:
-    """The stand-in trial of tests.test_claims (sleeps, reports a stage, writes a tiny gallery)."""
-    return {**os.environ, "STUDIES_TRIAL_FN": "tests.test_claims:sleepy_trial", "PYTHONPATH": str(ROOT),
+    """The stand-in trial of testkit.stand_ins (sleeps, reports a stage, writes a tiny gallery)."""
+    return {**os.environ, "STUDIES_TRIAL_FN": "testkit.stand_ins:sleepy_trial", "PYTHONPATH": str(ROOT),
             "CLAIMS_TEST_SLEEP": str(sleep)}  # fmt: skip
 
 

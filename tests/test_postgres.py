@@ -1,4 +1,4 @@
-"""PostgreSQL as a store, against a real throwaway server (tests/pgserver.py; .ci/run installs the binaries):
+"""PostgreSQL as a store, against a real throwaway server (testkit/pgserver.py; .ci/run installs them):
 the Store API and Optuna's tables in one database, `studies.run` end to end with a stub trial, URL mapping
 to psycopg 3, and one-line StoreErrors for unreachable servers, bad credentials and malformed URLs."""
 
@@ -10,12 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from studies.db import StoreError, check_reachable, normalize_url
-from tests import pgserver
+from testkit import pgserver
+from testkit.pgserver import free_port
 from tests.conftest import ROOT
-from tests.pgserver import free_port
-
-pg_server = pgserver.pg_server  # the fixtures: a session-wide server, a fresh database per test
-pg_url = pgserver.pg_url
 
 
 def stub_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
@@ -122,11 +119,18 @@ def test_plain_url_opens_the_harness_tables(pg_url, scheme):
 
 
 def test_postgres_scheme_opens_optuna_storage(pg_url):
+    import optuna
+
     from studies.store import Store
 
     store = Store(plain(pg_url, "postgres"))
     try:
-        store.optuna_storage()
+        storage = store.optuna_storage()
+        optuna.create_study(storage=storage, study_name="o").enqueue_trial({"x": 1.0})
+        assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["o"]
+        assert storage.get_all_trials(storage.get_study_id_from_name("o"))[0].system_attrs[
+            "fixed_params"
+        ] == {"x": 1.0}
     finally:
         store.close()
 

@@ -1,6 +1,6 @@
 """A real 2-node Ray cluster on this machine (two `ray start --block` processes, token authentication on,
 a token of the test's own), `python -m studies.run --backend ray --address` against it with a real
-PostgreSQL store (tests/pgserver.py) and a stub trial: trials spread over both nodes and each records its
+PostgreSQL store (testkit/pgserver.py) and a stub trial: trials spread over both nodes and each records its
 node, a request no node can hold is one line and exit 2, and a node killed mid-trial leaves an interrupted
 trial that the next run reruns."""
 
@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 
 from studies.store import Store
-from tests import pgserver
+from testkit.pgserver import free_port
+from testkit.stand_ins import stand_in_result, write_grid
+from tests.conftest import ROOT
 
-pg_server, pg_url = pgserver.pg_server, pgserver.pg_url  # a real throwaway PostgreSQL (tests/pgserver.py)
-
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RAY = str(Path(PY).with_name("ray"))
 STUDY = "g"
@@ -42,8 +41,6 @@ def cluster_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoin
     checkpoint_dir as core.trial checkpoints its epochs; a trial that finds a checkpoint there says so in
     resumed_from, and removes it when it ends."""
     import ray
-
-    from tests.test_claims import stand_in_result
 
     sleep_s = FAST_S
     progress = Path(checkpoint_dir or ".", "progress.json")
@@ -83,7 +80,7 @@ class Cluster:
         self.ctrl.mkdir(parents=True)
         self.token = base / "auth_token"
         self.token.write_text(secrets.token_hex(32))
-        self.port = pgserver.free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_id = self.worker_id = ""
@@ -208,24 +205,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 
 # ------------------------------------------------------------------------------------ running studies
-def write_grid(tmp_path: Path, url: str, rows: int, seeds: int) -> Path:
-    text = {
-        "storage": url,
-        "base": {"preset": "smoke", "set": {}},
-        "studies": {
-            STUDY: {
-                "kind": "ablation",
-                "metric": "final.miou",
-                "seeds": list(range(seeds)),
-                "rows": [{"label": f"r{i}", "set": {"loss.cls": 1.0 + i}} for i in range(rows)],
-            }
-        },
-    }
-    p = tmp_path / "study.yaml"
-    p.write_text(json.dumps(text))  # JSON is YAML
-    return p
-
-
 def studies_run(cluster: Cluster, tmp_path: Path, url: str, *extra: str) -> subprocess.Popen:
     env = cluster.env()
     env.update(STUDIES_TRIAL_FN="tests.test_ray_cluster:cluster_trial", AUXSEG_RUNS=str(tmp_path / "runs"))
@@ -271,7 +250,7 @@ def key(t: dict) -> tuple:
 # ------------------------------------------------------------------------------------ the cases
 @pytest.mark.slow
 def test_trials_spread_over_both_nodes_each_point_once(cluster, pg_url, tmp_path):
-    write_grid(tmp_path, pg_url, rows=2, seeds=2)
+    write_grid(tmp_path, pg_url, study=STUDY, rows=2, seeds=2)
     rc, out, err = finish(studies_run(cluster, tmp_path, pg_url))
     assert rc == 0, err[-3000:]
     assert "1 CPU per trial, 2 at once on 2 node(s)" in out and "could not tell Optuna" not in out, out
@@ -287,7 +266,7 @@ def test_trials_spread_over_both_nodes_each_point_once(cluster, pg_url, tmp_path
 
 @pytest.mark.slow
 def test_a_request_no_node_can_hold_is_one_line_and_exit_2(cluster, pg_url, tmp_path):
-    write_grid(tmp_path, pg_url, rows=1, seeds=2)
+    write_grid(tmp_path, pg_url, study=STUDY, rows=1, seeds=2)
     t0 = time.monotonic()
     rc, out, err = finish(studies_run(cluster, tmp_path, pg_url, "--cpus-per-trial", "4"), timeout=120)
     took = time.monotonic() - t0
@@ -309,7 +288,7 @@ def test_a_request_no_node_can_hold_is_one_line_and_exit_2(cluster, pg_url, tmp_
 
 @pytest.mark.slow
 def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_path):
-    write_grid(tmp_path, pg_url, rows=1, seeds=3)
+    write_grid(tmp_path, pg_url, study=STUDY, rows=1, seeds=3)
     started = cluster.ctrl / "slow_started"
     started.unlink(missing_ok=True)
     (cluster.ctrl / "slow_node").write_text(cluster.worker_id)

@@ -218,7 +218,7 @@ def checkpointing_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, che
     """A stand-in trial that logs each call (its parameter, its checkpoint folder, whether that held a
     checkpoint) to $RESUME_TEST_DIR/calls.jsonl; the first call ever checkpoints and then hangs until
     killed."""
-    from tests.test_claims import stand_in_result
+    from testkit.stand_ins import stand_in_result
 
     ctrl, folder = Path(os.environ["RESUME_TEST_DIR"]), Path(checkpoint_dir)
     found = (folder / "progress").exists()

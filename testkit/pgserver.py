@@ -1,12 +1,12 @@
-"""A real, throwaway PostgreSQL server for tests: initdb into a temporary folder, `postgres` on a free port of
-127.0.0.1 (password auth over TCP, no other listeners), stopped by its PID and removed afterwards.
+"""A real, throwaway PostgreSQL server for tests and benchmarks: initdb into a temporary folder, `postgres`
+on a free port of 127.0.0.1 (password auth over TCP, no other listeners), stopped by its PID and removed
+afterwards.
 
     with postgres_server() as url:            # postgresql+psycopg://postgres:<pw>@127.0.0.1:<port>/postgres
         db = create_database(url, "t1")       # a fresh database on the same server, as a URL
 
-pytest fixtures (import them into a test module):
-    pg_server  (session)   the server's superuser URL (database "postgres")
-    pg_url     (function)  a fresh, empty database on that server
+The tests get it through tests/conftest.py's fixtures pg_server (session: the superuser URL) and pg_url
+(a fresh, empty database per test); bench/bench_claims.py starts its own.
 
 The binaries come from Debian's `postgresql` package (/usr/lib/postgresql/*/bin), which .ci/run installs.
 When the tests run as root, initdb and postgres run as the `postgres` OS user (initdb refuses root).
@@ -28,8 +28,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -232,21 +230,3 @@ def create_database(url: str, name: str) -> str:
     with psycopg.connect(_libpq(url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return sa.engine.make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-# ------------------------------------------------------------------------------------ pytest fixtures
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A PostgreSQL server for the whole session: its superuser URL. Fails (never skips) without binaries."""
-    try:
-        with postgres_server() as url:
-            yield url
-    except PgServerError as e:
-        pytest.fail(str(e), pytrace=False)
-
-
-@pytest.fixture
-def pg_url(pg_server: str, request) -> str:
-    """A fresh, empty database on the session's server, as a postgresql+psycopg:// URL."""
-    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
-    return create_database(pg_server, f"t_{name}_{secrets.token_hex(3)}")
