@@ -49,11 +49,12 @@ import numpy as np
 import torch
 
 from core import checkpoint
+from core.build import build_net, load_data, runs_dir
 from core.config import Config, ConfigError, apply_overrides, config_from_dict, make_config, parse_overrides
+from core.environment import cpu_model
 from core.evaluate import evaluate, predict_batched
 from core.model import AuxSegNet
 from core.train import autocast, resolve_device
-from core.trial import build_net, cpu_model, load_data, runs_dir
 from reports.paired import better_cell, delta_cell, paired_delta
 from studies.plan import make_plan
 from studies.spec import load_spec

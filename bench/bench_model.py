@@ -92,13 +92,13 @@ def affinity_memory(crop, batch, D=128):
 
 def upsampling(iters: int) -> tuple[float, float]:
     """Seconds per forward + backward of the seg loss's upsampling: F.interpolate vs core.losses'."""
-    from core.losses import _upsample
+    from core.losses import upsample_logits
 
     x = torch.randn(8, 21, 12, 12, requires_grad=True)
     w = torch.randn(8, 21, 96, 96)
     ways = (
         lambda t: F.interpolate(t, size=(96, 96), mode="bilinear", align_corners=False),
-        lambda t: _upsample(t, (96, 96)),
+        lambda t: upsample_logits(t, (96, 96)),
     )
     out = []
     for up in ways:

@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.build import build_net
 from core.config import ConfigError, make_config, parse_overrides
+from core.environment import cpu_model
 from core.losses import auxsegnet_loss
-from core.trial import build_net, cpu_model
 
 NUM_CLASSES = 21
 SIZES = ("2x3x96x96", "1x3x161x161", "1x3x321x321")

@@ -33,9 +33,9 @@ import numpy as np
 from bench.bench_seeds import run_one
 from core.config import ConfigError, make_config
 from core.data import VOCDataset
+from core.environment import cpu_model
 from core.metrics import all_background_miou
 from core.train import cpu_bf16_supported
-from core.trial import cpu_model
 
 PATHS = {
     "fp32": (["train.cpu_amp=off"], {}),

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.trial import cpu_model
+from core.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "initial_labels", "train", "curve", "eval", "label_update", "gallery")

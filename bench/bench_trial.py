@@ -15,11 +15,13 @@ import time
 import numpy as np
 import torch
 
+from core.build import build_net, load_data
 from core.config import make_config
+from core.cues import make_labels, network_cues
 from core.evaluate import evaluate
 from core.parallel import make_pool
 from core.train import resolve_device, train_stage
-from core.trial import build_net, load_data, make_labels, network_cues, run_trial
+from core.trial import run_trial
 
 
 class Subset:

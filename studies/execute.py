@@ -348,8 +348,8 @@ def checkpoint_dir(job: Job, cfg: Any) -> Path:
     The fingerprint keeps a checkpoint from being resumed by a changed config (e.g. another preset). A Ray
     trial resolves runs/ through AUXSEG_RUNS, which the driver sets to its own absolute runs/: resuming on
     another node needs that folder on storage every node reaches (README, Resuming)."""
+    from core.build import runs_dir
     from core.checkpoint import config_fingerprint
-    from core.trial import runs_dir
 
     point = json.dumps([job.row, job.variant, job.seed, job.params], sort_keys=True, default=str)
     key = hashlib.sha256(point.encode()).hexdigest()[:12]

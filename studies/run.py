@@ -47,7 +47,7 @@ def check_user_data(plan: Plan, log=print) -> None:
     trial is scheduled, so a wrong path or a bad file is one line and exit 2, not every trial failing. The
     data set check (check_data) decodes every image, mask and saliency map file once and remembers the
     pass by the files' stats."""
-    from core.pretrain import check_init_weights
+    from core.init_weights import check_init_weights
 
     seen: set = set()
     for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
@@ -70,14 +70,14 @@ def check_user_data(plan: Plan, log=print) -> None:
 
 
 def check_data(cfg, log=print) -> None:
-    """The data set of cfg: layout, split lists and saliency source (core.trial.load_data), then every
+    """The data set of cfg: layout, split lists and saliency source (core.build.load_data), then every
     file decoded and sized (core.data.check, cached under runs/cache/data-check/); DataError names the
     first bad file. The embedded benchmark's own folder is left to the first trial while it does not
     exist yet: it is generated then, correct by construction (and checked from the next run on)."""
+    from core.build import load_data, runs_dir
     from core.data.check import check_splits
-    from core.trial import load_data, runs_dir
 
-    if cfg.data.name == "synthetic" and not cfg.data.root:  # core.trial.resolve_data_root's folder
+    if cfg.data.name == "synthetic" and not cfg.data.root:  # core.build.resolve_data_root's folder
         generated = runs_dir() / "data" / f"synthetic-{cfg.data.preset}-seed{cfg.data.seed}"
         if not (generated / "summary.json").is_file():
             return

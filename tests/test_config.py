@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, make_config
-from core.pretrain import check_init_weights, resolve_init_weights
+from core.init_weights import check_init_weights, resolve_init_weights
 from tests.conftest import VOC, run_module
 
 
@@ -75,7 +75,8 @@ class _Images:
 
 @pytest.mark.slow
 def test_refined_cam_renorm_reaches_network_cues():
-    from core.trial import build_net, network_cues
+    from core.build import build_net
+    from core.cues import network_cues
 
     ds, cpu = _Images(), torch.device("cpu")
     maps = {}
@@ -103,7 +104,7 @@ def test_refined_cam_renorm_reaches_network_cues():
 
 
 def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
-    from core.trial import WARMUP_KEYS, warmup_keys
+    from core.warmup import WARMUP_KEYS, warmup_keys
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     smoke = make_config("smoke")
@@ -116,7 +117,7 @@ def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
 
 def test_cpu_amp_is_off_on_or_auto_and_auto_follows_the_cpu(monkeypatch):
     import core.train as train
-    from core.trial import environment, numerics_fingerprint
+    from core.environment import environment, numerics_fingerprint
 
     for given, want in (("true", "on"), ("false", "off"), ("on", "on"), ("off", "off"), ("auto", "auto")):
         assert make_config("smoke", [f"train.cpu_amp={given}"]).train.cpu_amp == want

@@ -220,7 +220,7 @@ def test_trial_out_on_a_file_or_unwritable_path_is_one_line_before_any_training(
     assert f.read_text() == "keep me"
     assert not (tmp_path / "runs").exists(), "nothing may be generated or trained"
     assert time.time() - t0 < 120
-    from core.trial import main
+    from core.cli import main
 
     assert main(["--preset", "smoke", "--out", str(f / "sub")]) == 2  # under a file: cannot be created
     err = capsys.readouterr().err

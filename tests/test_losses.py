@@ -96,11 +96,11 @@ def test_no_outputs_is_an_error():
     "size_in,size_out", [((12, 12), (96, 96)), ((7, 13), (50, 100)), ((41, 41), (321, 321))]
 )
 def test_matrix_upsampling_equals_interpolate_values_and_gradients(size_in, size_out):
-    from core.losses import _upsample
+    from core.losses import upsample_logits
 
     x = torch.randn(2, 3, *size_in, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, *size_out, dtype=torch.float64)
-    ours = _upsample(x, size_out)
+    ours = upsample_logits(x, size_out)
     ref = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     (g_ours,) = torch.autograd.grad((ours * w).sum(), x)

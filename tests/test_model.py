@@ -664,8 +664,8 @@ def _paper_cfg(*extra):
 
 
 def test_frozen_bn_and_conv1a_survive_a_training_step():
+    from core.build import build_classifier, build_net
     from core.train import stage_optimizer
-    from core.trial import build_classifier, build_net
 
     cfg = _paper_cfg()
     assert cfg.model.freeze_bn
@@ -695,8 +695,8 @@ def test_frozen_bn_and_conv1a_survive_a_training_step():
 
 
 def test_paper_preset_optimiser_groups_follow_the_released_code():
+    from core.build import build_net
     from core.train import stage_optimizer
-    from core.trial import build_net
 
     cfg = _paper_cfg()
     net = build_net(cfg, 21)
@@ -756,7 +756,7 @@ def test_full_model_trains_under_cpu_bf16_autocast(row_norm):
 def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
     torch.manual_seed(0)
     cfg = make_config("smoke", ["model.nonlocal_zero_init=true"])
-    from core.trial import build_net
+    from core.build import build_net
 
     net = build_net(cfg, 21)
     for name in ("seg_W", "sal_W"):
@@ -769,7 +769,7 @@ def test_nonlocal_zero_init_starts_the_feature_update_as_the_identity():
 
 
 def test_nonlocal_tied_init_starts_each_affinity_as_a_symmetric_feature_similarity():
-    from core.trial import build_net
+    from core.build import build_net
 
     torch.manual_seed(0)
     net = build_net(make_config("smoke", ["model.nonlocal_tied_init=true"]), 21)

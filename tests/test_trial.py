@@ -10,9 +10,9 @@ import torch
 from core.cache import atomic_dir
 from core.config import ConfigError, make_config
 from core.data import VOCDataset, ensure_generated
+from core.init_weights import FORMAT
 from core.metrics import all_background_miou
 from core.model import Classifier, ResNet38, load_backbone
-from core.pretrain import FORMAT
 from core.trial import run_trial
 from tests.conftest import TINY, VOC, run_module
 
@@ -189,31 +189,31 @@ def test_init_weights_errors_are_one_line(runs, tmp_path):
 
 
 def test_pretrained_checkpoint_errors_name_the_rebuild_command(tmp_path, monkeypatch):
-    from core import pretrain
+    from core import init_weights
 
-    monkeypatch.setattr(pretrain, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(init_weights, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(
-        pretrain.PretrainedError,
+        init_weights.PretrainedError,
         match=r"no pretrained checkpoint .*resnet38_synthetic_w0\.0625\.pt; "
         r"rebuild it with: python -m core\.pretrain --width 0\.0625 --size 64 --out ",
     ):
-        pretrain.check_init_weights("synthetic", 0.0625)
-    pretrain.pretrained_path(0.0625).write_bytes(b"not a checkpoint")  # a corrupt file
+        init_weights.check_init_weights("synthetic", 0.0625)
+    init_weights.pretrained_path(0.0625).write_bytes(b"not a checkpoint")  # a corrupt file
     with pytest.raises(
-        pretrain.PretrainedError, match=r"cannot read .*; rebuild it with: python -m core\.pretrain"
+        init_weights.PretrainedError, match=r"cannot read .*; rebuild it with: python -m core\.pretrain"
     ):
-        pretrain.check_init_weights("synthetic", 0.0625)
+        init_weights.check_init_weights("synthetic", 0.0625)
     sd = ResNet38(0.0625).state_dict()
     sd.pop("b3.conv_branch1.weight")  # a truncated but readable checkpoint
     torch.save(
-        {"state_dict": sd, "meta": {"format": pretrain.FORMAT, "width": 0.0625, "size": 64}},
-        pretrain.pretrained_path(0.0625),
+        {"state_dict": sd, "meta": {"format": init_weights.FORMAT, "width": 0.0625, "size": 64}},
+        init_weights.pretrained_path(0.0625),
     )
     with pytest.raises(
-        pretrain.PretrainedError, match=r"missing backbone tensor 'b3\.conv_branch1\.weight'.*rebuild"
+        init_weights.PretrainedError, match=r"missing backbone tensor 'b3\.conv_branch1\.weight'.*rebuild"
     ):
-        pretrain.check_init_weights("synthetic", 0.0625)
-    assert pretrain.check_init_weights("", 0.0625) is None
+        init_weights.check_init_weights("synthetic", 0.0625)
+    assert init_weights.check_init_weights("", 0.0625) is None
 
 
 @pytest.mark.slow
@@ -223,7 +223,7 @@ def test_pretrain_cli_writes_a_loadable_backbone(tmp_path):
     p = run_module("core.pretrain", args)
     assert p.returncode == 0, p.stderr
     assert "sha256" in p.stdout and out.is_file()
-    from core.pretrain import check_init_weights, read_meta
+    from core.init_weights import check_init_weights, read_meta
 
     meta = read_meta(out)
     assert (

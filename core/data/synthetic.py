@@ -44,7 +44,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .saliency import DEFAULT_SALIENCY, SALIENCY_SOURCES, saliency_metrics
-from .voc import VOC_CLASSES, _voc_colormap
+from .voc import VOC_CLASSES, voc_colormap
 
 __all__ = [
     "PRESETS",
@@ -93,9 +93,9 @@ _CUE_COLOURS = np.array(
         [0.04, 0.04, 0.06],
     ]
 )  # black
-_COLOUR_PAIRS = [(a, a) for a in range(6)] + [(a, b) for a in range(6) for b in range(a + 1, 6)]  # 21
-_CLASS_COLOURS = _COLOUR_PAIRS[:20]
-_N_PATTERNS = 4
+COLOUR_PAIRS = [(a, a) for a in range(6)] + [(a, b) for a in range(6) for b in range(a + 1, 6)]  # 21
+_CLASS_COLOURS = COLOUR_PAIRS[:20]
+N_PATTERNS = 4
 # A cue table maps class c (1..len) to (colour a, colour b, pattern or None = drawn at random). The
 # benchmark's table is the 20 colour pairs with random patterns; `core.pretrain` uses its own, larger one.
 BENCHMARK_CUES: tuple[tuple[int, int, int | None], ...] = tuple((a, b, None) for a, b in _CLASS_COLOURS)
@@ -103,7 +103,7 @@ BENCHMARK_CUES: tuple[tuple[int, int, int | None], ...] = tuple((a, b, None) for
 
 def voc_palette() -> list[int]:
     """The PASCAL VOC colour map as a flat [r, g, b, ...] list (for PIL putpalette)."""
-    return _voc_colormap().ravel().tolist()
+    return voc_colormap().ravel().tolist()
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -256,7 +256,7 @@ def render_image(rng: np.random.Generator, p: dict, cues=BENCHMARK_CUES):
         cue_fracs.append(float(cue.sum() / vis.sum()))
         colour_a, colour_b, pattern = cues[cls - 1]
         ca, cb = (_CUE_COLOURS[k] * rng.uniform(0.85, 1.0) for k in (colour_a, colour_b))
-        drawn = int(rng.integers(_N_PATTERNS))  # drawn even when fixed, so every table uses one rng stream
+        drawn = int(rng.integers(N_PATTERNS))  # drawn even when fixed, so every table uses one rng stream
         on = _cue_pattern(
             drawn if pattern is None else pattern, yy, xx, tuple(int(v) for v in rng.integers(0, 8, 2))
         )

@@ -64,7 +64,7 @@ class DataError(ValueError):
     """Bad input data; the message is one line naming the file or key and what was expected."""
 
 
-def _voc_colormap() -> np.ndarray:
+def voc_colormap() -> np.ndarray:
     cmap = np.zeros((256, 3), np.uint8)
     for i in range(256):
         r = g = b = 0
@@ -299,7 +299,7 @@ class VOCDataset:
         if im.mode in ("RGB", "RGBA"):
             rgb = np.asarray(im.convert("RGB")).astype(np.int64)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-            cmap = _voc_colormap().astype(np.int64)
+            cmap = voc_colormap().astype(np.int64)
             lut = {int((r << 16) | (g << 8) | b): k for k, (r, g, b) in enumerate(cmap)}
             uniq, inv = np.unique(code, return_inverse=True)
             try:
