@@ -115,7 +115,7 @@ def network_cues(
 
     renorm = cfg.labels.refined_cam_renorm or not refined
 
-    def cam_at(i: int) -> np.ndarray:
+    def cam_of(i: int) -> np.ndarray:
         # Averaging over affinities lowers the peaks; renorm puts them back at 1 before cam_threshold.
         return cam_at(cams[i], ds.image(i).shape[:2], normalize=renorm)
 
@@ -125,4 +125,4 @@ def network_cues(
         up = F.interpolate(sal_logits[i], size=ds.image(i).shape[:2], mode="bilinear", align_corners=False)
         return torch.sigmoid(up)[0, 0].numpy()
 
-    return cam_at, sal_at
+    return cam_of, sal_at
