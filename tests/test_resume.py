@@ -201,11 +201,16 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
 
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    import optuna
+
     from studies.store import Store
 
     store = Store(url)
     trials = store.trials("r")
+    ot = optuna.load_study(study_name="r", storage=store.optuna_storage()).get_trials(deepcopy=False)
     store.close()
+    # the resumed Optuna trials carry the whole learning curve (2 stages x 2 epochs), replayed ones included
+    assert [sorted(t.intermediate_values) for t in ot if t.state.name == "COMPLETE"] == [[0, 1, 2, 3]] * 2
     done = {t["seed"]: t for t in trials if t["status"] == "complete"}
     assert sorted(done) == [0, 1] and sum(t["status"] == "interrupted" for t in trials) == 2, trials
     for t in done.values():
