@@ -176,8 +176,14 @@ def test_a_signal_leaves_no_running_trial_in_either_store(tmp_path, sig, workers
         str(workers),
         "--no-report",
     ]
+
+    # A runner started in the background of a shell without job control inherits SIGINT ignored, and Python
+    # keeps it so: the child starts with the default disposition, as from a terminal.
+    def sigint_default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=stand_in_env(120))  # fmt: skip
+                         env=stand_in_env(120), preexec_fn=sigint_default)  # fmt: skip
     try:
         deadline = time.time() + 300
         while True:  # until its trials run (their harness rows exist)
