@@ -123,7 +123,7 @@ def store_worker(url: str, study_file: str, log: str, out: str, barrier) -> None
     os.environ.pop(PROCS_ENV, None)  # the spawn barrier below starts them together
     os.environ["STUDIES_TRIAL_FN"] = "bench.bench_claims:stub_trial"
     from studies.execute import ClaimKeeper, execute, get_store, job_for_point, one_line
-    from studies.models import COMPLETE
+    from studies.models import Status
     from studies.plan import make_plan
     from studies.spec import load_spec
 
@@ -151,7 +151,7 @@ def store_worker(url: str, study_file: str, log: str, out: str, barrier) -> None
             errors.append(f"trial {point.row}/{point.seed}: {one_line(e)}")
             continue
         won += 1
-        if o.status != COMPLETE:
+        if o.status != Status.COMPLETE:
             errors.append(f"trial {point.row}/{point.seed}: {o.status} {o.error}")
     keeper.close()
     store.close()

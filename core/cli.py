@@ -14,6 +14,7 @@ from pathlib import Path
 from core.cache import writable_dir
 from core.config import ConfigError, make_config, parse_overrides
 from core.data import DataError
+from core.records import Status
 from core.trial import TrialResult, run_trial
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, out / "result.json")
     print(summary(res))
     print(f"wrote {out / 'result.json'}")
-    return 0 if res.status == "complete" else 1
+    return 0 if res.status == Status.COMPLETE else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,25 @@ checks them at run time.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, TypedDict
+
+
+class Status(StrEnum):
+    """A trial's state, as result.json and the results store write it (a StrEnum: the stored values are
+    these strings). A trial is running, then ends in exactly one of END_STATUSES: `interrupted` means its
+    process died or was stopped while it ran (its grid point runs again), `failed` needs --retry-failed.
+    DONE is a grid point's claim state once its trial ended (studies.models.ClaimRow), never a trial's."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    PRUNED = "pruned"
+    INTERRUPTED = "interrupted"
+    DONE = "done"
+
+
+END_STATUSES = (Status.COMPLETE, Status.FAILED, Status.PRUNED, Status.INTERRUPTED)
 
 
 class PgtMetrics(TypedDict):
@@ -85,7 +103,7 @@ class EnvironmentRecord(TypedDict):
 class TrialRecord(TypedDict):
     """result.json: one trial."""
 
-    status: str  # complete | failed
+    status: Status  # complete | failed
     error: str | None
     config: dict[str, Any]  # Config.to_dict()
     initial_pgt: PgtMetrics | None

@@ -38,6 +38,7 @@ from core.records import (
     FinalMetrics,
     PgtMetrics,
     StageRecord,
+    Status,
     TrialRecord,
     WarmupRecord,
 )
@@ -100,7 +101,7 @@ def run_trial(
     when the trial ends (complete or failed) unless train.keep_checkpoint."""
     t_start = time.time()
     timings: dict[str, float] = {}
-    result = TrialResult(status="complete", error=None, config=cfg.to_dict())
+    result = TrialResult(status=Status.COMPLETE, error=None, config=cfg.to_dict())
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     device = resolve_device(cfg)
     check_amp(cfg, device)
@@ -315,7 +316,7 @@ def run_trial(
                 print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
             timings["gallery"] = time.time() - t
     except NonFiniteLoss as e:
-        result.status, result.error = "failed", str(e)
+        result.status, result.error = Status.FAILED, str(e)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import optuna
 
 from core.config import make_config
-from studies.models import COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING
+from studies.models import Status
 from studies.plan import GridPoint, Plan
 from studies.store import Store, dig, finite, point_key
 
@@ -305,28 +305,30 @@ def execute(
             res = trial_fn()(cfg, report=report, on_epoch=epoch, artifacts_dir=scratch, checkpoint_dir=ckpt)
         except pruned_types as e:
             shutil.rmtree(ckpt, ignore_errors=True)  # a pruned trial is never resumed
-            close(PRUNED, error=str(e) or "pruned")
+            close(Status.PRUNED, error=str(e) or "pruned")
             return Outcome(
                 optuna_number=job.optuna_number,
-                status=PRUNED,
+                status=Status.PRUNED,
                 error=str(e) or "pruned",
                 harness_id=harness_id,
             )
         except KeyboardInterrupt:
             with signals_held():
-                close(INTERRUPTED, error=STOPPED_BY_USER)
+                close(Status.INTERRUPTED, error=STOPPED_BY_USER)
             raise
         except Exception as e:
             err = one_line(e)
-            close(FAILED, error=err)
-            return Outcome(optuna_number=job.optuna_number, status=FAILED, error=err, harness_id=harness_id)
+            close(Status.FAILED, error=err)
+            return Outcome(
+                optuna_number=job.optuna_number, status=Status.FAILED, error=err, harness_id=harness_id
+            )
         d = res.to_dict() if hasattr(res, "to_dict") else dict(res)
         if job.artifacts and (d.get("artifacts") or {}).get("gallery"):
             d["artifacts"] = {"gallery": upload_gallery(job, store, d["artifacts"]["gallery"])}
         value = finite(dig(d, job.metric))
-        status, err = d.get("status", COMPLETE), d.get("error")
-        if status == COMPLETE and value is None:
-            status, err = FAILED, f"metric {job.metric} is missing or not finite"
+        status, err = d.get("status", Status.COMPLETE), d.get("error")
+        if status == Status.COMPLETE and value is None:
+            status, err = Status.FAILED, f"metric {job.metric} is missing or not finite"
         close(status, result=d, error=err)
         return Outcome(
             optuna_number=job.optuna_number,
@@ -383,16 +385,16 @@ def point_states(plan: Plan, store: Store, retry_failed: bool = False) -> tuple[
     ones count as done unless retry_failed."""
     done, running = set(), set()
     for row, variant, seed, status in store.point_statuses(plan.study.name):
-        if status in (COMPLETE, PRUNED) or (status == FAILED and not retry_failed):
+        if status in (Status.COMPLETE, Status.PRUNED) or (status == Status.FAILED and not retry_failed):
             done.add((row, variant, seed))
-        elif status == RUNNING:
+        elif status == Status.RUNNING:
             running.add((row, variant, seed))
     return done, running
 
 
 def finished_count(plan: Plan, store: Store) -> int:
     """Tuning trials that count towards n_trials (everything but interrupted ones)."""
-    return sum(1 for t in store.trials(plan.study.name) if t["status"] != INTERRUPTED)
+    return sum(1 for t in store.trials(plan.study.name) if t["status"] != Status.INTERRUPTED)
 
 
 def recover_harness(plan: Plan, store: Store, grace_s: float | None = None) -> list[int]:

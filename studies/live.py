@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from core.config import make_config
 from studies.execute import Job, Outcome
-from studies.models import COMPLETE, FAILED, PRUNED, RUNNING
+from studies.models import Status
 from studies.plan import Plan, trial_cost
 from studies.store import Store
 
@@ -200,7 +200,7 @@ class Live:
         storage = self.store.optuna_storage()
         for v in views:
             t = by_number.get(v.job.optuna_number)
-            if t is None or t["status"] != RUNNING:
+            if t is None or t["status"] != Status.RUNNING:
                 v.seconds = now - v.handed_at
                 continue
             v.begun = True
@@ -220,7 +220,7 @@ class Live:
         """Seconds until this process's work is done (see the module docstring); None before any trial of
         the study is complete. expected: with adaptive seeds, the points wanted so far (not every seed up to
         max), so the ETA is that of the work known now."""
-        done = [t for t in trials if t["status"] == COMPLETE and t["seconds"]]
+        done = [t for t in trials if t["status"] == Status.COMPLETE and t["seconds"]]
         if not done:
             return None
         if self.plan.is_grid:
@@ -230,11 +230,15 @@ class Live:
                 return None
             rate = sum(sec for _, sec in costs) / sum(c for c, _ in costs)
             finished = {
-                (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in (COMPLETE, PRUNED)
+                (t["row"], t["variant"], t["seed"])
+                for t in trials
+                if t["status"] in (Status.COMPLETE, Status.PRUNED)
             }
             if not self.retry_failed:
-                finished |= {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == FAILED}
-            running = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == RUNNING}
+                finished |= {
+                    (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.FAILED
+                }
+            running = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.RUNNING}
             running |= {(v.job.row, v.job.variant, v.job.seed) for v in views}  # handed out, maybe not begun
             todo = [p for p in self.plan.claim_order if p.key not in finished | running]
             left = [p.cost * rate for p in todo if expected is None or p.key in expected]
@@ -243,7 +247,7 @@ class Live:
         else:
             per = statistics.median(t["seconds"] for t in done)
             rate = per / max(v.cost for v in views) if views else 0.0
-            stored = sum(t["status"] != "interrupted" for t in trials) + sum(not v.begun for v in views)
+            stored = sum(t["status"] != Status.INTERRUPTED for t in trials) + sum(not v.begun for v in views)
             left = [per] * max(0, self.budget - stored)
         loads = sorted(max(0.0, v.cost * rate - v.seconds) for v in views)
         loads += [0.0] * max(0, self.workers - len(loads))
@@ -255,7 +259,7 @@ class Live:
     # -- drawing ---------------------------------------------------------------------------------
     def _study_text(self, snap: dict) -> tuple[str, int, int]:
         prog = snap["progress"]
-        failed = prog.states.get(FAILED, 0)
+        failed = prog.states.get(Status.FAILED, 0)
         running = prog.running + sum(not v.begun for v in snap["views"])  # handed out, not begun yet
         text = (
             f"running {running}, failed {failed}, elapsed {duration(time.time() - self.t0)}, "

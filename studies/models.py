@@ -1,6 +1,6 @@
 """The harness's ORM models: its own tables beside Optuna's, in one database (prefixed harness_ so
-they never clash). Status values and the grid-point claim table live here too; studies.store holds
-the logic that reads and writes them."""
+they never clash). The status vocabulary (core.records.Status, re-exported here) and the grid-point claim
+table live here too; studies.store holds the logic that reads and writes them."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# A trial's life: running, then exactly one of the end states. `interrupted` = its process died (or was
-# stopped) while it ran: the grid point runs again on the next invocation; `failed` needs --retry-failed.
-RUNNING, COMPLETE, FAILED, PRUNED, INTERRUPTED = "running", "complete", "failed", "pruned", "interrupted"
-STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED, INTERRUPTED)
-END_STATUSES = (COMPLETE, FAILED, PRUNED, INTERRUPTED)
+from core.records import END_STATUSES, Status
+
+__all__ = ["END_STATUSES", "Base", "ClaimRow", "StageRow", "Status", "StudyRow", "TrialRow"]
 
 
 class Base(DeclarativeBase):

@@ -48,7 +48,7 @@ from studies.execute import (
     recover_harness,
     signals_held,
 )
-from studies.models import COMPLETE, FAILED, INTERRUPTED, PRUNED, RUNNING
+from studies.models import Status
 from studies.plan import GridPoint, Plan
 from studies.quality import COLLAPSED_MEANING, result_collapsed
 from studies.store import Store, dig, finite
@@ -203,10 +203,10 @@ def _tell(study: optuna.Study, job: Job, out: Outcome) -> None:
         retry_locked(storage.set_trial_user_attr, job.optuna_trial_id, k, v)
     for k, v in system_attrs(out).items():
         retry_locked(storage.set_trial_system_attr, job.optuna_trial_id, k, v)
-    if out.status == COMPLETE:
+    if out.status == Status.COMPLETE:
         retry_locked(study.tell, job.optuna_number, out.value * job.value_scale, skip_if_finished=True)
     else:
-        state = TrialState.PRUNED if out.status == PRUNED else TrialState.FAIL
+        state = TrialState.PRUNED if out.status == Status.PRUNED else TrialState.FAIL
         retry_locked(study.tell, job.optuna_number, state=state, skip_if_finished=True)
 
 
@@ -231,7 +231,7 @@ def run_optuna_job(job: Job) -> Outcome:
     try:
         out = execute(job, on_stage)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (studies.run; a trial process: from its parent)
-        out = Outcome(optuna_number=job.optuna_number, status=INTERRUPTED, error=STOPPED_BY_USER)
+        out = Outcome(optuna_number=job.optuna_number, status=Status.INTERRUPTED, error=STOPPED_BY_USER)
         with signals_held():
             tell(study, job, out)
         if not _IN_WORKER:
@@ -240,7 +240,7 @@ def run_optuna_job(job: Job) -> Outcome:
             os._exit(1)
         return out  # a trial process: the parent stopped it and reads the outcome
     except Exception as e:  # config/store trouble outside the trial itself: still close the Optuna trial
-        out = Outcome(optuna_number=job.optuna_number, status=FAILED, error=one_line(e))
+        out = Outcome(optuna_number=job.optuna_number, status=Status.FAILED, error=one_line(e))
     finally:
         _TRIAL_RUNNING = False
     tell(study, job, out)
@@ -260,7 +260,7 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
     host, now, failed = socket.gethostname(), time.time(), []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         h = by_number.get(ft.number)
-        if h is not None and h["status"] == RUNNING:
+        if h is not None and h["status"] == Status.RUNNING:
             continue  # alive (recover_harness kept it)
         owner = {**ft.user_attrs, **ft.system_attrs}  # user attrs: trials asked before this version
         if owner.get("owner_host") == host and owner.get("owner_pid") is not None:
@@ -273,9 +273,9 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
                 last = ft.datetime_start.timestamp() if ft.datetime_start is not None else None
             if last is None or now - last < grace:
                 continue
-        if h is not None and h["status"] != INTERRUPTED and ft.state == TrialState.RUNNING:
+        if h is not None and h["status"] != Status.INTERRUPTED and ft.state == TrialState.RUNNING:
             # finished in the harness, its process killed before telling Optuna: tell now
-            value = finite(dig(h["result"], plan.study.metric)) if h["status"] == COMPLETE else None
+            value = finite(dig(h["result"], plan.study.metric)) if h["status"] == Status.COMPLETE else None
             job = job_for_params(
                 plan,
                 ft.params,
@@ -305,7 +305,7 @@ def mark_interrupted(study: optuna.Study, optuna_trial_id: int, why: str) -> boo
     error. False when it was closed meanwhile (by its own process)."""
     try:
         retry_locked(study._storage.set_trial_user_attr, optuna_trial_id, "error", why)
-        retry_locked(study._storage.set_trial_user_attr, optuna_trial_id, "status", INTERRUPTED)
+        retry_locked(study._storage.set_trial_user_attr, optuna_trial_id, "status", Status.INTERRUPTED)
         retry_locked(study._storage.set_trial_state_values, optuna_trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -324,22 +324,22 @@ def close_stopped(
     out = []
     for job in jobs:
         h = rows.get(job.optuna_number)
-        status, error = (h["status"], h["error"]) if h is not None else (INTERRUPTED, why)
-        if h is not None and status == RUNNING:
-            store.finish_trial(h["id"], INTERRUPTED, error=why)
-            status, error = INTERRUPTED, why
-        if status == INTERRUPTED and job.claim_owner is not None:
+        status, error = (h["status"], h["error"]) if h is not None else (Status.INTERRUPTED, why)
+        if h is not None and status == Status.RUNNING:
+            store.finish_trial(h["id"], Status.INTERRUPTED, error=why)
+            status, error = Status.INTERRUPTED, why
+        if status == Status.INTERRUPTED and job.claim_owner is not None:
             store.release_claim(job.claim_owner, None)  # the point runs again on the next invocation
         o = Outcome(optuna_number=job.optuna_number, status=status, error=error,
                     harness_id=h["id"] if h is not None else None)  # fmt: skip
         if job.optuna_trial_id is not None:
             ft = retry_locked(study._storage.get_trial, job.optuna_trial_id)
-            if ft.state == TrialState.RUNNING and status == INTERRUPTED:
+            if ft.state == TrialState.RUNNING and status == Status.INTERRUPTED:
                 mark_interrupted(study, ft._trial_id, error or why)
             elif ft.state == TrialState.RUNNING:  # finished in the harness, stopped before telling Optuna
                 full = next(t for t in store.trials(plan.study.name) if t["id"] == o.harness_id)
                 o.result = full["result"]
-                o.value = finite(dig(o.result, plan.study.metric)) if status == COMPLETE else None
+                o.value = finite(dig(o.result, plan.study.metric)) if status == Status.COMPLETE else None
                 tell(study, job, o)
                 o.result = None
         out.append((job, o))
@@ -371,13 +371,13 @@ def enqueue_interrupted(plan: Plan, store: Store, study: optuna.Study) -> None:
     and seed name (execute.checkpoint_dir). Enqueued once across processes: a claim on
     ["resume", number] in the claims table."""
     name = plan.study.name
-    for t in store.trials(name, status=INTERRUPTED):
+    for t in store.trials(name, status=Status.INTERRUPTED):
         if t["row"] != "trial":  # a grid point (e.g. a confirmation seed) reruns through its claim
             continue
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         if store.claim_point(name, json.dumps(["resume", t["optuna_number"]]), owner):
             retry_locked(study.enqueue_trial, t["params"], user_attrs={"resumes": t["optuna_number"]})
-            store.release_claim(owner, COMPLETE)
+            store.release_claim(owner, Status.COMPLETE)
 
 
 class Dispatcher:
@@ -526,7 +526,7 @@ def stop_trial_processes(
     numbers = {job.optuna_number for fut, job in running.items() if not fut.done()}
     ours = {p.pid for p in workers}
     for t in store.trial_states(study):
-        if t["status"] == RUNNING and t["optuna_number"] in numbers and t["pid"] in ours:
+        if t["status"] == Status.RUNNING and t["optuna_number"] in numbers and t["pid"] in ours:
             try:
                 os.kill(t["pid"], signal.SIGTERM)
             except ProcessLookupError:
@@ -617,7 +617,7 @@ def run_study(
                             out = fut.result()
                         except Exception as e:  # the worker process died: close the trial here
                             out = Outcome(
-                                optuna_number=job.optuna_number, status=INTERRUPTED, error=one_line(e)
+                                optuna_number=job.optuna_number, status=Status.INTERRUPTED, error=one_line(e)
                             )
                             recover_optuna(plan, store, study)  # its pid is dead: only its trial
                             disp.lost(job)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import PRESETS, Config, ConfigError, make_config
+from studies.models import Status
 from studies.sequential import StudyDecision, decide_study
 from studies.spec import Row, SourceLines, Spec, SpecError, Study, Variant
 from studies.store import dig, finite
@@ -226,7 +227,7 @@ def top_sets(plan: Plan, trials: list[dict]) -> list[Row]:
     records), best first, as rows labelled by their Optuna number ("#12")."""
     s = plan.study
     sign = -1.0 if s.direction == "minimize" else 1.0
-    done = [(t, finite(dig(t.get("result"), s.metric))) for t in trials if t["status"] == "complete"]
+    done = [(t, finite(dig(t.get("result"), s.metric))) for t in trials if t["status"] == Status.COMPLETE]
     done = sorted(
         ((t, v) for t, v in done if v is not None), key=lambda x: (-sign * x[1], x[0]["optuna_number"])
     )

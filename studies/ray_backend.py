@@ -42,7 +42,7 @@ from studies.execute import (
     point_states,
     signals_held,
 )
-from studies.models import INTERRUPTED, PRUNED, RUNNING
+from studies.models import Status
 from studies.optuna_backend import (
     close_stopped,
     enqueue_interrupted,
@@ -210,12 +210,12 @@ class HarnessSearch(OptunaSearch):
                 self.h_keeper.forget(job.claim_owner)
         else:
             if error:  # the trial's process or node died: rerun on the next invocation
-                status, why = INTERRUPTED, "its Ray worker or node died while the trial was running"
+                status, why = Status.INTERRUPTED, "its Ray worker or node died while the trial was running"
             else:
-                status, why = PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
+                status, why = Status.PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
             out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=hid)
             row = self._harness_row(job)  # the trial may have died before it told the driver its id
-            if row is not None and row["status"] == RUNNING:
+            if row is not None and row["status"] == Status.RUNNING:
                 retry_locked(self.h_store.finish_trial, row["id"], status, error=why)
             out.harness_id = row["id"] if row is not None else hid
             if self.h_keeper is not None:

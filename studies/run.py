@@ -6,7 +6,7 @@
                                [--no-report]
 
 Re-running the same command continues the study: finished trials are kept, trials left running by a
-killed process are marked failed ("interrupted") and their grid points run again. --n-trials caps the
+killed process are marked interrupted and their grid points run again. --n-trials caps the
 new trials of an ablation in this invocation, or sets the total trial count of a tuning study. At the
 end it prints a summary (row, n, mean +- std of the metric) and writes the report (runs/reports/).
 Before the first trial the device, the initial weights and the data set are checked (every file decoded
@@ -28,9 +28,15 @@ from typing import Any
 
 from core.config import ConfigError, make_config, parse_overrides
 from core.data import DataError
+from studies.models import Status
 from studies.plan import Plan, confirm_name, confirm_plan, make_plan
 from studies.sequential import interval_text, status_text
 from studies.spec import Spec, SpecError, load_spec
+
+TODO, IF_NEEDED = (
+    "todo",
+    "if needed",
+)  # --dry-run: a grid point not run yet (adaptive: only if its row needs it)
 
 
 class UsageError(Exception):
@@ -240,7 +246,7 @@ def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
     for name in store.study_names():
         if store.study_record(name)["preset"] == plan.preset:
             seconds += [
-                t["seconds"] for t in store.trials(name) if t["status"] == "complete" and t["seconds"]
+                t["seconds"] for t in store.trials(name) if t["status"] == Status.COMPLETE and t["seconds"]
             ]
     store.close()
     return trials, seconds
@@ -252,8 +258,10 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
     s = plan.study
     print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
     trials, seconds = stored_progress(plan, url)
-    done_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in ("complete", "pruned")}
-    failed_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == "failed"}
+    done_keys = {
+        (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in (Status.COMPLETE, Status.PRUNED)
+    }
+    failed_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.FAILED}
     print(f"storage: {redact_url(url)} ({len(trials)} trial(s) of this study stored)")
     print(f"workers: {workers} trial(s) at once{how}")
     if plan.is_grid:
@@ -275,8 +283,8 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
         print(f"{'#':>3}  {'row':<34} {'variant':<10} {'seed':>4}  {'state':<9} overrides")
         for p in plan.points:
             ov = " ".join(f"{k}={_fmt(v)}" for k, v in p.overrides.items())
-            state = "done" if p.key in done_keys else "failed" if p.key in failed_keys else "todo"
-            state = "if needed" if state == "todo" and wanted is not None and p.key not in wanted else state
+            state = Status.DONE if p.key in done_keys else Status.FAILED if p.key in failed_keys else TODO
+            state = IF_NEEDED if state == TODO and wanted is not None and p.key not in wanted else state
             print(f"{p.grid_index:>3}  {p.row:<34} {p.variant or '-':<10} {p.seed:>4}  {state:<9} {ov}")
         print(f"{'row':<34} {'variant':<10} done / left")
         for r in s.rows:
@@ -307,7 +315,7 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
             print(f"  {p.name}: {p.type} {rng}")
         ov = " ".join(f"{k}={_fmt(v)}" for k, v in plan.overrides_for_params({}).items())
         print(f"  fixed overrides: {ov}")
-        left = max(0, s.n_trials - sum(t["status"] != "interrupted" for t in trials))
+        left = max(0, s.n_trials - sum(t["status"] != Status.INTERRUPTED for t in trials))
         print(f"done: {s.n_trials - left}, left: {left}")
         if s.confirm is not None:
             c = s.confirm
@@ -361,7 +369,7 @@ def study_summary(plan: Plan, store) -> str:
     collapsed: dict[tuple, int] = {}
     for t in trials:
         key = (t["row"], t["variant"])
-        if t["status"] == "complete":
+        if t["status"] == Status.COMPLETE:
             v = finite(dig(t["result"], s.metric))
             if v is not None:
                 groups.setdefault(key, []).append(v)
@@ -378,7 +386,7 @@ def study_summary(plan: Plan, store) -> str:
     def notes(key: tuple) -> list[str]:
         if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note
             n = Counter(t["status"] for t in trials if (t["row"], t["variant"]) == key)
-            return [f"{k} {x}" for x, k in sorted(n.items()) if x not in ("complete", "running")]
+            return [f"{k} {x}" for x, k in sorted(n.items()) if x not in (Status.COMPLETE, Status.RUNNING)]
         mine = [t for t in trials if (t["row"], t["variant"]) == key]
         return progress(mine, [p for p in points if (p[0], p[1]) == key]).notes()
 
@@ -400,7 +408,7 @@ def study_summary(plan: Plan, store) -> str:
         best = [
             t
             for t in store.trials(s.name)
-            if t["status"] == "complete" and finite(dig(t["result"], s.metric)) is not None
+            if t["status"] == Status.COMPLETE and finite(dig(t["result"], s.metric)) is not None
         ]
         if best:
             sign = 1 if s.direction == "maximize" else -1
@@ -536,7 +544,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from studies.execute import ClusterError
     from studies.live import Live
-    from studies.models import FAILED, INTERRUPTED
 
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
@@ -597,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         for name in names[::-1]:  # the confirmation first: the tuning report reads it
             write_report(name, url, artifacts=artifacts)
-    failed = [o for o in outcomes if o.status in (FAILED, INTERRUPTED)]
+    failed = [o for o in outcomes if o.status in (Status.FAILED, Status.INTERRUPTED)]
     if failed:
         print(
             f"studies.run: {len(failed)} trial(s) failed or were interrupted in this run "

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize
 
+from core.records import Status
+
 METHOD = "t-mixture confidence sequence"
 STATUSES = ("better", "worse", "equivalent", "unresolved", "unresolved at max")
 
@@ -181,7 +183,8 @@ class StudyDecision:
         return all(d.status != "unresolved" for d in self.rows.values())
 
 
-ENDED = ("complete", "failed", "pruned")  # a trial that will not run again (interrupted / running: pending)
+# A trial that will not run again (interrupted / running: pending).
+ENDED = (Status.COMPLETE, Status.FAILED, Status.PRUNED)
 
 
 def decide_study(
@@ -200,7 +203,7 @@ def decide_study(
         if t["status"] in ENDED:
             ended.add(key)
             v = t.get("value")
-            if t["status"] == "complete" and v is not None and math.isfinite(v):
+            if t["status"] == Status.COMPLETE and v is not None and math.isfinite(v):
                 values[key] = float(v)
     sign = -1.0 if direction == "minimize" else 1.0
     out = StudyDecision(wanted={(r, s) for r in rows for s in rule.initial})

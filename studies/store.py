@@ -6,8 +6,8 @@
         harness_id = store.begin_trial(study=name, optuna_number=0, row="seg", variant=None, seed=0,
                                        params={...}, config=cfg.to_dict(), code_version=code_version())
         store.record_stage(harness_id, stage_dict)   # one entry of result.json "stages"
-        store.finish_trial(harness_id, "complete", result=res.to_dict())
-        store.release_claim(owner, "complete")
+        store.finish_trial(harness_id, Status.COMPLETE, result=res.to_dict())
+        store.release_claim(owner, Status.COMPLETE)
     store.trials(name), store.study_stages(name), store.study_record(name)   # what reports read
     storage = store.optuna_storage()                # optuna RDBStorage on the same URL
 
@@ -47,12 +47,10 @@ from studies.db import (
 )
 from studies.models import (
     END_STATUSES,
-    FAILED,
-    INTERRUPTED,
-    RUNNING,
     Base,
     ClaimRow,
     StageRow,
+    Status,
     StudyRow,
     TrialRow,
 )
@@ -95,7 +93,9 @@ def _dumps(obj: Any) -> str:
 # ------------------------------------------------------------------------------------------- Store
 def _legacy_status(status: str, error: str | None) -> str:
     # Stores written before `interrupted` was a status kept it as failed + this error text.
-    return INTERRUPTED if status == FAILED and (error or "").startswith("interrupted") else status
+    return (
+        Status.INTERRUPTED if status == Status.FAILED and (error or "").startswith("interrupted") else status
+    )
 
 
 def _looks_alive(trial: dict, host: str, now: float, grace_s: float) -> bool:
@@ -131,8 +131,8 @@ class Store:
         with self._session.begin() as s:
             s.execute(
                 sa.update(TrialRow)
-                .where(TrialRow.status == FAILED, TrialRow.error.like("interrupted%"))
-                .values(status=INTERRUPTED)
+                .where(TrialRow.status == Status.FAILED, TrialRow.error.like("interrupted%"))
+                .values(status=Status.INTERRUPTED)
             )
 
     def check_readable(self) -> None:
@@ -236,7 +236,7 @@ class Store:
                 s.execute(sa.delete(StageRow).where(StageRow.trial_id == t.id))
             t.row, t.variant, t.seed = row, variant, int(seed)
             t.params_json, t.config_json = _dumps(params), _dumps(config)
-            t.status, t.error, t.started_at, t.finished_at = RUNNING, None, _now(), None
+            t.status, t.error, t.started_at, t.finished_at = Status.RUNNING, None, _now(), None
             t.code_version, t.host, t.pid, t.heartbeat_at = (
                 code_version,
                 socket.gethostname(),
@@ -263,7 +263,7 @@ class Store:
         with self._session.begin() as s:
             s.execute(
                 sa.update(TrialRow)
-                .where(TrialRow.id == harness_id, TrialRow.status == RUNNING)
+                .where(TrialRow.id == harness_id, TrialRow.status == Status.RUNNING)
                 .values(heartbeat_at=time.time())
             )
 
@@ -341,13 +341,13 @@ class Store:
             return []
         with self._session.begin() as s:
             rows = s.scalars(
-                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == RUNNING)
+                sa.select(TrialRow).where(TrialRow.study_id == sid, TrialRow.status == Status.RUNNING)
             ).all()
             out = []
             for t in rows:
                 if t.id in keep:
                     continue
-                t.status, t.finished_at = INTERRUPTED, _now()
+                t.status, t.finished_at = Status.INTERRUPTED, _now()
                 t.error = "its process died while the trial was running"
                 out.append(t.id)
             return out
@@ -357,7 +357,7 @@ class Store:
         compare-and-set on what was observed (status running, same pid and heartbeat), so a trial that
         began or beat in between is never touched."""
         host, now, out = socket.gethostname(), time.time(), []
-        for t in self.trials(study, status=RUNNING):
+        for t in self.trials(study, status=Status.RUNNING):
             if not _looks_alive(t, host, now, grace_s) and retry_locked(
                 self._interrupt_if_unchanged, t["id"], t["pid"], t["heartbeat_at"]
             ):
@@ -370,14 +370,14 @@ class Store:
                 sa.update(TrialRow)
                 .where(
                     TrialRow.id == harness_id,
-                    TrialRow.status == RUNNING,
+                    TrialRow.status == Status.RUNNING,
                     TrialRow.pid.is_(None) if pid is None else TrialRow.pid == pid,
                     TrialRow.heartbeat_at.is_(None)
                     if heartbeat_at is None
                     else TrialRow.heartbeat_at == heartbeat_at,
                 )
                 .values(
-                    status=INTERRUPTED,
+                    status=Status.INTERRUPTED,
                     finished_at=_now(),
                     error="its process died while the trial was running",
                 )
@@ -388,7 +388,9 @@ class Store:
     def live_running(self, study: str, grace_s: float = CLAIM_STALE_S) -> set[int]:
         """harness_ids of running trials that look alive (_looks_alive)."""
         host, now = socket.gethostname(), time.time()
-        return {t["id"] for t in self.trials(study, status=RUNNING) if _looks_alive(t, host, now, grace_s)}
+        return {
+            t["id"] for t in self.trials(study, status=Status.RUNNING) if _looks_alive(t, host, now, grace_s)
+        }
 
     @retrying
     def point_statuses(self, study: str) -> list[tuple[str, str | None, int, str]]:
@@ -449,13 +451,13 @@ class Store:
             if c is None:  # released between our insert and this read: try once more
                 return self.claim_point(study, key, owner, retake_failed, stale_s)
             prev_owner, prev_state = c.owner, c.state
-            if c.state == RUNNING:
+            if c.state == Status.RUNNING:
                 gone = (c.host == host and not pid_alive(c.pid)) or time.time() - c.heartbeat_at > stale_s
                 if not gone:
                     return False
             else:
                 t = s.get(TrialRow, c.harness_id) if c.harness_id is not None else None
-                if not (retake_failed and t is not None and t.status == FAILED):
+                if not (retake_failed and t is not None and t.status == Status.FAILED):
                     return False
         return retry_locked(self._take_over_claim, sid, key, owner, host, pid, prev_owner, prev_state)
 
@@ -465,7 +467,7 @@ class Store:
                 ClaimRow(
                     study_id=sid,
                     point=key,
-                    state=RUNNING,
+                    state=Status.RUNNING,
                     owner=owner,
                     host=host,
                     pid=pid,
@@ -486,7 +488,12 @@ class Store:
                     ClaimRow.state == prev_state,
                 )
                 .values(
-                    state=RUNNING, owner=owner, host=host, pid=pid, heartbeat_at=time.time(), harness_id=None
+                    state=Status.RUNNING,
+                    owner=owner,
+                    host=host,
+                    pid=pid,
+                    heartbeat_at=time.time(),
+                    harness_id=None,
                 )
             )
             return res.rowcount == 1
@@ -499,7 +506,7 @@ class Store:
         with self._session.begin() as s:
             s.execute(
                 sa.update(ClaimRow)
-                .where(ClaimRow.owner.in_(owners), ClaimRow.state == RUNNING)
+                .where(ClaimRow.owner.in_(owners), ClaimRow.state == Status.RUNNING)
                 .values(heartbeat_at=time.time())
             )
 
@@ -515,10 +522,10 @@ class Store:
         with self._session.begin() as s:
             q = sa.select(ClaimRow).where(ClaimRow.owner == owner)
             for c in s.scalars(q).all():
-                if status in (None, INTERRUPTED):
+                if status in (None, Status.INTERRUPTED):
                     s.delete(c)
                 else:
-                    c.state, c.heartbeat_at = "done", time.time()
+                    c.state, c.heartbeat_at = Status.DONE, time.time()
 
     @retrying
     def claims(self, study: str) -> list[dict]:
