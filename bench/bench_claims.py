@@ -161,7 +161,7 @@ def store_worker(url: str, study_file: str, log: str, out: str, barrier) -> None
 def measure_store(url: str, procs: int, points: int, work: Path, timeout: float) -> dict:
     import multiprocessing as mp
 
-    from studies.optuna_backend import study_spec_record
+    from studies.optuna_adapter import study_spec_record
     from studies.plan import make_plan
     from studies.spec import load_spec
     from studies.store import Store

@@ -43,7 +43,7 @@ from studies.execute import (
     signals_held,
 )
 from studies.models import Status
-from studies.optuna_backend import (
+from studies.optuna_adapter import (
     close_stopped,
     enqueue_interrupted,
     fixed_sampler,

@@ -571,7 +571,7 @@ def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
     from types import SimpleNamespace
 
     from studies.execute import Job, Outcome
-    from studies.optuna_backend import trial_attrs
+    from studies.optuna_adapter import trial_attrs
     from studies.run import study_summary as summary
 
     plan = SimpleNamespace(
