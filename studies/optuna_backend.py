@@ -272,14 +272,16 @@ def stop_trial_processes(
 def run_study(
     plan: Plan,
     url: str,
+    *,
     workers: int = 1,
     n_trials: int | None = None,
     retry_failed: bool = False,
-    log: Callable[[str], None] = print,
     artifacts: str | None = None,
+    log: Callable[[str], None] = print,
     events: TrialEvents | None = None,
 ) -> list[Outcome]:
-    """Run (or resume) a study with Optuna; returns this invocation's outcomes. artifacts: the Optuna
+    """Run (or resume) a study with Optuna; returns this invocation's outcomes. workers: trials at once,
+    each in its own process when more than 1 (1: in this process). artifacts: the Optuna
     artifact store folder for the trials' galleries (None: no galleries). events: told when each trial
     starts and ends (studies.live). On KeyboardInterrupt (Ctrl-C; SIGTERM through studies.run) the trials
     of this process are stopped and closed as interrupted in both stores, their lines logged, and the

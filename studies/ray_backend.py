@@ -297,27 +297,30 @@ def _make_trainable(
     return trainable
 
 
-def run_study_ray(
+def run_study(
     plan: Plan,
     url: str,
+    *,
     workers: int | None = None,
     n_trials: int | None = None,
     retry_failed: bool = False,
+    artifacts: str | None = None,
+    log: Callable[[str], None] = print,
+    events: TrialEvents | None = None,
     address: str | None = None,
     cpus_per_trial: float | None = None,
     gpus_per_trial: float = 0.0,
-    log: Callable[[str], None] = print,
-    ray_init: dict | None = None,
     user_keys: set[str] | frozenset[str] = frozenset(),
-    artifacts: str | None = None,
-    events: TrialEvents | None = None,
+    ray_init: dict | None = None,
 ) -> list[Outcome]:
-    """Run (or resume) a study with Ray Tune on this machine (address None) or a running cluster.
-    workers: trials at once (default: as many as the cluster's nodes can hold). user_keys: config keys
-    the user set, so that per-trial thread counts are only derived from the resources when unset.
-    events: told when each trial starts and ends (studies.live). On KeyboardInterrupt (SIGTERM through
-    studies.run) Ray is shut down first (a local one) and this driver's open trials are closed as
-    interrupted in both stores."""
+    """Run (or resume) a study with Ray Tune on this machine (address None) or a running cluster; returns
+    this invocation's outcomes. The leading parameters are studies.optuna_backend.run_study's. workers:
+    trials at once (default: as many as the cluster's nodes can hold). artifacts: the Optuna artifact
+    store folder for the trials' galleries (None: no galleries). events: told when each trial starts and
+    ends (studies.live). user_keys: config keys the user set, so that per-trial thread counts are only
+    derived from the resources when unset. ray_init: extra ray.init arguments. On KeyboardInterrupt
+    (SIGTERM through studies.run) Ray is shut down first (a local one) and this driver's open trials are
+    closed as interrupted in both stores."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

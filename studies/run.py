@@ -554,21 +554,21 @@ def main(argv: list[str] | None = None) -> int:
                     retry_failed=args.retry_failed, n_trials=n_trials)  # fmt: skip
         try:
             if args.backend == "ray":
-                from studies.ray_backend import run_study_ray
+                from studies.ray_backend import run_study
 
-                return run_study_ray(
+                return run_study(
                     p,
                     url,
                     workers=args.workers,
                     n_trials=n_trials,
                     retry_failed=args.retry_failed,
+                    artifacts=artifacts,
+                    log=live.log,
+                    events=live,
                     address=args.address,
                     cpus_per_trial=args.cpus_per_trial,
                     gpus_per_trial=args.gpus_per_trial,
                     user_keys=user_keys,
-                    artifacts=artifacts,
-                    log=live.log,
-                    events=live,
                 )
             from studies.optuna_backend import run_study
 
