@@ -182,10 +182,10 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
     name = plan.study.name
     recover_harness(plan, store, grace_s)
     grace = 120.0 if grace_s is None else grace_s
-    by_number = {t["optuna_number"]: t for t in store.trials(name)}
+    by_optuna_number = {t["optuna_number"]: t for t in store.trials(name)}
     host, now, failed = socket.gethostname(), time.time(), []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        h = by_number.get(ft.number)
+        h = by_optuna_number.get(ft.number)
         if h is not None and h["status"] == Status.RUNNING:
             continue  # alive (recover_harness kept it)
         owner = {**ft.user_attrs, **ft.system_attrs}  # user attrs: trials asked before this version
@@ -313,9 +313,10 @@ def log_outcome(log: Callable[[str], None], metric: str, job: Job, out: Outcome)
     log(f"[studies] trial #{job.optuna_number} {job.label} seed {job.seed}: {out.status}{v}{extra}")
 
 
-def log_recovered(log: Callable[[str], None], numbers: list[int]) -> None:
-    if numbers:
+def log_recovered(log: Callable[[str], None], optuna_numbers: list[int]) -> None:
+    if optuna_numbers:
         log(
-            f"[studies] marked {len(numbers)} interrupted trial(s): #{', #'.join(map(str, numbers))}; "
+            f"[studies] marked {len(optuna_numbers)} interrupted trial(s): "
+            f"#{', #'.join(map(str, optuna_numbers))}; "
             "rerunning them"
         )

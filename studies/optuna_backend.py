@@ -253,10 +253,10 @@ def stop_trial_processes(
     killed (close_stopped then closes its trial)."""
     workers = list(mp.active_children())  # the pool's processes (spawned by multiprocessing)
     pool.shutdown(wait=False, cancel_futures=True)
-    numbers = {job.optuna_number for fut, job in running.items() if not fut.done()}
+    optuna_numbers = {job.optuna_number for fut, job in running.items() if not fut.done()}
     ours = {p.pid for p in workers}
     for t in store.trial_states(study):
-        if t["status"] == Status.RUNNING and t["optuna_number"] in numbers and t["pid"] in ours:
+        if t["status"] == Status.RUNNING and t["optuna_number"] in optuna_numbers and t["pid"] in ours:
             try:
                 os.kill(t["pid"], signal.SIGTERM)
             except ProcessLookupError:

@@ -124,7 +124,7 @@ class HarnessSearch(OptunaSearch):
         self.h_retry_failed, self.h_budget = retry_failed, budget
         self.h_keeper = ClaimKeeper(store) if plan.is_grid else None
         self.h_handed: set = set()
-        self.h_jobs: dict[str, Job] = {}
+        self.h_jobs: dict[str, Job] = {}  # Ray trial id -> job
         self.h_outcomes: list[Outcome] = []
         self.h_look_after = 0.0  # adaptive seeds: when suggest may read the store again
 
@@ -179,8 +179,8 @@ class HarnessSearch(OptunaSearch):
             self.h_events.started(self.h_jobs[trial_id])
         return {
             **cfg,
-            "_number": ot.number,
-            "_trial_id": ot._trial_id,
+            "_optuna_number": ot.number,
+            "_optuna_trial_id": ot._trial_id,
             "_claim_owner": owner,
             "_value_scale": value_scale(self._ot_study),
         }
@@ -196,15 +196,15 @@ class HarnessSearch(OptunaSearch):
             return
         self._completed_trials.add(trial_id)
         job, result = self.h_jobs[trial_id], result or {}
-        hid = result.get("harness_id")
+        harness_id = result.get("harness_id")
         if result.get("final"):  # the trial closed its own rows and claim
-            row = self._harness_row(job) if hid is not None else None
+            row = self._harness_row(job) if harness_id is not None else None
             out = Outcome(
                 optuna_number=job.optuna_number,
                 status=result["status"],
                 value=finite(result.get("value")),
                 error=result.get("error"),
-                harness_id=hid,
+                harness_id=harness_id,
             )
             if self.h_keeper is not None and job.claim_owner:
                 self.h_keeper.forget(job.claim_owner)
@@ -213,11 +213,11 @@ class HarnessSearch(OptunaSearch):
                 status, why = Status.INTERRUPTED, "its Ray worker or node died while the trial was running"
             else:
                 status, why = Status.PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
-            out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=hid)
+            out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=harness_id)
             row = self._harness_row(job)  # the trial may have died before it told the driver its id
             if row is not None and row["status"] == Status.RUNNING:
                 retry_locked(self.h_store.finish_trial, row["id"], status, error=why)
-            out.harness_id = row["id"] if row is not None else hid
+            out.harness_id = row["id"] if row is not None else harness_id
             if self.h_keeper is not None:
                 self.h_keeper.release(job.claim_owner, status)
         out.result = row["result"] if row is not None else None  # the user attrs read the stored result
@@ -236,7 +236,7 @@ class HarnessSearch(OptunaSearch):
 
     def unfinished(self) -> list[Job]:
         """The jobs this driver handed to Ray whose trials it has not closed."""
-        return [j for tid, j in self.h_jobs.items() if tid not in self._completed_trials]
+        return [j for ray_trial_id, j in self.h_jobs.items() if ray_trial_id not in self._completed_trials]
 
     def _harness_row(self, job: Job) -> dict | None:
         """The harness row of job's trial (by its Optuna number), as Store.trials gives it."""
@@ -261,10 +261,10 @@ def _make_trainable(
         job = job_for_params(
             plan,
             params,
-            config["_number"],
+            config["_optuna_number"],
             url=url,
             code_version=cv,
-            optuna_trial_id=config["_trial_id"],
+            optuna_trial_id=config["_optuna_trial_id"],
             claim_owner=config.get("_claim_owner"),
             value_scale=config.get("_value_scale", 100.0),
             artifacts=artifacts,
@@ -280,7 +280,7 @@ def _make_trainable(
                 {"score": state["last"], "stage": step, "final": False, "harness_id": state["harness_id"]}
             )
 
-        out = execute(job, on_stage, on_begin=lambda hid: state.update(harness_id=hid))
+        out = execute(job, on_stage, on_begin=lambda harness_id: state.update(harness_id=harness_id))
         tune.report(
             {
                 "score": out.value if out.value is not None else state["last"],
