@@ -1,16 +1,19 @@
 """Shared test setup: the repository root, the fast smoke variant, VOC settings that validate without the
-data, a fresh runs/ folder per test module, a helper that runs a module's CLI in a subprocess, and a real
-throwaway PostgreSQL server (testkit.pgserver): pg_server for the session, pg_url a fresh database per test.
-Stand-in trials and their study files are in testkit.stand_ins."""
+data, a fresh runs/ folder per test module, a helper that runs a module's CLI in a subprocess, one that kills
+a process once something happened (kill_when), and a real throwaway PostgreSQL server (testkit.pgserver):
+pg_server for the session, pg_url a fresh database per test. Stand-in trials and their study files are in
+testkit.stand_ins."""
 
 from __future__ import annotations
 
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,46 @@ def run_module(module: str, args: list[str], env: dict | None = None, timeout: f
         timeout=timeout,
         check=False,
     )
+
+
+def kill_when(
+    proc: subprocess.Popen,
+    predicate: Callable[[], bool],
+    timeout: float,
+    sig: int = signal.SIGKILL,
+    *,
+    never: str,
+    poll_s: float = 0.05,
+) -> None:
+    """Poll predicate() every poll_s seconds until it holds, then send sig to proc and wait for proc to end.
+    The test fails when proc ends first (with its stderr, when that is a pipe) or, naming `never`, when
+    timeout seconds pass; proc is then killed, so that it does not outlive the test."""
+    deadline = time.monotonic() + timeout
+    sent = False
+    try:
+        while not predicate():
+            if proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr is not None else b""
+                err = err.decode(errors="replace") if isinstance(err, bytes) else err
+                why = "the study finished before it could be killed"
+                pytest.fail(f"{why}:\n{err[-3000:]}" if err else why)
+            if time.monotonic() >= deadline:
+                pytest.fail(never)
+            time.sleep(poll_s)
+        proc.send_signal(sig)
+        sent = True
+    finally:
+        if not sent and proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def trials_now(store, study: str) -> list:
+    """store.trials(study), or [] while the store cannot be read yet (the process is still creating it)."""
+    try:
+        return store.trials(study)
+    except Exception:
+        return []
 
 
 @pytest.fixture(scope="module")

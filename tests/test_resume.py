@@ -17,7 +17,7 @@ import torch
 
 from core import checkpoint
 from core.config import make_config
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, kill_when, run_module
 
 PY = sys.executable
 # Two stages of two epochs: a kill in the second stage after one of its epochs has a label update, a
@@ -251,14 +251,7 @@ def test_an_interrupted_tuning_trial_is_asked_again_and_finds_its_checkpoint(tmp
     env = {**os.environ, "AUXSEG_RUNS": str(tmp_path / "runs"), "RESUME_TEST_DIR": str(tmp_path),
            "STUDIES_TRIAL_FN": "tests.test_resume:checkpointing_trial"}  # fmt: skip
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "hung").exists() and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.1)
-        assert (tmp_path / "hung").exists(), p.stderr.read() if p.poll() is not None else "no trial started"
-    finally:
-        p.kill()
-        p.wait()
+    kill_when(p, (tmp_path / "hung").exists, 120, poll_s=0.1, never="no trial started")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]

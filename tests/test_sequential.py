@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from studies.sequential import SeedRule, decide_study, row_decision, t_mixture_interval
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_when, trials_now
 
 PY = sys.executable
 EFFECT = {1.0: 0.0, 2.0: 0.05, 3.0: 0.0}  # loss.cls -> true effect: seg (baseline), up (+5 points), noisy (0)
@@ -207,22 +206,12 @@ def test_seeds_are_added_across_a_kill_and_a_rerun(tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env(0.5), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:  # kill it while an added seed (3 or 4) runs
-            try:
-                ts = store.trials("g")
-            except Exception:
-                ts = []
-            if any(t["status"] == "running" and t["seed"] >= 3 for t in ts):
-                break
-            assert proc.poll() is None, "the study finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("never saw an added seed running")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    kill_when(  # while an added seed (3 or 4) runs
+        proc,
+        lambda: any(t["status"] == "running" and t["seed"] >= 3 for t in trials_now(store, "g")),
+        120,
+        never="never saw an added seed running",
+    )
     killed = [t for t in store.trials("g") if t["status"] == "running"]
     assert len(killed) == 1 and killed[0]["seed"] >= 3
     p = subprocess.run(cmd, cwd=tmp_path, env=env(0.0), capture_output=True, text=True, timeout=180)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_SET
+from tests.conftest import ROOT, TINY_SET, kill_when, trials_now
 
 PY = sys.executable
 TINY = {**TINY_SET, "train.threads": 1}
@@ -400,22 +399,12 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 150
-    try:
-        while time.time() < deadline:
-            try:
-                ts = store.trials("g")
-            except Exception:
-                ts = []
-            if any(t["status"] == "complete" for t in ts) and any(t["status"] == "running" for t in ts):
-                break
-            assert proc.poll() is None, "the study finished before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("never saw one complete and one running trial")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+
+    def one_complete_one_running() -> bool:
+        ts = trials_now(store, "g")
+        return any(t["status"] == "complete" for t in ts) and any(t["status"] == "running" for t in ts)
+
+    kill_when(proc, one_complete_one_running, 150, never="never saw one complete and one running trial")
     before = {t["id"]: t for t in store.trials("g")}
     done_before = {k: t for k, t in before.items() if t["status"] == "complete"}
     killed = [t for t in before.values() if t["status"] == "running"]
