@@ -54,6 +54,7 @@ from core.config import Config, ConfigError, apply_overrides, config_from_dict, 
 from core.environment import cpu_model
 from core.evaluate import evaluate, predict_batched
 from core.model import AuxSegNet
+from core.records import Status
 from core.train import autocast, resolve_device
 from reports.paired import better_cell, delta_cell, paired_delta
 from studies.plan import make_plan
@@ -242,7 +243,7 @@ def stored(d: Path, cfg: Config) -> dict | None:
         r = json.loads((d / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    if r.get("status") != "complete" or not net_file(d).is_file():
+    if r.get("status") != Status.COMPLETE or not net_file(d).is_file():
         return None
     return r if comparable(r["config"]) == comparable(cfg.to_dict()) else None
 
@@ -299,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         points = [p for p in plan.points if p.seed in a.seeds]
         n_study = len(points)
         for label, *kv in a.row:  # the study's set (base_overrides), the row's keys, then --set
-            extra = {**plan.base_overrides, **parse_overrides(kv)}
+            row_overrides = {**plan.base_overrides, **parse_overrides(kv)}
             points += [
-                dataclasses.replace(p, row=label, overrides={**extra, "seed": p.seed, **plan.cli_overrides})
+                dataclasses.replace(
+                    p, row=label, overrides={**row_overrides, "seed": p.seed, **plan.run_overrides}
+                )
                 for p in points
                 if p.row == BASELINE
             ]

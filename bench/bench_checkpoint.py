@@ -23,6 +23,7 @@ from core import checkpoint
 from core.build import build_net
 from core.config import make_config
 from core.environment import cpu_model, environment
+from core.records import Status
 from core.train import resolve_device, stage_optimizer
 from core.trial import run_trial
 
@@ -36,7 +37,7 @@ def trial(preset: str, seed: int, every: int, folder: Path) -> dict:
          f"train.checkpoint_every={every}", "train.keep_checkpoint=true"],
     )  # fmt: skip
     res = run_trial(cfg, checkpoint_dir=folder).to_dict()
-    assert res["status"] == "complete", res["error"]
+    assert res["status"] == Status.COMPLETE, res["error"]
     return res
 
 

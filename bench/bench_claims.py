@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from studies.records import Status
 from testkit.stand_ins import stand_in_result, write_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,6 @@ def store_worker(url: str, study_file: str, log: str, out: str, barrier) -> None
     os.environ.pop(PROCS_ENV, None)  # the spawn barrier below starts them together
     os.environ["STUDIES_TRIAL_FN"] = "bench.bench_claims:stub_trial"
     from studies.execute import ClaimKeeper, execute, get_store, job_for_point, one_line
-    from studies.models import Status
     from studies.plan import make_plan
     from studies.spec import load_spec
 
@@ -280,18 +280,14 @@ def check(url: str, mode: str, points: int, log: Path) -> dict:
     t = time.perf_counter()
     trials = store.trials(STUDY)  # what ClaimKeeper.claim_next (point_states) reads before every claim
     scan_ms = 1000 * (time.perf_counter() - t)
-    rows_per_key = Counter((t["row"], t["seed"]) for t in trials)
-    complete = {(t["row"], t["seed"]) for t in trials if t["status"] == "complete"}
-    failed = [
-        f"trial {t['row']}/{t['seed']} {t['status']}: {t['error']}"
-        for t in trials
-        if t["status"] != "complete"
-    ]
+    rows_per_key = Counter((t.row, t.seed) for t in trials)
+    complete = {(t.row, t.seed) for t in trials if t.status == Status.COMPLETE}
+    failed = [f"trial {t.row}/{t.seed} {t.status}: {t.error}" for t in trials if t.status != Status.COMPLETE]
     dup = {k for k, n in runs.items() if n > 1} | {k for k, n in rows_per_key.items() if n > 1}
     lost = expected - complete
     notes = []
     claims = store.claims(STUDY)
-    not_done = [c for c in claims if c["state"] != "done"]
+    not_done = [c for c in claims if c.state != Status.DONE]
     if len(claims) != points or not_done:
         notes.append(f"{len(claims)} claim rows, {len(not_done)} not done")
     if mode == "run":

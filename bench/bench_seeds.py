@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from core.config import ConfigError, make_config
+from core.records import Status
 from reports.paired import delta_cell, paired_delta
 
 FULL = ["model.branches=seg,cls,sal", "model.affinity=cross_task", "model.constraints=seg,sal"]
@@ -100,7 +101,7 @@ def main() -> int:
             return seed, label, r, time.time() - t0
 
         for seed, label, r, dt in pool.map(one, [(seed, v) for seed in a.seeds for v in variants]):
-            if r["status"] != "complete":
+            if r["status"] != Status.COMPLETE:
                 print(f"seed {seed} {label}: {r['status']}: {r['error']}")
                 return 1
             v = r["stages"][-1]["val"]["miou"]

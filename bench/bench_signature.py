@@ -16,6 +16,7 @@ import statistics
 import sys
 
 from core.config import ConfigError, make_config
+from core.records import Status
 from core.trial import run_trial
 
 SEG_ONLY = ["model.branches=seg", "model.affinity=none", "model.constraints=[]"]
@@ -47,7 +48,7 @@ def main() -> int:
             res = run_trial(
                 make_config(args.preset, [*args.overrides, f"seed={seed}", "eval.post=false", *extra])
             )
-            if res.status != "complete":
+            if res.status != Status.COMPLETE:
                 print(f"seed {seed} {label}: {res.status}: {res.error}")
                 return 1
             out.append(res)

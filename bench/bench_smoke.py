@@ -35,6 +35,7 @@ from core.config import ConfigError, make_config
 from core.data import VOCDataset
 from core.environment import cpu_model
 from core.metrics import all_background_miou
+from core.records import Status
 from core.train import cpu_bf16_supported
 
 PATHS = {
@@ -84,7 +85,7 @@ def main() -> int:
             n = a.jobs or max(1, cores // threads)
             with ThreadPoolExecutor(n) as pool:
                 for (seed, path, th), r, dt in pool.map(one, batch):
-                    if r["status"] != "complete":
+                    if r["status"] != Status.COMPLETE:
                         print(f"seed {seed} {path} {th} threads: {r['status']}: {r['error']}")
                         return 1
                     e = r["environment"]

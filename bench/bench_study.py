@@ -53,22 +53,23 @@ def run_once(
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    from studies.records import Status
     from studies.store import Store
 
-    trials = [t for t in Store(f"sqlite:///{db}").trials(name) if t["status"] == "complete"]
+    trials = Store(f"sqlite:///{db}").trials(name, Status.COMPLETE)
     phases = {k: 0.0 for k in PHASES}
     for t in trials:
-        for k, v in ((t["result"] or {}).get("timings") or {}).items():
+        for k, v in ((t.result or {}).get("timings") or {}).items():
             if k in phases:
                 phases[k] += v
-    total = sum(t["seconds"] or 0.0 for t in trials)
+    total = sum(t.seconds or 0.0 for t in trials)
     return {
         "wall": wall,
         "trials": len(trials),
         "per_min": 60 * len(trials) / wall,
         "util": cpu / (wall * (os.cpu_count() or 1)),
         "share": {k: v / total if total else 0.0 for k, v in phases.items()},
-        "metric": {(t["row"], t["variant"], t["seed"]): t["final_miou"] for t in trials},
+        "metric": {t.key: t.final_miou for t in trials},
         "db": db,
     }
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from core.errors import HarnessError
+
 BRANCHES = ("seg", "cls", "sal")
 AFFINITIES = ("none", "seg", "cross_task")
 CONSTRAINTS = ("seg", "sal")
 
 
-class SettingError(ValueError):
+class SettingError(HarnessError, ValueError):
     """An impossible ablation setting; ``key`` names the argument at fault (branches, affinity or
     constraints), so a caller can name its own key for it."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.cache import writable_dir
 from core.config import ConfigError, make_config, parse_overrides
-from core.data import DataError
+from core.errors import HarnessError
 from core.records import Status
 from core.trial import TrialResult, run_trial
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args.out)  # before any training: a trial's result is never lost to a bad --out
         # The checkpoint lives beside result.json: rerunning the same command resumes a killed trial.
         res = run_trial(cfg, artifacts_dir=args.out, checkpoint_dir=Path(args.out) / "checkpoint")
-    except (ConfigError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except HarnessError as e:  # a bad --preset, --set, --out, data set or init weights
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

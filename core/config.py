@@ -19,9 +19,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from core.ablation import SettingError, check_config
+from core.errors import HarnessError
 
 
-class ConfigError(ValueError):
+class ConfigError(HarnessError, ValueError):
     """A bad config key or value; the message is one line naming the key."""
 
 

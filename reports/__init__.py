@@ -15,8 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from studies.db import normalize_url, redact_url
-from studies.store import DEFAULT_URL
+from studies.db import DEFAULT_URL, normalize_url, redact_url
 
 from .load import ReportError, load_study
 
@@ -91,7 +90,7 @@ def build_report(
     path = report_path(name, storage_url, out)
     stem = path.stem
     spec = study.spec
-    tuning = spec["kind"] == "tuning"
+    tuning = spec.kind == "tuning"
     md = [tables.title(study), "", tables.provenance(study, path.name), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
@@ -118,12 +117,12 @@ def build_report(
             ("optimisation history", figures.history(study, out, f"{stem}_history.png")),
             ("metric vs each parameter", figures.param_scatter(study, out, f"{stem}_params.png")),
         )
-    elif spec.get("variants") or study.trials["variant"].ne("").any():
+    elif spec.variants or study.trials["variant"].ne("").any():
         section("Results (Table 6 layout)", with_seeds(tables.variants_table(study)), bars)
-    elif spec.get("paper_table") == 5:
+    elif spec.paper_table == 5:
         section("Results per stage (Table 5 layout)", with_seeds(tables.stages_table(study)), bars)
     else:
-        table = f" (Table {spec['paper_table']} layout)" if spec.get("paper_table") else ""
+        table = f" (Table {spec.paper_table} layout)" if spec.paper_table else ""
         section(f"Results{table}", with_seeds(tables.ablation_table(study)), bars)
     if not tuning:
         frame = per_class.per_class_frame(study)

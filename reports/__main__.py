@@ -11,9 +11,10 @@ import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from studies.store import DEFAULT_URL
+from core.errors import HarnessError
+from studies.db import DEFAULT_URL
 
-from . import DEFAULT_OUT, ReportError, build_report
+from . import DEFAULT_OUT, build_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path = build_report(args.name, args.storage, args.out, artifacts=args.artifacts or None)
-    except ReportError as e:
+    except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

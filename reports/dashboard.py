@@ -15,7 +15,6 @@ results.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -25,6 +24,7 @@ FIGURE = re.compile(r"^!\[(?P<caption>[^\]]*)\]\((?P<file>[^)]+)\)\s*$")
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 ARTIFACT_PREFIX = "artifacts:"  # optuna's system-attribute key of an artifact's metadata
 FIGURES_ATTR = "report:figures"  # study system attribute: figure file name -> {artifact_id, sha256}
+DELETED = "null"  # an artifact's metadata once removed: the JSON text optuna-dashboard's own delete writes
 
 
 def note_body(
@@ -57,7 +57,7 @@ def gallery_links(study) -> dict[str, str]:
     out = {}
     for t in study.get_trials(deepcopy=False):
         for key, value in t.system_attrs.items():
-            if key.startswith(ARTIFACT_PREFIX) and value not in (None, "null"):
+            if key.startswith(ARTIFACT_PREFIX) and value not in (None, DELETED):
                 aid = key[len(ARTIFACT_PREFIX) :]
                 out[aid] = f"/artifacts/{study._study_id}/{t._trial_id}/{aid}"
     return out
@@ -75,7 +75,9 @@ def upload_figures(study, report: Path, markdown: str, artifacts: str | Path) ->
     store = FileSystemArtifactStore(str(folder))
     storage, sid = study._storage, study._study_id
     attrs = storage.get_study_system_attrs(sid)
-    before: dict[str, dict] = json.loads(attrs.get(FIGURES_ATTR) or "{}")
+    before = attrs.get(FIGURES_ATTR)  # Optuna keeps system attributes as JSON: a mapping comes back
+    if not isinstance(before, dict):  # none yet (or a note written before the figures map was a mapping)
+        before = {}
     after: dict[str, dict] = {}
     out: dict[str, str] = {}
     for line in markdown.splitlines():
@@ -101,8 +103,8 @@ def upload_figures(study, report: Path, markdown: str, artifacts: str | Path) ->
                 store.remove(old["artifact_id"])
             except Exception:  # already gone
                 pass
-            storage.set_study_system_attr(sid, ARTIFACT_PREFIX + old["artifact_id"], json.dumps(None))
-    storage.set_study_system_attr(sid, FIGURES_ATTR, json.dumps(after))
+            storage.set_study_system_attr(sid, ARTIFACT_PREFIX + old["artifact_id"], DELETED)
+    storage.set_study_system_attr(sid, FIGURES_ATTR, after)
     return out
 
 

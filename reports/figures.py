@@ -15,9 +15,11 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import blended_transform_factory
 
+from studies.records import Status, group_label
+
 from .load import StudyResults
 from .paired import PairedDelta, better_cell, delta_cell
-from .tables import PGT, baseline_deltas, group_label, groups, metric_name, multi_stage_groups
+from .tables import PGT, baseline_deltas, groups, metric_name, multi_stage_groups
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -31,7 +33,9 @@ def _save(fig, out_dir: Path, filename: str) -> str:
 
 
 def _group(df: pd.DataFrame) -> pd.Series:
-    return df["row"].astype(str) + df["variant"].map(lambda v: f" [{v}]" if v else "")
+    return pd.Series(
+        [group_label(r, v) for r, v in zip(df["row"], df["variant"])], index=df.index, dtype=object
+    )
 
 
 def _seed_offsets(seeds: list) -> dict:
@@ -197,7 +201,7 @@ def draw_metric(study: StudyResults, rope: float | None = None):
     _seed_panel(a, study, d, order)
     if forest:
         b.set_label("paired Δ")
-        base = next((group_label(r, v) for r, v, p in all_deltas if p is None), study.spec["baseline"])
+        base = next((group_label(r, v) for r, v, p in all_deltas if p is None), study.spec.baseline)
         _forest_panel(b, deltas, order, base, study.metric, rope)
     handles, labels = [], []
     for ax in fig.axes:
@@ -281,13 +285,13 @@ def stage_curves(study: StudyResults, out_dir: Path, filename: str) -> str | Non
     groups = multi_stage_groups(study)
     if not groups:
         return None
-    g = study.stages[study.stages.status == "complete"].copy()
+    g = study.stages[study.stages.status == Status.COMPLETE].copy()
     g = g[[k in set(groups) for k in zip(g["row"], g["variant"])]].assign(config=_group)
-    init = study.complete.set_index("id")
+    init = study.complete.set_index("harness_id")
     for k in PGT:  # stage 0 trains on the initial labels: fill from the trial if the stage row lacks them
-        g[f"pgt_{k}"] = g[f"pgt_{k}"].fillna(g["trial_id"].map(init[f"initial_{k}"]).where(g["stage"] == 0))
+        g[f"pgt_{k}"] = g[f"pgt_{k}"].fillna(g["harness_id"].map(init[f"initial_{k}"]).where(g["stage"] == 0))
     long = g.melt(
-        id_vars=["config", "stage", "trial_id"],
+        id_vars=["config", "stage", "harness_id"],
         value_vars=[f"pgt_{k}" for k in PGT],
         var_name="quantity",
         value_name="v",
@@ -328,13 +332,13 @@ def param_scatter(study: StudyResults, out_dir: Path, filename: str) -> str | No
     keys = study.param_keys()
     if d.empty or not keys:
         return None
-    space = study.spec.get("params") or {}
+    log_scale = {p.name for p in study.spec.params if p.log}
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys) + 0.5, 3.6), squeeze=False)
     for ax, k in zip(axes[0], keys):
         x = pd.DataFrame({"x": [p.get(k) for p in d["params"]], "pct": 100 * d["value"]}).dropna()
         numeric = pd.api.types.is_numeric_dtype(x["x"])
         (sns.scatterplot if numeric else sns.stripplot)(data=x, x="x", y="pct", ax=ax)
-        if numeric and (space.get(k) or {}).get("log"):
+        if numeric and k in log_scale:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=k, ylabel=metric_name(study.metric))
@@ -344,7 +348,7 @@ def param_scatter(study: StudyResults, out_dir: Path, filename: str) -> str | No
 
 def history(study: StudyResults, out_dir: Path, filename: str) -> str | None:
     """Tuning: objective per trial and the best-so-far curve."""
-    d = study.complete[study.complete["value"].notna()].sort_values(["optuna_number", "id"])
+    d = study.complete[study.complete["value"].notna()].sort_values(["optuna_number", "harness_id"])
     if d.empty:
         return None
     maximize = study.direction != "minimize"

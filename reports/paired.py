@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
-from studies.store import finite
+from studies.records import finite
 
 
 @dataclass(frozen=True)

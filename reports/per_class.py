@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from core.data.voc import VOC_CLASSES  # numpy and PIL only: the report never loads torch
-from studies.store import dig
+from studies.records import dig
 
 from .load import StudyResults
 from .tables import group_label, groups, markdown, pct

@@ -14,8 +14,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from studies.records import Status
+
 # Which attempt decides a point's state when it has several: a complete trial wins, then one still running.
-_PRIORITY = ("complete", "running", "pruned", "failed", "interrupted")
+_PRIORITY = (Status.COMPLETE, Status.RUNNING, Status.PRUNED, Status.FAILED, Status.INTERRUPTED)
 
 
 def _plural(n: int, word: str) -> str:
@@ -33,12 +35,12 @@ class Progress:
 
     @property
     def complete(self) -> int:
-        return self.states.get("complete", 0)
+        return self.states.get(Status.COMPLETE, 0)
 
     @property
     def finished(self) -> int:
         """Points that need no more work: complete, or stopped by the pruner (tuning)."""
-        return self.complete + self.states.get("pruned", 0)
+        return self.complete + self.states.get(Status.PRUNED, 0)
 
     @property
     def not_started(self) -> int:
@@ -51,7 +53,7 @@ class Progress:
     @property
     def running(self) -> int:
         """Trials running now (at points not complete, and any second attempt at a complete one)."""
-        return self.states.get("running", 0) + self.earlier.get("running", 0)
+        return self.states.get(Status.RUNNING, 0) + self.earlier.get(Status.RUNNING, 0)
 
     @property
     def partial(self) -> bool:
@@ -65,17 +67,17 @@ class Progress:
         out = [f"{self.states[k]} {k}" for k in order if self.states.get(k)]
         if self.not_started:
             out.append(f"{self.not_started} not started")
-        if n := self.earlier.get("running"):  # another attempt at a point already complete
+        if n := self.earlier.get(Status.RUNNING):  # another attempt at a point already complete
             out.append(f"{_plural(n, 'more attempt')} running")
         return out + [
             f"{_plural(n, 'earlier attempt')} {k}"
-            for k in ("failed", "interrupted")
+            for k in (Status.FAILED, Status.INTERRUPTED)
             if (n := self.earlier.get(k))
         ]
 
     def done_text(self) -> str:
         """'13/15 points complete' (tuning: '18/20 trials finished' when some were pruned)."""
-        pruned = self.unit == "trial" and self.states.get("pruned", 0)
+        pruned = self.unit == "trial" and self.states.get(Status.PRUNED, 0)
         n = self.finished if pruned else self.complete
         return f"{n}/{self.total} {self.unit}s {'finished' if pruned else 'complete'}"
 
@@ -88,21 +90,21 @@ class Progress:
 
 
 def progress(
-    trials: Iterable[Mapping], points: Iterable[tuple] | None = None, budget: int | None = None
+    attempts: Iterable[tuple[tuple, Status]], points: Iterable[tuple] | None = None, budget: int | None = None
 ) -> Progress:
-    """Points done and attempts made, from trial records (mappings with row, variant, seed, status; `id`
-    for tuning). A grid study gives `points`, its (row, variant, seed) keys (variant None or ""); a tuning
-    study gives `budget` (n_trials) instead, and each trial not interrupted is one of its points.
+    """Points done and attempts made, from each trial's ((row, variant, seed), status). A grid study gives
+    `points`, its (row, variant, seed) keys (variant None or ""); a tuning study gives `budget` (n_trials)
+    instead, and each trial not interrupted is one of its points.
     A point's state is its best attempt (complete > running > pruned > failed > interrupted); its other
     failed and interrupted attempts are `earlier` attempts."""
-    trials = list(trials)
+    attempts = list(attempts)
     if points is None and budget is not None:  # tuning: interrupted trials never used up the budget
-        states = Counter(t["status"] for t in trials if t["status"] != "interrupted")
-        earlier = Counter(t["status"] for t in trials if t["status"] == "interrupted")
+        states = Counter(s for _, s in attempts if s != Status.INTERRUPTED)
+        earlier = Counter(s for _, s in attempts if s == Status.INTERRUPTED)
         return Progress("trial", budget, dict(states), dict(earlier))
-    by_point: dict[tuple, list[str]] = {}
-    for t in trials:
-        by_point.setdefault((t["row"], t.get("variant") or "", int(t["seed"])), []).append(t["status"])
+    by_point: dict[tuple, list[Status]] = {}
+    for (row, variant, seed), status in attempts:
+        by_point.setdefault((row, variant or "", int(seed)), []).append(status)
     expected = {(r, v or "", int(s)) for r, v, s in points} if points is not None else set()
     states, earlier = Counter(), Counter()
     for statuses in by_point.values():
@@ -110,6 +112,6 @@ def progress(
         states[best] += 1
         rest = list(statuses)
         rest.remove(best)
-        earlier.update(s for s in rest if s in ("failed", "interrupted", "running"))
+        earlier.update(s for s in rest if s in (Status.FAILED, Status.INTERRUPTED, Status.RUNNING))
     total = len(expected | set(by_point)) if points is not None else None
     return Progress("point", total, dict(states), dict(earlier))

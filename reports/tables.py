@@ -17,8 +17,8 @@ import pandas as pd
 
 from studies.db import redact_url
 from studies.quality import COLLAPSED_MEANING
+from studies.records import Status, dig, finite, group_label
 from studies.sequential import interval_text, status_text
-from studies.store import dig, finite
 
 from .load import ReportError, StudyResults, load_study, optuna_study
 from .paired import PairedDelta, better_cell, delta_cell, paired_delta
@@ -41,7 +41,8 @@ PAIRED_NOTE = (
     "points; [95% CI] = mean ± t(0.975, n−1)·sd/√n (Student t, needs n ≥ 2). seeds better: paired seeds "
     "where the row beats the baseline ({direction}).*"
 )
-NOT_COMPLETE = ("failed", "interrupted")  # listed under "Failed trials"; pruned and running trials are not
+# Listed under "Failed trials"; pruned and running trials are not.
+NOT_COMPLETE = (Status.FAILED, Status.INTERRUPTED)
 
 
 def leaf(df: pd.DataFrame, path: str) -> pd.Series:
@@ -117,7 +118,7 @@ def n_cell(study: StudyResults, label: str, variant: str | None = None) -> str:
         (study.trials["row"] == label)
         & ((study.trials["variant"] == variant) if variant is not None else True)
     ]
-    n = int(((t.status == "complete") & t["value"].notna()).sum())
+    n = int(((t.status == Status.COMPLETE) & t["value"].notna()).sum())
     expected = study.n_seeds
     other = ", ".join(study.progress(label, variant).notes())
     if expected is not None and n < expected:
@@ -144,9 +145,9 @@ def config_cell(study: StudyResults, label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def cli_set(spec: dict) -> str:
-    """The run's --set overrides (stored with the study spec by studies.run) as command-line text."""
-    items = spec.get("_cli_set") or {}
+def cli_set(study: StudyResults) -> str:
+    """The run's --set overrides (stored with the study by studies.run) as command-line text."""
+    items = study.cli_overrides
     if not items:
         return ""
 
@@ -168,7 +169,8 @@ def title(study: StudyResults) -> str:
 def provenance(study: StudyResults, report_file: str | None = None) -> str:
     t, spec = study.trials, study.spec
     counts = t.status.value_counts()
-    shown = ("complete", "failed", "pruned", "running")  # always, then any other status present (interrupted)
+    # Always these, then any other status present (interrupted).
+    shown = (Status.COMPLETE, Status.FAILED, Status.PRUNED, Status.RUNNING)
     status = " / ".join(
         f"{counts.get(k, 0)} {k}" for k in [*shown, *(k for k in counts.index if k not in shown)]
     )
@@ -190,12 +192,12 @@ def provenance(study: StudyResults, report_file: str | None = None) -> str:
     cached = pd.to_numeric(t["warmup_cached"], errors="coerce").fillna(0).astype(bool)
     preset = f" --preset {study.preset}" if study.preset else ""
     url = redact_url(study.url)  # a report is shared; a database password is not
-    study_file = f" --study-file {shlex.quote(spec['_study_file'])}" if spec.get("_study_file") else ""
+    study_file = f" --study-file {shlex.quote(study.study_file)}" if study.study_file else ""
     lines = [
-        f"- **Study:** `{study.name}` ({spec['kind']}"
-        + (f", paper Table {spec['paper_table']}" if spec.get("paper_table") else "")
+        f"- **Study:** `{study.name}` ({spec.kind}"
+        + (f", paper Table {spec.paper_table}" if spec.paper_table else "")
         + ")",
-        f"- **Description:** {spec.get('description', '–')}",
+        f"- **Description:** {spec.description or '–'}",
         (
             f"- **Metric:** `{study.metric}` ({study.direction}); percent, mean ± std over seeds (std with "
             "ddof=1, – for n=1)"
@@ -218,7 +220,7 @@ def provenance(study: StudyResults, report_file: str | None = None) -> str:
             f"{pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC')}"
         ),
         (
-            f"- **Reproduce:** `python -m studies.run {study.name}{preset}{cli_set(spec)}{study_file} "
+            f"- **Reproduce:** `python -m studies.run {study.name}{preset}{cli_set(study)}{study_file} "
             f"--storage {url}` "
             f"(report only: `python -m reports {study.name} --storage {url}`)"
         ),
@@ -261,7 +263,7 @@ def baseline_deltas(study: StudyResults) -> list[tuple[str, str, PairedDelta | N
     baseline row itself: the numbers of the tables' paired column (ablation_table's "Δ paired" of the
     study's metric; in a study with variants, variants_table's Final* (full variant, final.miou) against the
     baseline row's Final*). [] when the spec names no baseline row."""
-    base, done = study.spec.get("baseline"), study.complete
+    base, done = study.spec.baseline, study.complete
     if not base:
         return []
     if study.variant_order() == [""]:  # the study's metric, in its direction
@@ -309,14 +311,14 @@ def ablation_table(study: StudyResults) -> str:
     checks = list(
         dict.fromkeys(
             [
-                *(study.spec.get("columns") or []),
-                *(k for r in rows for k in (study.row_spec(r).get("columns") or {})),
+                *study.spec.columns,
+                *(k for r in rows for k in study.row_spec(r).columns),
             ]
         )
     )
-    papers = {r: study.row_spec(r).get("paper") for r in rows}
+    papers = {r: study.row_spec(r).paper for r in rows}
     has_paper = any(isinstance(p, (int, float)) for p in papers.values())
-    base = study.spec.get("baseline")
+    base = study.spec.baseline
     base_mean = stats(done[done["row"] == base]["value"])[0] if base else math.nan
     deltas = {r: p for r, _, p in baseline_deltas(study)}
     adaptive = adaptive_rows(study) if study.seed_rule is not None and base else None
@@ -327,7 +329,7 @@ def ablation_table(study: StudyResults) -> str:
         header += ["Δ paired (95% CI)", "seeds better"]
     body = []
     for r in rows:
-        cols = study.row_spec(r).get("columns") or {}
+        cols = study.row_spec(r).columns
         values = done[done["row"] == r]["value"]
         body.append(
             [config_cell(study, r), *(check(cols.get(k)) for k in checks), mean_std(values), n_cell(study, r)]
@@ -355,7 +357,7 @@ def ablation_table(study: StudyResults) -> str:
 def stage_paper(study: StudyResults, label: str) -> dict[int, float]:
     """The paper's per-stage numbers: the row's `paper` mapping {0: 64.1, ...} (the stage is the digits of the
     key, so "stage 1" works too); {} for a row without one."""
-    p = study.row_spec(label).get("paper")
+    p = study.row_spec(label).paper
     if not isinstance(p, dict):
         return {}
     digits = {k: "".join(c for c in str(k) if c.isdigit()) for k in p}
@@ -364,7 +366,7 @@ def stage_paper(study: StudyResults, label: str) -> dict[int, float]:
 
 def stages_table(study: StudyResults) -> str:
     """Table 5 layout: one column per stage (the spec's stage_metric), mean ± std over seeds."""
-    g = study.stages[study.stages.status == "complete"]
+    g = study.stages[study.stages.status == Status.COMPLETE]
     column = study.stage_metric.replace(".", "_")
     stages = sorted(g["stage"].dropna().astype(int).unique())
     header = ["Config", *(f"Stage {s}" for s in stages), "n"]
@@ -394,7 +396,7 @@ def stages_table(study: StudyResults) -> str:
 
 def paper_reference(study: StudyResults) -> str | None:
     """The spec's `paper_reference` rows (the paper's own configurations), printed as-is."""
-    ref = [r for r in study.spec.get("paper_reference") or [] if isinstance(r, dict)]
+    ref = [r for r in study.spec.paper_reference if isinstance(r, dict)]
     if not ref:
         return None
     nice = {
@@ -426,8 +428,8 @@ def variants_table(study: StudyResults) -> str:
     done = study.complete.copy()
     done["miou"], done["post"] = leaf(done, "final.miou"), leaf(done, "final.miou_post")
     base_v, full_v = variant_pair(study)
-    base_row = study.spec.get("baseline")
-    has_paper = any(isinstance(study.row_spec(r).get("paper"), dict) for r in study.row_order())
+    base_row = study.spec.baseline
+    has_paper = any(isinstance(study.row_spec(r).paper, dict) for r in study.row_order())
     header = ["Config", "Baseline", "Final*", "Δ of means", "Δ paired (95% CI)", "seeds better", "Final"]
     header.append(f"n ({base_v}/{full_v})")
     if base_row:
@@ -458,7 +460,7 @@ def variants_table(study: StudyResults) -> str:
             vs = vs_base[r]
             body[-1] += [delta_cell(vs), better_cell(vs)]
         if has_paper:
-            p = study.row_spec(r).get("paper")
+            p = study.row_spec(r).paper
             p = p if isinstance(p, dict) else {}
             d = p["final_star"] - p["baseline"] if {"final_star", "baseline"} <= p.keys() else None
             body[-1].append(
@@ -482,8 +484,8 @@ def variants_table(study: StudyResults) -> str:
 
 def multi_stage_groups(study: StudyResults) -> list[tuple[str, str]]:
     """(row, variant) groups whose complete trials ran at least two stages."""
-    g = study.stages[study.stages.status == "complete"]
-    n = g.groupby(["row", "variant", "trial_id"])["stage"].nunique().groupby(["row", "variant"]).max()
+    g = study.stages[study.stages.status == Status.COMPLETE]
+    n = g.groupby(["row", "variant", "harness_id"])["stage"].nunique().groupby(["row", "variant"]).max()
     order = {r: i for i, r in enumerate(study.row_order())}
     return sorted((k for k, v in n.items() if v >= 2), key=lambda k: (order.get(k[0], 1e9), k[1]))
 
@@ -494,11 +496,11 @@ def pgt_table(study: StudyResults) -> str | None:
     groups = multi_stage_groups(study)
     if not groups:
         return None
-    done, g = study.complete, study.stages[study.stages.status == "complete"]
+    done, g = study.complete, study.stages[study.stages.status == Status.COMPLETE]
     header = ["Config", "Labels", "Precision", "Recall", "mIoU", "n"]
     body = []
     for row, variant in groups:
-        name = row + (f" [{variant}]" if variant else "")
+        name = group_label(row, variant)
         t = done[(done["row"] == row) & (done["variant"] == variant)]
         init = [t[f"initial_{k}"].where(t[f"initial_{k}"].notna(), leaf(t, f"initial_pgt.{k}")) for k in PGT]
         body.append([name, "initial (stage 0)", *map(mean_std, init), int(init[0].notna().sum())])
@@ -587,7 +589,7 @@ def confirmation(study: StudyResults) -> str | None:
     search = {
         f"#{int(t.optuna_number)}": t.value for t in study.trials.itertuples() if pd.notna(t.optuna_number)
     }
-    base = conf.spec.get("baseline")
+    base = conf.spec.baseline
     body = []
     for r in conf.row_order():
         spec_row = conf.row_spec(r)
@@ -596,7 +598,7 @@ def confirmation(study: StudyResults) -> str | None:
             cfg = next(iter(conf.trials[conf.trials["row"] == r]["config"]), {})
             cells = [r, *(_fmt_param(dig(cfg, p)) for p in keys)]
         else:
-            cells = [r, *(_fmt_param((spec_row.get("set") or {}).get(p)) for p in keys)]
+            cells = [r, *(_fmt_param(spec_row.overrides.get(p)) for p in keys)]
         cells += [pct(search.get(r)) if r != base else "–", mean_std(values), n_cell(conf, r)]
         if r == base:
             cells += ["(baseline)"] * 3
@@ -645,7 +647,7 @@ def failures(study: StudyResults) -> str | None:
     f = study.trials[study.trials.status.isin(NOT_COMPLETE)]
     if f.empty:
         return None
-    interrupted = bool((f.status == "interrupted").any())
+    interrupted = bool((f.status == Status.INTERRUPTED).any())
     done = set(zip(study.complete["row"], study.complete["variant"], study.complete["seed"]))
 
     def status(t) -> str:  # an attempt whose grid point has run again and completed since
@@ -677,10 +679,6 @@ def failures(study: StudyResults) -> str | None:
 def groups(study: StudyResults) -> list[tuple[str, str]]:
     """(row, variant) in the report's order: rows as in the spec, variants as in the spec."""
     return [(r, v) for r in study.row_order() for v in study.variant_order()]
-
-
-def group_label(row: str, variant: str) -> str:
-    return row + (f" [{variant}]" if variant else "")
 
 
 def per_seed_table(study: StudyResults) -> str | None:

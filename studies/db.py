@@ -17,12 +17,15 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from core.errors import HarnessError
+
+DEFAULT_URL = "sqlite:///runs/studies.db"  # the results store when study.yaml and --storage name none
 BUSY_TIMEOUT_S = 60.0
 
 T = TypeVar("T")
 
 
-class StoreError(Exception):
+class StoreError(HarnessError):
     """The store cannot be opened or read (missing file, empty store, unknown study, unreachable or
     refusing server, malformed URL); one line, never the password."""
 

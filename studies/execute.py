@@ -34,9 +34,10 @@ from typing import Any, Protocol
 import optuna
 
 from core.config import make_config
-from studies.models import Status
+from core.errors import HarnessError
 from studies.plan import GridPoint, Plan
-from studies.store import Store, dig, finite, point_key
+from studies.records import Status, dig, finite, group_label
+from studies.store import Store, point_key
 
 # The trial function: core.trial.run_trial unless injected (a test double: set TRIAL_FN, or
 # STUDIES_TRIAL_FN="module:function" so that worker processes pick it up too).
@@ -56,7 +57,7 @@ def trial_fn() -> Callable:
     return run_trial
 
 
-class ClusterError(Exception):
+class ClusterError(HarnessError):
     """The cluster cannot run the study as asked, e.g. no node holds one trial (one line, exit 2)."""
 
 
@@ -84,12 +85,12 @@ class Job:
     pruner: str = "none"
     optuna_trial_id: int | None = None
     claim_owner: str | None = None  # set for grid points: the claim this trial runs under
-    value_scale: float = 100.0  # metric (a fraction) -> Optuna value (optuna_backend.value_scale)
+    value_scale: float = 100.0  # metric (a fraction) -> Optuna value (optuna_adapter.value_scale)
     artifacts: str | None = None  # Optuna artifact store folder for the trial's gallery (None: no gallery)
 
     @property
     def label(self) -> str:
-        return self.row + (f"/{self.variant}" if self.variant else "")
+        return group_label(self.row, self.variant)
 
 
 @dataclass(kw_only=True)
@@ -394,7 +395,7 @@ def point_states(plan: Plan, store: Store, retry_failed: bool = False) -> tuple[
 
 def finished_count(plan: Plan, store: Store) -> int:
     """Tuning trials that count towards n_trials (everything but interrupted ones)."""
-    return sum(1 for t in store.trials(plan.study.name) if t["status"] != Status.INTERRUPTED)
+    return sum(1 for t in store.trials(plan.study.name) if t.status != Status.INTERRUPTED)
 
 
 def recover_harness(plan: Plan, store: Store, grace_s: float | None = None) -> list[int]:

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from core.config import make_config
 from studies.execute import Job, Outcome
-from studies.models import Status
 from studies.plan import Plan, trial_cost
+from studies.records import Status, TrialProgress
 from studies.store import Store
 
 REFRESH_S = 2.0  # terminal: how often the bars are redrawn from the store
@@ -186,27 +186,28 @@ class Live:
         from reports.progress import progress
 
         s = self.plan.study
-        trials = self.store.trial_states(s.name)
+        trials = self.store.trial_progress(s.name)
         # adaptive seeds: the points the rule wants so far (it reads the results: store.trials)
         points = self.plan.expected_keys(self.store.trials(s.name)) if self.plan.adaptive else None
+        attempts = [(t.key, t.status) for t in trials]
         if self.plan.is_grid:
-            prog = progress(trials, points if points is not None else [p.key for p in self.plan.points])
+            prog = progress(attempts, points if points is not None else [p.key for p in self.plan.points])
         else:
-            prog = progress(trials, None, self.budget)
+            prog = progress(attempts, None, self.budget)
         now = time.time()
-        by_number = {t["optuna_number"]: t for t in trials}
+        by_number = {t.optuna_number: t for t in trials}
         with self._lock:
             views = list(self.mine.values())
         storage = self.store.optuna_storage()
         for v in views:
             t = by_number.get(v.job.optuna_number)
-            if t is None or t["status"] != Status.RUNNING:
+            if t is None or t.status != Status.RUNNING:
                 v.seconds = now - v.handed_at
                 continue
             v.begun = True
-            v.stages_done = int(t["stages"] or 0)
-            if t["started_at"] is not None:
-                v.seconds = now - t["started_at"].replace(tzinfo=timezone.utc).timestamp()
+            v.stages_done = t.stages
+            if t.started_at is not None:
+                v.seconds = now - t.started_at.replace(tzinfo=timezone.utc).timestamp()
             epochs = v.stages_done * v.stage_epochs
             if v.job.optuna_trial_id is not None:
                 steps = storage.get_trial(v.job.optuna_trial_id).intermediate_values
@@ -216,38 +217,34 @@ class Live:
         eta = self.eta(trials, views, None if points is None else set(points))
         return {"progress": prog, "trials": trials, "views": views, "eta": eta}
 
-    def eta(self, trials: list[dict], views: list[TrialView], expected: set | None = None) -> float | None:
+    def eta(
+        self, trials: list[TrialProgress], views: list[TrialView], expected: set | None = None
+    ) -> float | None:
         """Seconds until this process's work is done (see the module docstring); None before any trial of
         the study is complete. expected: with adaptive seeds, the points wanted so far (not every seed up to
         max), so the ETA is that of the work known now."""
-        done = [t for t in trials if t["status"] == Status.COMPLETE and t["seconds"]]
+        done = [t for t in trials if t.status == Status.COMPLETE and t.seconds]
         if not done:
             return None
         if self.plan.is_grid:
-            costs = [(self.cost.get((t["row"], t["variant"], t["seed"])), t["seconds"]) for t in done]
+            costs = [(self.cost.get(t.key), t.seconds) for t in done]
             costs = [(c, sec) for c, sec in costs if c]
             if not costs:
                 return None
             rate = sum(sec for _, sec in costs) / sum(c for c, _ in costs)
-            finished = {
-                (t["row"], t["variant"], t["seed"])
-                for t in trials
-                if t["status"] in (Status.COMPLETE, Status.PRUNED)
-            }
+            finished = {t.key for t in trials if t.status in (Status.COMPLETE, Status.PRUNED)}
             if not self.retry_failed:
-                finished |= {
-                    (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.FAILED
-                }
-            running = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.RUNNING}
+                finished |= {t.key for t in trials if t.status == Status.FAILED}
+            running = {t.key for t in trials if t.status == Status.RUNNING}
             running |= {(v.job.row, v.job.variant, v.job.seed) for v in views}  # handed out, maybe not begun
             todo = [p for p in self.plan.claim_order if p.key not in finished | running]
             left = [p.cost * rate for p in todo if expected is None or p.key in expected]
             if self.budget is not None:
                 left = left[: max(0, self.budget - self.started_here)]
         else:
-            per = statistics.median(t["seconds"] for t in done)
+            per = statistics.median(t.seconds for t in done)
             rate = per / max(v.cost for v in views) if views else 0.0
-            stored = sum(t["status"] != Status.INTERRUPTED for t in trials) + sum(not v.begun for v in views)
+            stored = sum(t.status != Status.INTERRUPTED for t in trials) + sum(not v.begun for v in views)
             left = [per] * max(0, self.budget - stored)
         loads = sorted(max(0.0, v.cost * rate - v.seconds) for v in views)
         loads += [0.0] * max(0, self.workers - len(loads))

@@ -26,10 +26,10 @@ from optuna.trial import TrialState
 
 from studies.db import pid_alive, retry_locked
 from studies.execute import STOPPED_BY_USER, Job, Outcome, job_for_params, recover_harness
-from studies.models import Status
 from studies.plan import GridPoint, Plan
 from studies.quality import COLLAPSED_MEANING, result_collapsed
-from studies.store import Store, dig, finite
+from studies.records import Status, dig, finite
+from studies.store import Store
 
 
 # ------------------------------------------------------------------------------------ optuna glue
@@ -65,7 +65,7 @@ def study_spec_record(plan: Plan) -> dict:
     s = plan.study
     resolved = {"baseline": s.baseline} if s.kind == "ablation" else {}  # the YAML may leave it implicit
     where = {} if plan.study_file == "study.yaml" else {"_study_file": os.path.abspath(plan.study_file)}
-    return {**s.raw, **resolved, "_name": s.name, "_cli_set": dict(plan.user_set), **where}
+    return {**s.raw, **resolved, "_name": s.name, "_cli_set": dict(plan.cli_overrides), **where}
 
 
 def open_study(plan: Plan, store: Store) -> optuna.Study:
@@ -182,26 +182,26 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
     name = plan.study.name
     recover_harness(plan, store, grace_s)
     grace = 120.0 if grace_s is None else grace_s
-    by_optuna_number = {t["optuna_number"]: t for t in store.trials(name)}
+    by_optuna_number = {t.optuna_number: t for t in store.trials(name)}
     host, now, failed = socket.gethostname(), time.time(), []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         h = by_optuna_number.get(ft.number)
-        if h is not None and h["status"] == Status.RUNNING:
+        if h is not None and h.status == Status.RUNNING:
             continue  # alive (recover_harness kept it)
         owner = {**ft.user_attrs, **ft.system_attrs}  # user attrs: trials asked before this version
         if owner.get("owner_host") == host and owner.get("owner_pid") is not None:
             if pid_alive(owner["owner_pid"]):
                 continue  # its process will tell Optuna itself
         else:  # another host's (or unknown) trial: leave it alone while it is recent
-            if h is not None and h["finished_at"] is not None:  # the store keeps naive UTC
-                last = h["finished_at"].replace(tzinfo=timezone.utc).timestamp()
+            if h is not None and h.finished_at is not None:  # the store keeps naive UTC
+                last = h.finished_at.replace(tzinfo=timezone.utc).timestamp()
             else:  # Optuna keeps naive local time
                 last = ft.datetime_start.timestamp() if ft.datetime_start is not None else None
             if last is None or now - last < grace:
                 continue
-        if h is not None and h["status"] != Status.INTERRUPTED and ft.state == TrialState.RUNNING:
+        if h is not None and h.status != Status.INTERRUPTED and ft.state == TrialState.RUNNING:
             # finished in the harness, its process killed before telling Optuna: tell now
-            value = finite(dig(h["result"], plan.study.metric)) if h["status"] == Status.COMPLETE else None
+            value = finite(dig(h.result, plan.study.metric)) if h.status == Status.COMPLETE else None
             job = job_for_params(
                 plan,
                 ft.params,
@@ -212,15 +212,15 @@ def recover_optuna(plan: Plan, store: Store, study: optuna.Study, grace_s: float
             )
             out = Outcome(
                 optuna_number=ft.number,
-                status=h["status"],
+                status=h.status,
                 value=value,
-                error=h["error"],
-                harness_id=h["id"],
-                result=h["result"],
+                error=h.error,
+                harness_id=h.harness_id,
+                result=h.result,
             )
             tell(study, job, out)
             continue
-        why = (h or {}).get("error") or "its process died before the trial started"
+        why = (h.error if h is not None else None) or "its process died before the trial started"
         if mark_interrupted(study, ft._trial_id, why):
             failed.append(ft.number)
     return failed
@@ -246,25 +246,25 @@ def close_stopped(
     becomes interrupted and its grid point is freed; an Optuna trial still running is told its harness
     trial's end (FAIL with status=interrupted, or the result of a trial that finished but was not told).
     Trials that closed themselves are left as they are. Returns each job's outcome."""
-    rows = {t["optuna_number"]: t for t in store.trial_states(plan.study.name)}
+    rows = {t.optuna_number: t for t in store.trial_progress(plan.study.name)}
     out = []
     for job in jobs:
         h = rows.get(job.optuna_number)
-        status, error = (h["status"], h["error"]) if h is not None else (Status.INTERRUPTED, why)
+        status, error = (h.status, h.error) if h is not None else (Status.INTERRUPTED, why)
         if h is not None and status == Status.RUNNING:
-            store.finish_trial(h["id"], Status.INTERRUPTED, error=why)
+            store.finish_trial(h.harness_id, Status.INTERRUPTED, error=why)
             status, error = Status.INTERRUPTED, why
         if status == Status.INTERRUPTED and job.claim_owner is not None:
             store.release_claim(job.claim_owner, None)  # the point runs again on the next invocation
         o = Outcome(optuna_number=job.optuna_number, status=status, error=error,
-                    harness_id=h["id"] if h is not None else None)  # fmt: skip
+                    harness_id=h.harness_id if h is not None else None)  # fmt: skip
         if job.optuna_trial_id is not None:
             ft = retry_locked(study._storage.get_trial, job.optuna_trial_id)
             if ft.state == TrialState.RUNNING and status == Status.INTERRUPTED:
                 mark_interrupted(study, ft._trial_id, error or why)
             elif ft.state == TrialState.RUNNING:  # finished in the harness, stopped before telling Optuna
-                full = next(t for t in store.trials(plan.study.name) if t["id"] == o.harness_id)
-                o.result = full["result"]
+                full = next(t for t in store.trials(plan.study.name) if t.harness_id == o.harness_id)
+                o.result = full.result
                 o.value = finite(dig(o.result, plan.study.metric)) if status == Status.COMPLETE else None
                 tell(study, job, o)
                 o.result = None
@@ -298,11 +298,11 @@ def enqueue_interrupted(plan: Plan, store: Store, study: optuna.Study) -> None:
     ["resume", number] in the claims table."""
     name = plan.study.name
     for t in store.trials(name, status=Status.INTERRUPTED):
-        if t["row"] != "trial":  # a grid point (e.g. a confirmation seed) reruns through its claim
+        if t.row != "trial":  # a grid point (e.g. a confirmation seed) reruns through its claim
             continue
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        if store.claim_point(name, json.dumps(["resume", t["optuna_number"]]), owner):
-            retry_locked(study.enqueue_trial, t["params"], user_attrs={"resumes": t["optuna_number"]})
+        if store.claim_point(name, json.dumps(["resume", t.optuna_number]), owner):
+            retry_locked(study.enqueue_trial, t.params, user_attrs={"resumes": t.optuna_number})
             store.release_claim(owner, Status.COMPLETE)
 
 

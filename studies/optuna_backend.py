@@ -38,7 +38,6 @@ from studies.execute import (
     one_line,
     signals_held,
 )
-from studies.models import Status
 from studies.optuna_adapter import (
     close_stopped,
     enqueue_interrupted,
@@ -55,6 +54,7 @@ from studies.optuna_adapter import (
 )
 from studies.plan import GridPoint, Plan
 from studies.quality import result_collapsed
+from studies.records import Status
 from studies.store import Store
 
 
@@ -255,10 +255,10 @@ def stop_trial_processes(
     pool.shutdown(wait=False, cancel_futures=True)
     optuna_numbers = {job.optuna_number for fut, job in running.items() if not fut.done()}
     ours = {p.pid for p in workers}
-    for t in store.trial_states(study):
-        if t["status"] == Status.RUNNING and t["optuna_number"] in optuna_numbers and t["pid"] in ours:
+    for t in store.trial_progress(study):
+        if t.status == Status.RUNNING and t.optuna_number in optuna_numbers and t.pid in ours:
             try:
-                os.kill(t["pid"], signal.SIGTERM)
+                os.kill(t.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
     cf.wait([f for f in running if not f.done()], timeout=STOP_GRACE_S)

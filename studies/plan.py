@@ -1,6 +1,6 @@
 """A study's plan: its preset, every trial config resolved and validated, its grid points or search space.
 
-    plan = make_plan(spec, "ablation_tasks", preset=None, cli_set={"train.stages": "1"})
+    plan = make_plan(spec, "ablation_tasks", preset=None, cli_overrides={"train.stages": "1"})
     plan.points   -> [GridPoint(grid_index, row, variant, seed, overrides)]  (rows x variants x seeds)
     plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
     plan.wanted_keys(store.trials(name))   (adaptive seeds: the points the study needs now; None: all)
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from core.config import PRESETS, Config, ConfigError, make_config
-from studies.models import Status
+from studies.records import Status, StoredTrial
 from studies.sequential import StudyDecision, decide_study
 from studies.spec import Row, SourceLines, Spec, SpecError, Study, Variant
-from studies.store import dig, finite
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,15 @@ class Plan:
     study: Study
     preset: str
     base_overrides: dict[str, Any]  # base.set <- study.set (before rows, params and --set)
-    cli_overrides: dict[str, Any]  # --set, plus what the runner derives (threads per trial)
+    cli_overrides: dict[str, Any]  # --set exactly as the user gave it
+    derived_overrides: dict[str, Any]  # what the runner derives (threads per trial); --set wins over them
     points: tuple[GridPoint, ...] = ()
-    user_set: dict[str, Any] = field(default_factory=dict)  # --set exactly as the user gave it
     study_file: str = "study.yaml"  # the file the study came from (--study-file)
+
+    @property
+    def run_overrides(self) -> dict[str, Any]:
+        """What this run sets on top of every trial's row, variant, seed or params: derived, then --set."""
+        return {**self.derived_overrides, **self.cli_overrides}
 
     @property
     def is_grid(self) -> bool:
@@ -87,31 +92,29 @@ class Plan:
     def adaptive(self) -> bool:
         return self.is_grid and self.study.adaptive is not None
 
-    def decide(self, trials: list[dict]) -> StudyDecision:
-        """The adaptive rule on the study's trials (Store.trials records): each row's decision and the
-        (row, seed) points wanted now (studies.sequential.decide_study)."""
+    def decide(self, trials: list[StoredTrial]) -> StudyDecision:
+        """The adaptive rule on the study's trials: each row's decision and the (row, seed) points wanted
+        now (studies.sequential.decide_study)."""
         s = self.study
         records = [
-            {"row": t["row"], "seed": t["seed"], "status": t["status"],
-             "value": finite(dig(t.get("result"), s.metric))}
-            for t in trials
-        ]  # fmt: skip
+            {"row": t.row, "seed": t.seed, "status": t.status, "value": t.value(s.metric)} for t in trials
+        ]
         return decide_study(s.adaptive, [r.label for r in s.rows], s.baseline, s.direction, records)
 
-    def wanted_keys(self, trials: list[dict]) -> set[tuple] | None:
+    def wanted_keys(self, trials: list[StoredTrial]) -> set[tuple] | None:
         """The grid keys the study needs now: None (every point) unless its seeds are adaptive; then each
         row's initial seeds and the next seed of every unresolved row and of the baseline."""
         if not self.adaptive:
             return None
         return {(row, None, seed) for row, seed in self.decide(trials).wanted}
 
-    def expected_keys(self, trials: list[dict]) -> list[tuple]:
+    def expected_keys(self, trials: list[StoredTrial]) -> list[tuple]:
         """The grid keys the study counts as its points so far: every point; with adaptive seeds the points
         the rule wants now plus any that have trials (a point the rule stopped wanting after it ran)."""
         wanted = self.wanted_keys(trials)
         if wanted is None:
             return [p.key for p in self.points]
-        have = wanted | {(t["row"], t["variant"], t["seed"]) for t in trials}
+        have = wanted | {t.key for t in trials}
         return [p.key for p in self.points if p.key in have]
 
     def search_space(self) -> dict[str, Any]:
@@ -146,7 +149,7 @@ class Plan:
         """Overrides of one tuning trial: base <- study <- sampled params <- --set <- seed."""
         o = dict(self.base_overrides)
         o["seed"] = self.study.seed
-        o.update(self.cli_overrides)
+        o.update(self.run_overrides)
         o.update(params)
         return o
 
@@ -155,25 +158,26 @@ def make_plan(
     spec: Spec,
     name: str,
     preset: str | None = None,
-    cli_set: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
+    cli_overrides: dict[str, Any] | None = None,
+    derived_overrides: dict[str, Any] | None = None,
 ) -> Plan:
-    """Resolve and validate every trial config of study `name` (make_config on each)."""
+    """Resolve and validate every trial config of study `name` (make_config on each). cli_overrides: --set;
+    derived_overrides: keys the runner derives (threads per trial), which --set overrides."""
     study = spec.study(name)
     preset = preset or spec.preset
-    cli = dict(cli_set or {})
+    cli = dict(cli_overrides or {})
     ctx = SourceLines(spec.path, study.lines)
-    base = {**spec.base_set, **study.set}
-    allcli = {**(extra or {}), **cli}
+    base = {**spec.base_overrides, **study.overrides}
+    run = {**(derived_overrides or {}), **cli}
     if preset not in PRESETS:
         raise SpecError(f"--preset: unknown preset {preset!r} (expected one of {list(PRESETS)})")
     try:
-        make_config(preset, {**base, **allcli})
+        make_config(preset, {**base, **run})
     except ConfigError as e:
         # Blame the source: a preset may be incomplete on its own (paper needs data.root from --set),
         # so judge the preset together with --set, and the study's set on top of both.
         try:
-            make_config(preset, allcli)
+            make_config(preset, run)
         except ConfigError:
             raise SpecError(f"{'--set' if cli else '--preset'}: {e}") from None
         raise ctx.err(("studies", name, "set"), str(e)) from None
@@ -182,19 +186,19 @@ def make_plan(
         n = 0
         variants: list[Variant | None] = list(study.variants) or [None]
         for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
-            o = {**base, **row.set, **(var.set if var else {})}
+            o = {**base, **row.overrides, **(var.overrides if var else {})}
             where = (
                 ("studies", name, "variants", vi, "set")
-                if var is not None and var.set
+                if var is not None and var.overrides
                 else ("studies", name, "rows", ri, "set")
             )
             for seed in study.seeds:
-                ov = {**o, "seed": seed, **allcli}
+                ov = {**o, "seed": seed, **run}
                 try:
                     cost = trial_cost(make_config(preset, ov))
                 except ConfigError as e:
                     try:  # the row alone, or only with its variant?
-                        make_config(preset, {**base, **row.set, "seed": seed, **allcli})
+                        make_config(preset, {**base, **row.overrides, "seed": seed, **run})
                     except ConfigError:
                         where = ("studies", name, "rows", ri, "set")
                     raise ctx.err(where, str(e)) from None
@@ -208,10 +212,10 @@ def make_plan(
             values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
             for v in values:
                 try:
-                    make_config(preset, {**base, "seed": study.seed, **allcli, p.name: v})
+                    make_config(preset, {**base, "seed": study.seed, **run, p.name: v})
                 except ConfigError as e:
                     raise ctx.err(path, str(e)) from None
-    return Plan(study, preset, base, allcli, tuple(points), user_set=cli, study_file=spec.path)
+    return Plan(study, preset, base, cli, dict(derived_overrides or {}), tuple(points), study_file=spec.path)
 
 
 CONFIRM_BASELINE = "preset"  # the confirmation's baseline row: the preset's own values of the tuned keys
@@ -222,29 +226,31 @@ def confirm_name(name: str) -> str:
     return f"{name}.confirm"
 
 
-def top_sets(plan: Plan, trials: list[dict]) -> list[Row]:
-    """The tuning study's `confirm.top` best complete trials with distinct parameters (Store.trials
-    records), best first, as rows labelled by their Optuna number ("#12")."""
+def top_sets(plan: Plan, trials: list[StoredTrial]) -> list[Row]:
+    """The tuning study's `confirm.top` best complete trials with distinct parameters, best first, as rows
+    labelled by their Optuna number ("#12")."""
     s = plan.study
     sign = -1.0 if s.direction == "minimize" else 1.0
-    done = [(t, finite(dig(t.get("result"), s.metric))) for t in trials if t["status"] == Status.COMPLETE]
+    done = [(t, t.value(s.metric)) for t in trials if t.status == Status.COMPLETE]
     done = sorted(
-        ((t, v) for t, v in done if v is not None), key=lambda x: (-sign * x[1], x[0]["optuna_number"])
+        ((t, v) for t, v in done if v is not None), key=lambda x: (-sign * x[1], x[0].optuna_number)
     )
     rows, seen = [], set()
     for t, v in done:
-        key = tuple(sorted(t["params"].items()))
+        key = tuple(sorted(t.params.items()))
         if key in seen:
             continue
         seen.add(key)
-        what = f"search trial #{t['optuna_number']}: {100 * v:.2f} % on seed {t['seed']}"
-        rows.append(Row(label=f"#{t['optuna_number']}", set=dict(t["params"]), description=what))
+        what = f"search trial #{t.optuna_number}: {100 * v:.2f} % on seed {t.seed}"
+        rows.append(Row(label=f"#{t.optuna_number}", overrides=dict(t.params), description=what))
         if len(rows) == s.confirm.top:
             break
     return rows
 
 
-def confirm_plan(plan: Plan, trials: list[dict], stored_rows: list[dict] | None = None) -> Plan | None:
+def confirm_plan(
+    plan: Plan, trials: list[StoredTrial], stored_rows: Sequence[Row] | None = None
+) -> Plan | None:
     """The confirmation of a tuning study: an adaptive ablation NAME.confirm whose baseline row is the
     preset's own values (no tuned key set) and whose other rows are the search's top sets (top_sets;
     stored_rows, the rows a previous run chose, win, so a rerun confirms the same sets), on fresh seeds
@@ -253,14 +259,13 @@ def confirm_plan(plan: Plan, trials: list[dict], stored_rows: list[dict] | None 
     if plan.is_grid or s.confirm is None:
         return None
     if stored_rows:
-        rows = [Row(label=r["label"], set=dict(r.get("set") or {}), description=r.get("description", ""))
-                for r in stored_rows if r["label"] != CONFIRM_BASELINE]  # fmt: skip
+        rows = [r for r in stored_rows if r.label != CONFIRM_BASELINE]
     else:
         rows = top_sets(plan, trials)
     if not rows:
         return None
     rows = [
-        Row(label=CONFIRM_BASELINE, set={}, description="the preset's own values of the tuned keys")
+        Row(label=CONFIRM_BASELINE, overrides={}, description="the preset's own values of the tuned keys")
     ] + rows
     name = confirm_name(s.name)
     rule = s.confirm.rule
@@ -273,13 +278,12 @@ def confirm_plan(plan: Plan, trials: list[dict], stored_rows: list[dict] | None 
         "direction": s.direction,
         "seeds": rule.record(),
         "baseline": CONFIRM_BASELINE,
-        "rows": [{"label": r.label, "set": r.set, "description": r.description} for r in rows],
+        "rows": [{"label": r.label, "set": r.overrides, "description": r.description} for r in rows],
         "confirms": s.name,
     }
     study = Study(name=name, kind="ablation", description=raw["description"], paper_table=None,
-                  metric=s.metric, stage_metric=s.stage_metric, direction=s.direction, set={},
+                  metric=s.metric, stage_metric=s.stage_metric, direction=s.direction, overrides={},
                   seeds=rule.sequence(), adaptive=rule, baseline=CONFIRM_BASELINE, rows=tuple(rows),
                   raw=raw, lines={})  # fmt: skip
     spec = Spec(plan.study_file, "", plan.preset, dict(plan.base_overrides), {name: study})
-    extra = {k: v for k, v in plan.cli_overrides.items() if k not in plan.user_set}
-    return make_plan(spec, name, preset=plan.preset, cli_set=plan.user_set, extra=extra)
+    return make_plan(spec, name, plan.preset, plan.cli_overrides, plan.derived_overrides)

@@ -42,7 +42,6 @@ from studies.execute import (
     point_states,
     signals_held,
 )
-from studies.models import Status
 from studies.optuna_adapter import (
     close_stopped,
     enqueue_interrupted,
@@ -59,7 +58,7 @@ from studies.optuna_adapter import (
 )
 from studies.plan import Plan
 from studies.quality import result_collapsed
-from studies.store import finite
+from studies.records import Status, StoredTrial, finite
 
 
 def absolute_url(url: str) -> str:
@@ -215,12 +214,12 @@ class HarnessSearch(OptunaSearch):
                 status, why = Status.PRUNED, f"stopped by ASHA after epoch {result.get('stage')}"
             out = Outcome(optuna_number=job.optuna_number, status=status, error=why, harness_id=harness_id)
             row = self._harness_row(job)  # the trial may have died before it told the driver its id
-            if row is not None and row["status"] == Status.RUNNING:
-                retry_locked(self.h_store.finish_trial, row["id"], status, error=why)
-            out.harness_id = row["id"] if row is not None else harness_id
+            if row is not None and row.status == Status.RUNNING:
+                retry_locked(self.h_store.finish_trial, row.harness_id, status, error=why)
+            out.harness_id = row.harness_id if row is not None else harness_id
             if self.h_keeper is not None:
                 self.h_keeper.release(job.claim_owner, status)
-        out.result = row["result"] if row is not None else None  # the user attrs read the stored result
+        out.result = row.result if row is not None else None  # the user attrs read the stored result
         out.collapsed = result_collapsed(out.result)
         try:
             if result.get("node"):  # before tell(): Optuna refuses attributes on a finished trial
@@ -238,10 +237,10 @@ class HarnessSearch(OptunaSearch):
         """The jobs this driver handed to Ray whose trials it has not closed."""
         return [j for ray_trial_id, j in self.h_jobs.items() if ray_trial_id not in self._completed_trials]
 
-    def _harness_row(self, job: Job) -> dict | None:
+    def _harness_row(self, job: Job) -> StoredTrial | None:
         """The harness row of job's trial (by its Optuna number), as Store.trials gives it."""
         for t in self.h_store.trials(job.study):
-            if t["optuna_number"] == job.optuna_number:
+            if t.optuna_number == job.optuna_number:
                 return t
         return None
 
@@ -251,7 +250,7 @@ class HarnessSearch(OptunaSearch):
 
 
 def _make_trainable(
-    plan: Plan, url: str, cv: str, extra: dict[str, Any], artifacts: str | None
+    plan: Plan, url: str, cv: str, derived_overrides: dict[str, Any], artifacts: str | None
 ) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
         import ray
@@ -269,7 +268,7 @@ def _make_trainable(
             value_scale=config.get("_value_scale", 100.0),
             artifacts=artifacts,
         )
-        job.overrides = {**job.overrides, **extra}
+        job.overrides = {**job.overrides, **derived_overrides}
         node = ray.get_runtime_context().get_node_id()
         state: dict[str, Any] = {"harness_id": None, "last": 0.0}
 
@@ -376,7 +375,7 @@ def run_study(
         if num == 0:
             log("[studies] nothing to run: every trial of this study is finished")
             return []
-        extra = {k: max(1, int(cpus)) for k in ("train.threads", "train.workers") if k not in user_keys}
+        derived = {k: max(1, int(cpus)) for k in ("train.threads", "train.workers") if k not in user_keys}
         mode = "max" if s.direction == "maximize" else "min"
         searcher = HarnessSearch(
             space=plan.search_space(),
@@ -405,7 +404,7 @@ def run_study(
         )
         tuner = tune.Tuner(
             tune.with_resources(
-                _make_trainable(plan, url, code_version(), extra, artifacts), {"cpu": cpus, "gpu": gpus}
+                _make_trainable(plan, url, code_version(), derived, artifacts), {"cpu": cpus, "gpu": gpus}
             ),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,

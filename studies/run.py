@@ -27,9 +27,9 @@ import threading
 from typing import Any
 
 from core.config import ConfigError, make_config, parse_overrides
-from core.data import DataError
-from studies.models import Status
+from core.errors import HarnessError
 from studies.plan import Plan, confirm_name, confirm_plan, make_plan
+from studies.records import Status, StoredTrial
 from studies.sequential import interval_text, status_text
 from studies.spec import Spec, SpecError, load_spec
 
@@ -39,7 +39,7 @@ TODO, IF_NEEDED = (
 )  # --dry-run: a grid point not run yet (adaptive: only if its row needs it)
 
 
-class UsageError(Exception):
+class UsageError(HarnessError):
     pass
 
 
@@ -56,7 +56,7 @@ def check_user_data(plan: Plan, log=print) -> None:
     from core.init_weights import check_init_weights
 
     seen: set = set()
-    for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.cli_overrides}]:
+    for ov in [p.overrides for p in plan.points] or [{**plan.base_overrides, **plan.run_overrides}]:
         cfg = make_config(plan.preset, ov)
         if cfg.train.device.startswith("cuda") and cfg.train.device not in seen:
             seen.add(cfg.train.device)
@@ -197,7 +197,7 @@ def auto_workers(
 ) -> int:
     """Trials at once on this machine for the optuna backend when the user did not say (see above)."""
     cfgs = [make_config(plan.preset, p.overrides) for p in plan.points] or [
-        make_config(plan.preset, {**plan.base_overrides, **plan.cli_overrides})
+        make_config(plan.preset, {**plan.base_overrides, **plan.run_overrides})
     ]
     if any(c.train.device.startswith("cuda") for c in cfgs):
         return 1
@@ -221,13 +221,13 @@ def auto_workers(
 
 def _set_keys(spec: Spec, name: str, cli: dict) -> set[str]:
     s = spec.study(name)
-    keys = set(spec.base_set) | set(s.set) | set(cli)
+    keys = set(spec.base_overrides) | set(s.overrides) | set(cli)
     for r in list(s.rows) + list(s.variants):
-        keys |= set(r.set)
+        keys |= set(r.overrides)
     return keys
 
 
-def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
+def stored_progress(plan: Plan, url: str) -> tuple[list[StoredTrial], list[float]]:
     """The study's stored trials, and the wall times of complete trials run with the same preset (any
     study of the store); ([], []) when the store does not exist yet."""
     from studies.db import StoreError
@@ -243,11 +243,9 @@ def stored_progress(plan: Plan, url: str) -> tuple[list[dict], list[float]]:
         return [], []
     trials = store.trials(plan.study.name) if plan.study.name in store.study_names() else []
     seconds = []
-    for name in store.study_names():
-        if store.study_record(name)["preset"] == plan.preset:
-            seconds += [
-                t["seconds"] for t in store.trials(name) if t["status"] == Status.COMPLETE and t["seconds"]
-            ]
+    for name, preset in store.presets().items():
+        if preset == plan.preset:
+            seconds += [t.seconds for t in store.trials(name, Status.COMPLETE) if t.seconds]
     store.close()
     return trials, seconds
 
@@ -258,10 +256,8 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
     s = plan.study
     print(f"study {s.name} ({s.kind}, preset {plan.preset}): {s.description}")
     trials, seconds = stored_progress(plan, url)
-    done_keys = {
-        (t["row"], t["variant"], t["seed"]) for t in trials if t["status"] in (Status.COMPLETE, Status.PRUNED)
-    }
-    failed_keys = {(t["row"], t["variant"], t["seed"]) for t in trials if t["status"] == Status.FAILED}
+    done_keys = {t.key for t in trials if t.status in (Status.COMPLETE, Status.PRUNED)}
+    failed_keys = {t.key for t in trials if t.status == Status.FAILED}
     print(f"storage: {redact_url(url)} ({len(trials)} trial(s) of this study stored)")
     print(f"workers: {workers} trial(s) at once{how}")
     if plan.is_grid:
@@ -315,7 +311,7 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
             print(f"  {p.name}: {p.type} {rng}")
         ov = " ".join(f"{k}={_fmt(v)}" for k, v in plan.overrides_for_params({}).items())
         print(f"  fixed overrides: {ov}")
-        left = max(0, s.n_trials - sum(t["status"] != Status.INTERRUPTED for t in trials))
+        left = max(0, s.n_trials - sum(t.status != Status.INTERRUPTED for t in trials))
         print(f"done: {s.n_trials - left}, left: {left}")
         if s.confirm is not None:
             c = s.confirm
@@ -361,20 +357,18 @@ def study_summary(plan: Plan, store) -> str:
 
     from reports.progress import progress
     from studies.quality import result_collapsed
-    from studies.store import dig, finite
 
     s = plan.study
     trials = store.trials(s.name)
     groups: dict[tuple, list] = {}
     collapsed: dict[tuple, int] = {}
     for t in trials:
-        key = (t["row"], t["variant"])
-        if t["status"] == Status.COMPLETE:
-            v = finite(dig(t["result"], s.metric))
+        if t.status == Status.COMPLETE:
+            v = t.value(s.metric)
             if v is not None:
-                groups.setdefault(key, []).append(v)
-            if result_collapsed(t["result"]):
-                collapsed[key] = collapsed.get(key, 0) + 1
+                groups.setdefault(t.group, []).append(v)
+            if result_collapsed(t.result):
+                collapsed[t.group] = collapsed.get(t.group, 0) + 1
     points = (
         None
         if not plan.is_grid
@@ -385,15 +379,15 @@ def study_summary(plan: Plan, store) -> str:
 
     def notes(key: tuple) -> list[str]:
         if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note
-            n = Counter(t["status"] for t in trials if (t["row"], t["variant"]) == key)
+            n = Counter(t.status for t in trials if t.group == key)
             return [f"{k} {x}" for x, k in sorted(n.items()) if x not in (Status.COMPLETE, Status.RUNNING)]
-        mine = [t for t in trials if (t["row"], t["variant"]) == key]
+        mine = [(t.key, t.status) for t in trials if t.group == key]
         return progress(mine, [p for p in points if (p[0], p[1]) == key]).notes()
 
     if plan.is_grid:
         order = [(r.label, v.label if v else None) for r in s.rows for v in (list(s.variants) or [None])]
     else:
-        order = sorted({(t["row"], t["variant"]) for t in trials}, key=str)
+        order = sorted({t.group for t in trials}, key=str)
     lines = [
         f"{s.name}: {s.metric} (%), mean +- std over seeds",
         f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes",
@@ -405,18 +399,14 @@ def study_summary(plan: Plan, store) -> str:
         note = ", ".join(notes(key) + ([f"{collapsed[key]} collapsed"] if key in collapsed else []))
         lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {note}".rstrip())
     if not plan.is_grid:
-        best = [
-            t
-            for t in store.trials(s.name)
-            if t["status"] == Status.COMPLETE and finite(dig(t["result"], s.metric)) is not None
-        ]
+        best = [t for t in trials if t.status == Status.COMPLETE and t.value(s.metric) is not None]
         if best:
             sign = 1 if s.direction == "maximize" else -1
-            b = max(best, key=lambda t: sign * dig(t["result"], s.metric))
+            b = max(best, key=lambda t: sign * t.value(s.metric))
             lines.append(
-                f"best: #{b['optuna_number']} {100 * dig(b['result'], s.metric):.2f} with "
+                f"best: #{b.optuna_number} {100 * b.value(s.metric):.2f} with "
                 + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["params"].items()
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items()
                 )
             )
     if plan.adaptive:
@@ -426,7 +416,8 @@ def study_summary(plan: Plan, store) -> str:
                 f"  {r}: {status_text(d, s.adaptive)}; {d.n} paired seed(s) "
                 f"{list(d.seeds)}; Δ vs {s.baseline} {interval_text(d)}"
             )
-    lines.append(progress(trials, points, None if plan.is_grid else s.n_trials).line())
+    attempts = [(t.key, t.status) for t in trials]
+    lines.append(progress(attempts, points, None if plan.is_grid else s.n_trials).line())
     return "\n".join(lines)
 
 
@@ -442,7 +433,7 @@ def confirmation(plan: Plan, store, n_trials: int | None = None) -> Plan | None:
     if finished_count(plan, store) < (n_trials if n_trials is not None else s.n_trials):
         return None
     name = confirm_name(s.name)
-    stored = store.study_record(name)["spec"].get("rows") if name in store.study_names() else None
+    stored = store.study(name).spec.rows if name in store.study_names() else None
     return confirm_plan(plan, store.trials(s.name), stored)
 
 
@@ -515,11 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers or 1
         if args.workers is None and args.backend == "optuna":
             workers = auto_workers(
-                make_plan(spec, args.name, preset=args.preset, cli_set=cli), user_keys, args.n_trials
+                make_plan(spec, args.name, preset=args.preset, cli_overrides=cli), user_keys, args.n_trials
             )
         per = (os.cpu_count() or 1) // workers if args.backend == "optuna" and workers > 1 else 0
-        extra = thread_overrides(user_keys, per) if per else {}
-        plan = make_plan(spec, args.name, preset=args.preset, cli_set=cli, extra=extra)
+        derived = thread_overrides(user_keys, per) if per else {}
+        plan = make_plan(spec, args.name, preset=args.preset, cli_overrides=cli, derived_overrides=derived)
         url = args.storage or spec.storage
         if args.dry_run:
             how = f", {per} thread(s) each" if per else ""
@@ -536,13 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as e:
             raise UsageError(f"--storage: {e}") from None
         artifacts = check_artifacts(args.artifacts)  # after the storage: a bad URL creates no folder
-    except (UsageError, SpecError, ConfigError, DataError) as e:  # PretrainedError is a ConfigError
+    except HarnessError as e:  # usage, study file, config, data set, store
         print(str(e), file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    from studies.execute import ClusterError
     from studies.live import Live
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -591,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # the trial lines first, then the message
         print("studies.run: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except ClusterError as e:
+    except HarnessError as e:  # e.g. ClusterError: no node holds one trial
         print(f"studies.run: {e}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -45,8 +45,9 @@ from typing import Any
 import yaml
 
 from core.config import ConfigError, make_config
+from core.errors import HarnessError
+from studies.db import DEFAULT_URL
 from studies.sequential import SeedRule
-from studies.store import DEFAULT_URL
 
 TOP_KEYS = {"storage", "base", "studies"}
 BASE_KEYS = {"preset", "set"}
@@ -66,7 +67,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 
 
-class SpecError(ValueError):
+class SpecError(HarnessError, ValueError):
     """A bad study.yaml or command line; the message is one line ("file:line: what")."""
 
 
@@ -111,7 +112,7 @@ class Row:
     """One row of an ablation table: a labelled set of overrides, its check-mark cells, the paper's figure."""
 
     label: str
-    set: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # its `set:` mapping
     columns: dict[str, Any] = field(default_factory=dict)
     paper: Any = None
     description: str = ""
@@ -122,7 +123,7 @@ class Variant:
     """The grid's second axis (Table 6: baseline / full per saliency model): overrides on top of a row."""
 
     label: str
-    set: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # its `set:` mapping
     paper: Any = None
     description: str = ""
 
@@ -165,7 +166,7 @@ class Study:
     metric: str
     stage_metric: str
     direction: str
-    set: dict[str, Any]
+    overrides: dict[str, Any]  # the study's `set:` mapping
     seeds: tuple[int, ...] = ()  # every seed a row may get (adaptive: the initial ones, then up to max)
     adaptive: SeedRule | None = None  # `seeds: {initial, max, ...}`: seeds added per row (studies.sequential)
     baseline: str | None = None
@@ -189,7 +190,7 @@ class Spec:
     path: str
     storage: str
     preset: str
-    base_set: dict[str, Any]
+    base_overrides: dict[str, Any]  # base.set
     studies: dict[str, Study]
 
     def study(self, name: str) -> Study:
@@ -255,7 +256,7 @@ def _rows(
             raise ctx.err(p + ("paper",), f"expected a number or a mapping of numbers, got {paper!r}")
         common = dict(
             label=label,
-            set=_set(ctx, p + ("set",), r.get("set")),
+            overrides=_set(ctx, p + ("set",), r.get("set")),
             paper=paper,
             description=str(r.get("description", "")),
         )
@@ -394,7 +395,7 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         metric=metric,
         stage_metric=stage_metric,
         direction=direction,
-        set=_set(ctx, path + ("set",), d.get("set")),
+        overrides=_set(ctx, path + ("set",), d.get("set")),
         raw=dict(d),
         lines=ctx.lines,
     )
@@ -487,16 +488,32 @@ def parse_spec(text: str, path: str = "study.yaml") -> Spec:
     _keys(ctx, ("base",), base, BASE_KEYS)
     preset = base.get("preset", "default")
     _expect(ctx, ("base", "preset"), preset, str, "a preset name")
-    base_set = _set(ctx, ("base", "set"), base.get("set"))
+    base_overrides = _set(ctx, ("base", "set"), base.get("set"))
     try:
-        make_config(preset, base_set)
+        make_config(preset, base_overrides)
     except ConfigError as e:
         raise ctx.err(("base", "set") if "preset" not in str(e) else ("base", "preset"), str(e)) from None
     studies = data["studies"]
     _expect(ctx, ("studies",), studies, dict, "a mapping of study name to study")
     if not studies:
         raise ctx.err(("studies",), "no studies defined")
-    return Spec(path, storage, preset, base_set, {str(k): _study(ctx, str(k), v) for k, v in studies.items()})
+    return Spec(
+        path, storage, preset, base_overrides, {str(k): _study(ctx, str(k), v) for k, v in studies.items()}
+    )
+
+
+# What the store adds to a study's mapping (studies.optuna_adapter.study_spec_record and
+# studies.plan.confirm_plan): the last run's --set / --study-file and its name ("_" keys), and which
+# study a confirmation confirms.
+STORED_ONLY_KEYS = {"confirms"}
+
+
+def study_from_record(name: str, record: dict) -> Study:
+    """The Study of a mapping stored with the study in the results store (its study.yaml mapping, as
+    studies.run stored it), parsed and defaulted exactly as from the file; SpecError if it no longer parses
+    (a store written by an older harness)."""
+    d = {k: v for k, v in record.items() if not str(k).startswith("_") and k not in STORED_ONLY_KEYS}
+    return _study(SourceLines(f"stored study {name!r}", {}), name, d)
 
 
 def load_spec(path: str | Path = "study.yaml") -> Spec:

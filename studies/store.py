@@ -8,8 +8,11 @@
         store.record_stage(harness_id, stage_dict)   # one entry of result.json "stages"
         store.finish_trial(harness_id, Status.COMPLETE, result=res.to_dict())
         store.release_claim(owner, Status.COMPLETE)
-    store.trials(name), store.study_stages(name), store.study_record(name)   # what reports read
+    store.study(name), store.trials(name), store.study_stages(name)   # typed records (studies.records)
     storage = store.optuna_storage()                # optuna RDBStorage on the same URL
+
+Reading returns the typed records of studies.records (JSON decoded, statuses as Status); nothing above the
+store reads its tables or decodes their JSON.
 
 Any SQLAlchemy URL works (PostgreSQL for several machines). For SQLite the database is switched to
 WAL and every connection (ours and Optuna's) waits up to BUSY_TIMEOUT_S for a lock; writes that
@@ -19,7 +22,6 @@ still hit "database is locked" are retried with backoff.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
@@ -33,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from studies.db import (
+    DEFAULT_URL,
     StoreError,
     created_concurrently,
     engine_kwargs,
@@ -54,8 +57,17 @@ from studies.models import (
     StudyRow,
     TrialRow,
 )
+from studies.records import (
+    StoredClaim,
+    StoredStage,
+    StoredStudy,
+    StoredTrial,
+    TrialProgress,
+    dig,
+    finite,
+)
 
-DEFAULT_URL = "sqlite:///runs/studies.db"
+__all__ = ["DEFAULT_URL", "Store", "dig", "finite", "point_key"]
 CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this (4 missed beats) may be taken over
 
 T = TypeVar("T")
@@ -66,44 +78,56 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # naive UTC: same on SQLite and PostgreSQL
 
 
-def finite(x: Any) -> float | None:
-    """A finite float or None (NaN/inf are not portable across databases, nor meaningful as metrics)."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def dig(d: Any, path: str) -> Any:
-    """A result.json leaf by dotted path ("final.miou"); None when missing."""
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str, allow_nan=True)
 
 
 # ------------------------------------------------------------------------------------------- Store
-def _legacy_status(status: str, error: str | None) -> str:
+def _legacy_status(status: str, error: str | None) -> Status:
     # Stores written before `interrupted` was a status kept it as failed + this error text.
-    return (
-        Status.INTERRUPTED if status == Status.FAILED and (error or "").startswith("interrupted") else status
+    legacy = status == Status.FAILED and (error or "").startswith("interrupted")
+    return Status.INTERRUPTED if legacy else Status(status)
+
+
+def _loads(text: str | None) -> Any:
+    return json.loads(text) if text else None
+
+
+def _trial(t: TrialRow) -> StoredTrial:
+    return StoredTrial(
+        harness_id=t.id,
+        optuna_number=t.optuna_number,
+        row=t.row,
+        variant=t.variant,
+        seed=t.seed,
+        status=_legacy_status(t.status, t.error),
+        error=t.error,
+        params=_loads(t.params_json) or {},
+        config=_loads(t.config_json) or {},
+        result=_loads(t.result_json),
+        started_at=t.started_at,
+        finished_at=t.finished_at,
+        seconds=t.seconds,
+        warmup_cached=t.warmup_cached,
+        warmup_seconds=t.warmup_seconds,
+        code_version=t.code_version,
+        host=t.host,
+        pid=t.pid,
+        heartbeat_at=t.heartbeat_at,
+        final_miou=t.final_miou,
+        final_miou_post=t.final_miou_post,
+        initial_precision=t.initial_precision,
+        initial_recall=t.initial_recall,
+        initial_miou=t.initial_miou,
     )
 
 
-def _looks_alive(trial: dict, host: str, now: float, grace_s: float) -> bool:
+def _looks_alive(trial: StoredTrial, host: str, now: float, grace_s: float) -> bool:
     """A running trial's process is alive: its pid, when it runs on this host; else a heartbeat newer
     than grace_s (another host's pid cannot be checked)."""
-    if trial["host"] == host and trial["pid"] is not None:
-        return pid_alive(trial["pid"])
-    return trial["heartbeat_at"] is not None and now - trial["heartbeat_at"] < grace_s
+    if trial.host == host and trial.pid is not None:
+        return pid_alive(trial.pid)
+    return trial.heartbeat_at is not None and now - trial.heartbeat_at < grace_s
 
 
 def point_key(row: str, variant: str | None, seed: int) -> str:
@@ -188,24 +212,42 @@ class Store:
         with self._session() as s:
             return s.scalar(sa.select(StudyRow.id).where(StudyRow.name == name))
 
+    @retrying
+    def presets(self) -> dict[str, str]:
+        """Each stored study's preset, by name."""
+        with self._session() as s:
+            return dict(s.execute(sa.select(StudyRow.name, StudyRow.preset).order_by(StudyRow.id)).all())
+
     def study_names(self) -> list[str]:
         with self._session() as s:
             return list(s.scalars(sa.select(StudyRow.name).order_by(StudyRow.id)))
 
-    def study_record(self, name: str) -> dict:
-        """{id, name, spec, preset, created_at}; StoreError naming the known studies if name is not stored."""
+    @retrying
+    def study(self, name: str) -> StoredStudy:
+        """The stored study, its spec.Study rebuilt from the stored mapping; StoreError naming the known
+        studies if name is not stored, or naming the study if its stored definition no longer parses."""
+        from studies.spec import SpecError, study_from_record
+
         with self._session() as s:
             row = s.scalar(sa.select(StudyRow).where(StudyRow.name == name))
-            if row is None:
-                known = ", ".join(sorted(self.study_names())) or "none"
-                raise StoreError(f"unknown study {name!r} in {redact_url(self.url)}; known: {known}")
-            return {
-                "id": row.id,
-                "name": row.name,
-                "spec": json.loads(row.spec_json) if row.spec_json else {},
-                "preset": row.preset,
-                "created_at": row.created_at,
-            }
+        if row is None:
+            known = ", ".join(sorted(self.study_names())) or "none"
+            raise StoreError(f"unknown study {name!r} in {redact_url(self.url)}; known: {known}")
+        record = json.loads(row.spec_json) if row.spec_json else {}
+        try:
+            spec = study_from_record(name, record)
+        except SpecError as e:
+            raise StoreError(
+                f"study {name!r} in {redact_url(self.url)}: its stored definition: {e}"
+            ) from None
+        return StoredStudy(
+            name=row.name,
+            spec=spec,
+            preset=row.preset,
+            created_at=row.created_at,
+            cli_overrides=dict(record.get("_cli_set") or {}),
+            study_file=record.get("_study_file"),
+        )
 
     # -- trials ---------------------------------------------------------------------------------
     @retrying
@@ -327,7 +369,7 @@ class Store:
                     t.config_json = _dumps(result["config"])
                 t.result_json = _dumps(result)
         if result:  # stages reported live are already there; fill in any that were not (e.g. Ray)
-            have = {r["stage"] for r in self.stages(harness_id)}
+            have = {r.stage for r in self.stages(harness_id)}
             for st in result.get("stages") or []:
                 if int(st["stage"]) not in have:
                     self.record_stage(harness_id, st)
@@ -359,9 +401,9 @@ class Store:
         host, now, out = socket.gethostname(), time.time(), []
         for t in self.trials(study, status=Status.RUNNING):
             if not _looks_alive(t, host, now, grace_s) and retry_locked(
-                self._interrupt_if_unchanged, t["id"], t["pid"], t["heartbeat_at"]
+                self._interrupt_if_unchanged, t.harness_id, t.pid, t.heartbeat_at
             ):
-                out.append(t["id"])
+                out.append(t.harness_id)
         return out
 
     def _interrupt_if_unchanged(self, harness_id: int, pid: int | None, heartbeat_at: float | None) -> bool:
@@ -389,7 +431,9 @@ class Store:
         """harness_ids of running trials that look alive (_looks_alive)."""
         host, now = socket.gethostname(), time.time()
         return {
-            t["id"] for t in self.trials(study, status=Status.RUNNING) if _looks_alive(t, host, now, grace_s)
+            t.harness_id
+            for t in self.trials(study, status=Status.RUNNING)
+            if _looks_alive(t, host, now, grace_s)
         }
 
     @retrying
@@ -405,10 +449,9 @@ class Store:
             return [(r, v, sd, _legacy_status(st, err)) for r, v, sd, st, err in s.execute(q).all()]
 
     @retrying
-    def trial_states(self, study: str) -> list[dict]:
-        """What a live display polls every few seconds: each trial's id, optuna_number, row, variant, seed,
-        status, error, started_at, seconds, host, pid and `stages` (its stage rows so far), without the JSON
-        columns (the results grow with the study). Ordered by Optuna number."""
+    def trial_progress(self, study: str) -> list[TrialProgress]:
+        """What a live display polls every few seconds: each trial without the JSON columns (the results
+        grow with the study), with its stage rows so far counted. Ordered by Optuna number."""
         stages = (
             sa.select(sa.func.count(StageRow.id)).where(StageRow.trial_id == TrialRow.id).scalar_subquery()
         )
@@ -422,10 +465,13 @@ class Store:
             .order_by(TrialRow.optuna_number, TrialRow.id)
         )
         with self._session() as s:
-            out = [dict(r._mapping) for r in s.execute(q).all()]
-        for d in out:
-            d["status"] = _legacy_status(d["status"], d["error"])
-        return out
+            rows = s.execute(q).all()
+        return [
+            TrialProgress(harness_id=hid, optuna_number=n, row=row, variant=variant, seed=seed,
+                          status=_legacy_status(status, error), error=error, started_at=started,
+                          seconds=seconds, host=host, pid=pid, stages=k)
+            for hid, n, row, variant, seed, status, error, started, seconds, host, pid, k in rows
+        ]  # fmt: skip
 
     # -- grid-point claims ------------------------------------------------------------------------
     def claim_point(
@@ -528,7 +574,7 @@ class Store:
                     c.state, c.heartbeat_at = Status.DONE, time.time()
 
     @retrying
-    def claims(self, study: str) -> list[dict]:
+    def claims(self, study: str) -> list[StoredClaim]:
         with self._session() as s:
             rows = s.scalars(
                 sa.select(ClaimRow)
@@ -536,13 +582,16 @@ class Store:
                 .where(StudyRow.name == study)
                 .order_by(ClaimRow.id)
             ).all()
-            return [{c.name: getattr(r, c.key) for c in ClaimRow.__table__.columns} for r in rows]
+            return [
+                StoredClaim(point=c.point, state=Status(c.state), owner=c.owner, host=c.host, pid=c.pid,
+                            heartbeat_at=c.heartbeat_at, harness_id=c.harness_id)
+                for c in rows
+            ]  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------------
     @retrying
-    def trials(self, study: str, status: str | None = None) -> list[dict]:
-        """The study's harness trials as plain dicts (JSON columns decoded), ordered by Optuna number.
-        `id` is the harness_id."""
+    def trials(self, study: str, status: Status | None = None) -> list[StoredTrial]:
+        """The study's harness trials (of one status, when given), ordered by Optuna number."""
         q = (
             sa.select(TrialRow)
             .join(StudyRow, StudyRow.id == TrialRow.study_id)
@@ -550,43 +599,48 @@ class Store:
             .order_by(TrialRow.optuna_number, TrialRow.id)
         )
         with self._session() as s:
-            out = []
-            for t in s.scalars(q).all():
-                d = {c.name: getattr(t, c.key) for c in TrialRow.__table__.columns}
-                d["status"] = _legacy_status(d["status"], d["error"])
-                for k in ("params_json", "config_json", "result_json"):
-                    d[k[:-5]] = json.loads(d[k]) if d[k] else None
-                if status is None or d["status"] == status:
-                    out.append(d)
-            return out
+            out = [_trial(t) for t in s.scalars(q).all()]
+        return out if status is None else [t for t in out if t.status == status]
 
     @retrying
-    def stages(self, harness_id: int) -> list[dict]:
-        with self._session() as s:
-            rows = s.scalars(
-                sa.select(StageRow).where(StageRow.trial_id == harness_id).order_by(StageRow.stage)
-            ).all()
-            return [{c.name: getattr(r, c.key) for c in StageRow.__table__.columns} for r in rows]
+    def stages(self, harness_id: int) -> list[StoredStage]:
+        """One trial's stage records, by stage."""
+        return self._stages(TrialRow.id == harness_id)
 
     @retrying
-    def study_stages(self, study: str) -> list[dict]:
-        """Every stage row of the study's trials, with the trial's row, variant, seed and status."""
+    def study_stages(self, study: str) -> list[StoredStage]:
+        """Every stage record of the study's trials, by trial then stage."""
+        return self._stages(StudyRow.name == study)
+
+    def _stages(self, where) -> list[StoredStage]:
         q = (
             sa.select(
                 StageRow, TrialRow.row, TrialRow.variant, TrialRow.seed, TrialRow.status, TrialRow.error
             )
             .join(TrialRow, TrialRow.id == StageRow.trial_id)
             .join(StudyRow, StudyRow.id == TrialRow.study_id)
-            .where(StudyRow.name == study)
+            .where(where)
             .order_by(StageRow.trial_id, StageRow.stage)
         )
         with self._session() as s:
-            out = []
-            for g, row, variant, seed, status, error in s.execute(q).all():
-                d = {c.name: getattr(g, c.key) for c in StageRow.__table__.columns}
-                d.update(row=row, variant=variant, seed=seed, status=_legacy_status(status, error))
-                out.append(d)
-            return out
+            return [
+                StoredStage(
+                    harness_id=g.trial_id,
+                    stage=g.stage,
+                    row=row,
+                    variant=variant,
+                    seed=seed,
+                    status=_legacy_status(status, error),
+                    val_miou=g.val_miou,
+                    val_miou_post=g.val_miou_post,
+                    per_class_iou=_loads(g.per_class_iou_json),
+                    pgt_precision=g.pgt_precision,
+                    pgt_recall=g.pgt_recall,
+                    pgt_miou=g.pgt_miou,
+                    seconds=g.seconds,
+                )
+                for g, row, variant, seed, status, error in s.execute(q).all()
+            ]
 
     def close(self) -> None:
         self.engine.dispose()

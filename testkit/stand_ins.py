@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.records import Status
+
 
 def stand_in_result(
     cfg, seconds: float, report=None, artifacts: dict | None = None, miou: float | None = None
@@ -24,7 +26,7 @@ def stand_in_result(
     if report is not None:
         report(0, stage)
     return {
-        "status": "complete",
+        "status": Status.COMPLETE,
         "error": None,
         "config": cfg.to_dict(),
         "final": {"miou": miou},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from studies.records import Status
 from studies.store import Store, point_key
 from testkit.stand_ins import write_grid
 from tests.conftest import ROOT
@@ -110,14 +111,14 @@ def assert_exactly_once(url: str, n_points: int) -> None:
 
     store = Store(url)
     trials = store.trials("g")
-    keys = [(t["row"], t["variant"], t["seed"]) for t in trials]
+    keys = [t.key for t in trials]
     assert len(keys) == n_points and len(set(keys)) == n_points, sorted(keys)
-    assert all(t["status"] == "complete" for t in trials)
+    assert all(t.status == Status.COMPLETE for t in trials)
     ot = optuna.load_study(study_name="g", storage=store.optuna_storage()).get_trials(deepcopy=False)
     assert len(ot) == n_points and all(t.state.name == "COMPLETE" for t in ot)
-    assert {t.number for t in ot} == {t["optuna_number"] for t in trials}
+    assert {t.number for t in ot} == {t.optuna_number for t in trials}
     claims = store.claims("g")
-    assert len(claims) == n_points and {c["state"] for c in claims} == {"done"}
+    assert len(claims) == n_points and {c.state for c in claims} == {Status.DONE}
 
 
 @pytest.mark.slow
@@ -147,7 +148,7 @@ def test_a_store_written_before_interrupted_was_a_status_reads_the_same(tmp_path
             sa.text("UPDATE harness_trials SET status='failed', error=:e"),
             {"e": "interrupted (its process died while the trial was running)"},
         )
-    assert Store(url, create=False).trials("g")[0]["status"] == "interrupted"
+    assert Store(url, create=False).trials("g")[0].status == Status.INTERRUPTED
     Store(url)  # opened for writing: migrated in the table itself
     with store.engine.connect() as c:
         assert c.execute(sa.text("SELECT status FROM harness_trials WHERE id=:i"), {"i": hid}).scalar() == (

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from studies.records import Status
 from studies.store import Store
 from tests.conftest import ROOT, TINY_SET, run_module
 
@@ -190,7 +191,7 @@ def test_a_signal_leaves_no_running_trial_in_either_store(tmp_path, sig, workers
             assert p.poll() is None and time.time() < deadline, "no trial started"
             try:
                 if (
-                    sum(t["status"] == "running" for t in Store(url, create=False).trial_states("live"))
+                    sum(t.status == Status.RUNNING for t in Store(url, create=False).trial_progress("live"))
                     == workers
                 ):
                     break
@@ -204,12 +205,12 @@ def test_a_signal_leaves_no_running_trial_in_either_store(tmp_path, sig, workers
             p.kill()
     assert p.returncode == 130, out[-2000:]
     store = Store(url, create=False)
-    trials = store.trial_states("live")
-    assert len(trials) == workers and {t["status"] for t in trials} == {"interrupted"}
+    trials = store.trial_progress("live")
+    assert len(trials) == workers and {t.status for t in trials} == {Status.INTERRUPTED}
     assert store.claims("live") == []  # the points run again on the next invocation
     ot = optuna.load_study(study_name="live", storage=store.optuna_storage()).get_trials(deepcopy=False)
     assert len(ot) == workers and all(t.state == TrialState.FAIL for t in ot)
-    assert all(t.user_attrs["status"] == "interrupted" for t in ot)
+    assert all(t.user_attrs["status"] == Status.INTERRUPTED for t in ot)
     stopped = [m.start() for m in re.finditer(r"\[studies\] trial #\d a seed \d: interrupted", out)]
     assert len(stopped) == workers and max(stopped) < out.index("studies.run: interrupted"), out
 

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from studies.db import StoreError, check_reachable, normalize_url
+from studies.records import Status
 from testkit import pgserver
 from testkit.pgserver import free_port
 from tests.conftest import ROOT
@@ -65,9 +66,12 @@ def test_store_round_trip_with_optuna_tables_in_the_same_database(pg_url):
     check_reachable(pg_url)
     store = Store(pg_url)
     try:
-        sid = store.upsert_study("s", {"kind": "ablation"}, "smoke")
-        assert store.upsert_study("s", {"kind": "ablation", "x": 1}, "paper") == sid
-        assert store.study_record("s")["spec"] == {"kind": "ablation", "x": 1}
+        sid = store.upsert_study("s", {"kind": "ablation", "seeds": [0], "rows": [{"label": "seg"}]}, "smoke")
+        spec = {"kind": "ablation", "seeds": [3], "rows": [{"label": "seg"}], "_cli_set": {"train.lr": 0.1}}
+        assert store.upsert_study("s", spec, "paper") == sid
+        stored = store.study("s")
+        assert (stored.spec.seeds, stored.spec.baseline, stored.preset) == ((3,), "seg", "paper")
+        assert stored.cli_overrides == {"train.lr": 0.1}
         hid = store.begin_trial(
             study="s",
             optuna_number=0,
@@ -82,15 +86,18 @@ def test_store_round_trip_with_optuna_tables_in_the_same_database(pg_url):
             hid, {"stage": 1, "val": {"miou": 0.25, "per_class_iou": [0.1, 0.4]}, "seconds": 1.5}
         )
         store.record_stage(hid, {"stage": 1, "val": {"miou": 0.3}, "pgt": {"miou": float("nan")}})  # replaces
-        store.finish_trial(hid, "complete", result={"final": {"miou": 0.42}, "seconds": 9.0, "stages": []})
+        store.finish_trial(
+            hid, Status.COMPLETE, result={"final": {"miou": 0.42}, "seconds": 9.0, "stages": []}
+        )
         [t] = store.trials("s")
-        assert (t["id"], t["status"], t["row"], t["variant"], t["seed"]) == (hid, "complete", "seg", None, 3)
-        assert t["params"] == {"loss.cls": 0.5} and t["config"] == {"seed": 3}
-        assert t["final_miou"] == pytest.approx(0.42) and t["seconds"] == pytest.approx(9.0)
-        assert t["result"]["final"] == {"miou": 0.42}
+        assert (t.harness_id, t.status, t.row, t.variant, t.seed) == (hid, Status.COMPLETE, "seg", None, 3)
+        assert t.params == {"loss.cls": 0.5} and t.config == {"seed": 3}
+        assert t.final_miou == pytest.approx(0.42) and t.seconds == pytest.approx(9.0)
+        assert t.result["final"] == {"miou": 0.42} and t.value("final.miou") == pytest.approx(0.42)
         [st] = store.stages(hid)
-        assert st["val_miou"] == pytest.approx(0.3) and st["pgt_miou"] is None  # NaN is stored as NULL
-        assert [s["stage"] for s in store.study_stages("s")] == [1]
+        assert st.val_miou == pytest.approx(0.3) and st.pgt_miou is None  # NaN is stored as NULL
+        assert st.per_class_iou is None  # the replacing stage record had none
+        assert [s.stage for s in store.study_stages("s")] == [1]
 
         study = optuna.create_study(study_name="s", storage=store.optuna_storage())
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.42))
@@ -172,15 +179,15 @@ studies:
     store = Store(pg_url)
     try:
         trials = store.trials("g")
-        assert sorted((t["row"], t["seed"], t["status"]) for t in trials) == [
+        assert sorted((t.row, t.seed, t.status) for t in trials) == [
             ("full", 0, "complete"),
             ("full", 1, "complete"),
             ("seg", 0, "complete"),
             ("seg", 1, "complete"),
         ]
         for t in trials:
-            assert t["final_miou"] == pytest.approx(0.5 + 0.01 * t["seed"])
-            assert [s["stage"] for s in store.stages(t["id"])] == [1, 2]
+            assert t.final_miou == pytest.approx(0.5 + 0.01 * t.seed)
+            assert [s.stage for s in store.stages(t.harness_id)] == [1, 2]
         ot = optuna.load_study(study_name="g", storage=store.optuna_storage()).get_trials(deepcopy=False)
         assert sorted(t.value for t in ot) == pytest.approx([50.0, 50.0, 51.0, 51.0])  # percent
     finally:

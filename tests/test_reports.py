@@ -11,6 +11,7 @@ import pytest
 
 from reports import ReportError, build_report, report_path, report_stem
 from reports.__main__ import main
+from studies.records import Status
 from studies.store import DEFAULT_URL, Store
 from tests.conftest import run_module
 
@@ -701,14 +702,14 @@ def test_metric_figure_points_per_seed_no_bars_and_forest_plot(forest, url):
     assert "ROPE ±0.5 pp" in [t.get_text() for t in figures.draw_metric(study, rope=0.005).legends[0].texts]
 
 
-def test_metric_figure_without_baseline_is_one_panel(store, url):
+def test_metric_figure_with_only_the_baseline_row_is_one_panel(store, url):
     from reports import figures
     from reports.load import load_study
 
-    spec = {"kind": "ablation", "seeds": [0], "rows": [{"label": "a"}, {"label": "b"}]}
+    spec = {"kind": "ablation", "seeds": [0, 1], "rows": [{"label": "a"}]}  # a is the baseline: no Δ
     store.upsert_study("nobase", spec, "smoke")
     add(store, "nobase", 0, "a", 0, result(0.4))
-    add(store, "nobase", 1, "b", 0, result(0.5))
+    add(store, "nobase", 1, "a", 1, result(0.5))
     fig = figures.draw_metric(load_study("nobase", url))
     assert [a.get_label() for a in fig.axes] == ["per seed"]
 
@@ -775,7 +776,7 @@ def test_progress_counts_points_not_attempts():
     grid = [(r, None, s) for r in "ab" for s in (0, 1)]
 
     def t(row, seed, status):
-        return {"row": row, "variant": None, "seed": seed, "status": status}
+        return (row, None, seed), Status(status)
 
     rerun = [t("a", 0, "interrupted"), t("a", 0, "complete"), t("a", 1, "interrupted"), t("a", 1, "complete"),
              t("b", 0, "complete"), t("b", 1, "complete")]  # fmt: skip
@@ -788,7 +789,7 @@ def test_progress_counts_points_not_attempts():
     assert p.line() == "0/4 points complete (1 running, 1 failed, 1 interrupted, 1 not started); " + (
         "1 earlier attempt interrupted"
     )
-    tuning = [{"id": i, "status": s} for i, s in enumerate(["complete", "pruned", "interrupted", "complete"])]
+    tuning = [(("trial", None, 0), Status(s)) for s in ["complete", "pruned", "interrupted", "complete"]]
     assert (
         progress(tuning, budget=3).line() == "3/3 trials finished (1 pruned); 1 earlier attempt interrupted"
     )

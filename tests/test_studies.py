@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from studies.records import Status
 from tests.conftest import ROOT, TINY_SET, kill_when, trials_now
 
 PY = sys.executable
@@ -104,31 +105,31 @@ def check_store_matches(db: str, study: str, results: list[dict], n: int) -> lis
 
     store = Store(db)
     trials = store.trials(study)
-    complete = [t for t in trials if t["status"] == "complete"]
+    complete = [t for t in trials if t.status == "complete"]
     assert len(complete) == n
     by_cfg = {json.dumps(r["config"], sort_keys=True): r for r in results}
     for t in complete:
-        r = by_cfg[json.dumps(t["config"], sort_keys=True)]
-        stored, recorded_ = dict(t["result"]), json.loads(json.dumps(r))
+        r = by_cfg[json.dumps(t.config, sort_keys=True)]
+        stored, recorded_ = dict(t.result), json.loads(json.dumps(r))
         gallery = stored.pop("artifacts")["gallery"]  # uploaded: now a file of the artifact store
         assert Path(gallery).is_file() and Path(gallery).parent.name == "artifacts"
         assert recorded_.pop("artifacts")["gallery"].endswith("gallery.png")
         assert stored == recorded_
-        assert t["final_miou"] == pytest.approx(r["final"]["miou"])
-        assert t["initial_precision"] == pytest.approx(r["initial_pgt"]["precision"])
-        assert t["initial_recall"] == pytest.approx(r["initial_pgt"]["recall"])
-        assert t["initial_miou"] == pytest.approx(r["initial_pgt"]["miou"])
-        assert t["warmup_cached"] == r["warmup"]["cached"]
-        assert t["seconds"] == pytest.approx(r["seconds"])
-        assert t["config"]["seed"] == t["seed"]
-        assert t["code_version"]
-        stages = store.stages(t["id"])
-        assert [s["stage"] for s in stages] == [s["stage"] for s in r["stages"]]
+        assert t.final_miou == pytest.approx(r["final"]["miou"])
+        assert t.initial_precision == pytest.approx(r["initial_pgt"]["precision"])
+        assert t.initial_recall == pytest.approx(r["initial_pgt"]["recall"])
+        assert t.initial_miou == pytest.approx(r["initial_pgt"]["miou"])
+        assert t.warmup_cached == r["warmup"]["cached"]
+        assert t.seconds == pytest.approx(r["seconds"])
+        assert t.config["seed"] == t.seed
+        assert t.code_version
+        stages = store.stages(t.harness_id)
+        assert [s.stage for s in stages] == [s["stage"] for s in r["stages"]]
         for s, rs in zip(stages, r["stages"]):
-            assert s["val_miou"] == pytest.approx(rs["val"]["miou"])
-            assert json.loads(s["per_class_iou_json"]) == pytest.approx(rs["val"]["per_class_iou"])
-            assert s["pgt_miou"] == pytest.approx(rs["pgt"]["miou"])
-    keys = [(t["row"], t["variant"], t["seed"]) for t in complete]
+            assert s.val_miou == pytest.approx(rs["val"]["miou"])
+            assert s.per_class_iou == pytest.approx(rs["val"]["per_class_iou"])
+            assert s.pgt_miou == pytest.approx(rs["pgt"]["miou"])
+    keys = [t.key for t in complete]
     assert len(set(keys)) == len(keys), "a grid point ran twice"
     return complete
 
@@ -296,11 +297,11 @@ def test_grid_optuna_end_to_end(tmp_path, results_dir, capsys):
     assert rc == 1, out.err  # the NaN row failed; the study went on
     assert "seg " in out.out and "full" in out.out
     complete = check_store_matches(db, "g", recorded(results_dir), n=4)
-    assert {(t["row"], t["seed"]) for t in complete} == {("seg", 0), ("seg", 1), ("full", 0), ("full", 1)}
+    assert {(t.row, t.seed) for t in complete} == {("seg", 0), ("seg", 1), ("full", 0), ("full", 1)}
     from studies.store import Store
 
-    failed = Store(db).trials("g", status="failed")
-    assert len(failed) == 2 and all("non-finite loss" in t["error"] for t in failed)
+    failed = Store(db).trials("g", status=Status.FAILED)
+    assert len(failed) == 2 and all("non-finite loss" in t.error for t in failed)
     ts = optuna_trials(db, "g")
     assert len(ts) == 6
     assert (
@@ -402,12 +403,12 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
 
     def one_complete_one_running() -> bool:
         ts = trials_now(store, "g")
-        return any(t["status"] == "complete" for t in ts) and any(t["status"] == "running" for t in ts)
+        return any(t.status == "complete" for t in ts) and any(t.status == "running" for t in ts)
 
     kill_when(proc, one_complete_one_running, 150, never="never saw one complete and one running trial")
-    before = {t["id"]: t for t in store.trials("g")}
-    done_before = {k: t for k, t in before.items() if t["status"] == "complete"}
-    killed = [t for t in before.values() if t["status"] == "running"]
+    before = {t.harness_id: t for t in store.trials("g")}
+    done_before = {k: t for k, t in before.items() if t.status == "complete"}
+    killed = [t for t in before.values() if t.status == "running"]
     assert done_before and len(killed) == 1
 
     p = run_cli(["g", "--study-file", str(y), "--no-report"], tmp_path)
@@ -416,11 +417,11 @@ def test_sigkill_mid_study_then_resume(tmp_path, results_dir):
     complete = check_store_matches(db, "g", recorded(results_dir), n=4)
     # no completed trial lost or changed; the killed one is interrupted and its point rerun
     for tid, t in done_before.items():
-        a = [x for x in after if x["id"] == tid][0]
-        assert a["status"] == "complete" and a["finished_at"] == t["finished_at"]
-    k = [x for x in after if x["id"] == killed[0]["id"]][0]
-    assert k["status"] == "interrupted" and "died" in k["error"]
-    assert (k["row"], k["seed"]) in {(t["row"], t["seed"]) for t in complete}
+        a = [x for x in after if x.harness_id == tid][0]
+        assert a.status == "complete" and a.finished_at == t.finished_at
+    k = [x for x in after if x.harness_id == killed[0].harness_id][0]
+    assert k.status == "interrupted" and "died" in k.error
+    assert (k.row, k.seed) in {(t.row, t.seed) for t in complete}
     assert len(after) == 5
     from optuna.trial import TrialState
 
@@ -471,8 +472,8 @@ def test_two_workers_and_a_concurrent_reader(tmp_path, results_dir):
     assert not errors, errors[:3]
     assert reads[0] > 10
     trials = Store(db).trials("g")
-    assert len(trials) == 6 and all(t["status"] == "complete" for t in trials)
-    assert len({t["pid"] for t in trials}) == 2, "two worker processes should have shared the grid"
+    assert len(trials) == 6 and all(t.status == "complete" for t in trials)
+    assert len({t.pid for t in trials}) == 2, "two worker processes should have shared the grid"
     check_store_matches(db, "g", recorded(results_dir), n=6)
 
 
@@ -514,14 +515,14 @@ def test_store_api_and_stale_trials(tmp_path):
     )
     store.finish_trial(tid, "complete", result=result)  # stages not reported live are filled in
     t = store.trials("x")[0]
-    assert (t["status"], t["final_miou"], t["final_miou_post"], t["initial_recall"], t["warmup_cached"]) == (
+    assert (t.status, t.final_miou, t.final_miou_post, t.initial_recall, t.warmup_cached) == (
         "complete",
         0.5,
         None,
         0.3,
         False,
     )
-    assert store.stages(tid)[0]["pgt_precision"] == 0.9
+    assert store.stages(tid)[0].pgt_precision == 0.9
     live = store.begin_trial(
         study="x",
         optuna_number=1,
@@ -544,7 +545,7 @@ def test_store_api_and_stale_trials(tmp_path):
     )
     assert store.live_running("x") == {live, dead}  # this process is alive
     assert store.mark_stale_running("x", keep={live}) == [dead]
-    assert "died" in store.trials("x", status="interrupted")[0]["error"]
+    assert "died" in store.trials("x", status=Status.INTERRUPTED)[0].error
     df = pd.read_sql("harness_trials", store.engine)
     assert list(df["status"]) == ["complete", "running", "interrupted"]
     assert store.engine.connect().exec_driver_sql("pragma journal_mode").scalar() == "wal"

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import HarnessError
+
 from .saliency import SALIENCY_SOURCES
 
 __all__ = ["VOC_CLASSES", "DataError", "VOCDataset"]
@@ -60,7 +62,7 @@ _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 _MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 
 
-class DataError(ValueError):
+class DataError(HarnessError, ValueError):
     """Bad input data; the message is one line naming the file or key and what was expected."""
 
 
