@@ -350,74 +350,52 @@ def _fmt(v: Any) -> str:
 
 def study_summary(plan: Plan, store) -> str:
     """row, variant, n, mean +- std of the metric (percent), then notes: what is not complete and the earlier
-    attempts (reports.progress, the report's own counts) and collapsed trials; a last line with the points
-    complete of the grid ("15/15 points complete; 2 earlier attempts interrupted"). All trials in the store.
-    Collapsed (studies.quality): complete, but IoU 0 on every foreground class; still in the mean."""
+    attempts and collapsed trials; a last line with the points complete of the grid ("15/15 points complete;
+    2 earlier attempts interrupted"). All trials in the store, read as the report reads them (reports.load:
+    the same values, progress counts and collapse flags). Collapsed (studies.quality): complete, but IoU 0
+    on every foreground class; still in the mean."""
     from collections import Counter
 
-    from reports.progress import progress
-    from studies.quality import result_collapsed
+    from reports.load import load_study
 
-    s = plan.study
-    trials = store.trials(s.name)
-    groups: dict[tuple, list] = {}
-    collapsed: dict[tuple, int] = {}
-    for t in trials:
-        if t.status == Status.COMPLETE:
-            v = t.value(s.metric)
-            if v is not None:
-                groups.setdefault(t.group, []).append(v)
-            if result_collapsed(t.result):
-                collapsed[t.group] = collapsed.get(t.group, 0) + 1
-    points = (
-        None
-        if not plan.is_grid
-        else plan.expected_keys(trials)
-        if plan.adaptive
-        else [p.key for p in plan.points]
-    )
-
-    def notes(key: tuple) -> list[str]:
-        if not plan.is_grid:  # a tuning study's rows are single trials: the status is the note
-            n = Counter(t.status for t in trials if t.group == key)
-            return [f"{k} {x}" for x, k in sorted(n.items()) if x not in (Status.COMPLETE, Status.RUNNING)]
-        mine = [(t.key, t.status) for t in trials if t.group == key]
-        return progress(mine, [p for p in points if (p[0], p[1]) == key]).notes()
-
+    s, r = plan.study, load_study(plan.study.name, store.url)
+    t, done = r.trials, r.complete[r.complete["value"].notna()]
     if plan.is_grid:
-        order = [(r.label, v.label if v else None) for r in s.rows for v in (list(s.variants) or [None])]
+        order = [(row, v) for row in r.row_order() for v in r.variant_order()]
     else:
-        order = sorted({t.group for t in trials}, key=str)
+        order = sorted(set(zip(t["row"], t["variant"])), key=str)
     lines = [
         f"{s.name}: {s.metric} (%), mean +- std over seeds",
         f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes",
     ]
-    for key in order:
-        vals = groups.get(key, [])
+    for row, variant in order:
+        vals = list(done[(done["row"] == row) & (done["variant"] == variant)]["value"])
         mean = f"{100 * statistics.fmean(vals):6.2f}" if vals else f"{'-':>6}"
         std = f"{100 * statistics.stdev(vals):<6.2f}" if len(vals) > 1 else f"{'-':<6}"
-        note = ", ".join(notes(key) + ([f"{collapsed[key]} collapsed"] if key in collapsed else []))
-        lines.append(f"{key[0]:<34} {key[1] or '-':<10} {len(vals):>3}  {mean} +- {std} {note}".rstrip())
-    if not plan.is_grid:
-        best = [t for t in trials if t.status == Status.COMPLETE and t.value(s.metric) is not None]
-        if best:
-            sign = 1 if s.direction == "maximize" else -1
-            b = max(best, key=lambda t: sign * t.value(s.metric))
-            lines.append(
-                f"best: #{b.optuna_number} {100 * b.value(s.metric):.2f} with "
-                + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items()
-                )
-            )
+        if plan.is_grid:
+            notes = r.progress(row, variant).notes()
+        else:  # a tuning study's rows are single trials: the status is the note
+            n = Counter(t[(t["row"] == row) & (t["variant"] == variant)]["status"])
+            notes = [f"{k} {x}" for x, k in sorted(n.items()) if x not in (Status.COMPLETE, Status.RUNNING)]
+        g = r.complete[(r.complete["row"] == row) & (r.complete["variant"] == variant)]
+        notes += [f"{int(g['collapsed'].sum())} collapsed"] if g["collapsed"].any() else []
+        lines.append(
+            f"{row:<34} {variant or '-':<10} {len(vals):>3}  {mean} +- {std} {', '.join(notes)}".rstrip()
+        )
+    if not plan.is_grid and not done.empty:
+        b = done.loc[done["value"].idxmax() if s.direction == "maximize" else done["value"].idxmin()]
+        lines.append(
+            f"best: #{b.optuna_number} {100 * b.value:.2f} with "
+            + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items())
+        )
     if plan.adaptive:
         lines.append(s.adaptive.describe(len(s.rows) - 1))
-        for r, d in plan.decide(trials).rows.items():
+        for row, d in r.decisions().rows.items():
             lines.append(
-                f"  {r}: {status_text(d, s.adaptive)}; {d.n} paired seed(s) "
+                f"  {row}: {status_text(d, s.adaptive)}; {d.n} paired seed(s) "
                 f"{list(d.seeds)}; Δ vs {s.baseline} {interval_text(d)}"
             )
-    attempts = [(t.key, t.status) for t in trials]
-    lines.append(progress(attempts, points, None if plan.is_grid else s.n_trials).line())
+    lines.append(r.progress().line())
     return "\n".join(lines)
 
 
