@@ -31,6 +31,7 @@ __all__ = [
     "StoredStage",
     "StoredStudy",
     "StoredTrial",
+    "TrialPoint",
     "TrialProgress",
     "dig",
     "finite",
@@ -77,8 +78,8 @@ class StoredStudy:
 
 
 @dataclass(frozen=True)
-class StoredTrial:
-    """One harness trial (an attempt at a grid point, or one tuning trial)."""
+class TrialPoint:
+    """What every trial record starts with: which trial, at which grid point, in which state."""
 
     harness_id: int
     optuna_number: int
@@ -87,6 +88,20 @@ class StoredTrial:
     seed: int
     status: Status
     error: str | None
+
+    @property
+    def key(self) -> tuple[str, str | None, int]:
+        return (self.row, self.variant, self.seed)
+
+    @property
+    def group(self) -> tuple[str, str | None]:
+        return (self.row, self.variant)
+
+
+@dataclass(frozen=True)
+class StoredTrial(TrialPoint):
+    """One harness trial (an attempt at a grid point, or one tuning trial)."""
+
     params: dict[str, Any]  # the Optuna params (grid: row, variant, seed; tuning: the sampled values)
     config: dict[str, Any]  # the resolved core Config (Config.to_dict())
     result: dict[str, Any] | None  # result.json (core.records.TrialRecord); None until the trial ends
@@ -104,14 +119,6 @@ class StoredTrial:
     initial_precision: float | None
     initial_recall: float | None
     initial_miou: float | None
-
-    @property
-    def key(self) -> tuple[str, str | None, int]:
-        return (self.row, self.variant, self.seed)
-
-    @property
-    def group(self) -> tuple[str, str | None]:
-        return (self.row, self.variant)
 
     def value(self, metric: str) -> float | None:
         """The trial's value of a study metric ("final.miou"): its result.json leaf, else (a trial stored
@@ -141,25 +148,14 @@ class StoredStage:
 
 
 @dataclass(frozen=True)
-class TrialProgress:
+class TrialProgress(TrialPoint):
     """What a live display polls every few seconds: a trial without its JSON, with its stage count."""
 
-    harness_id: int
-    optuna_number: int
-    row: str
-    variant: str | None
-    seed: int
-    status: Status
-    error: str | None
     started_at: datetime | None
     seconds: float | None
     host: str
     pid: int | None
     stages: int
-
-    @property
-    def key(self) -> tuple[str, str | None, int]:
-        return (self.row, self.variant, self.seed)
 
 
 @dataclass(frozen=True)
