@@ -82,7 +82,7 @@ def build_report(
     markdown path. Raises ReportError (one line) for a store that cannot be read, an empty store or an
     unknown study. The report is also the study's optuna-dashboard note (reports.dashboard), its figures
     uploaded to the Optuna artifact store folder `artifacts` (None: the note names their files)."""
-    from . import figures, per_class, tables
+    from . import figures, per_class, provenance, tables, tuning
 
     study = load_study(name, storage_url)
     out = Path(out_dir)
@@ -90,8 +90,8 @@ def build_report(
     path = report_path(name, storage_url, out)
     stem = path.stem
     spec = study.spec
-    tuning = spec.kind == "tuning"
-    md = [tables.title(study), "", tables.provenance(study, path.name), ""]
+    is_tuning = spec.kind == "tuning"
+    md = [provenance.title(study), "", provenance.provenance(study, path.name), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:
         if body:
@@ -102,18 +102,18 @@ def build_report(
         seeds = tables.per_seed_table(study)
         return table + (f"\n\n{seeds}" if seeds else "")
 
-    section("Warnings", tables.collapsed_warnings(study))
+    section("Warnings", provenance.collapsed_warnings(study))
     rope = study.seed_rule.rope / 100 if study.seed_rule is not None else None  # adaptive: shaded ±rope
     bars = (
         "metric per configuration, one dot per seed (a line joins each seed across rows, | = row mean); "
         "paired Δ against the baseline row with its 95% CI",
-        None if tuning else figures.metric_figure(study, out, f"{stem}_metric.png", rope=rope),
+        None if is_tuning else figures.metric_figure(study, out, f"{stem}_metric.png", rope=rope),
     )
-    if tuning:
-        section("Confirmation on fresh seeds (the answer)", tables.confirmation(study))
+    if is_tuning:
+        section("Confirmation on fresh seeds (the answer)", tuning.confirmation(study))
         section(
             "Best trials",
-            tables.tuning_tables(study),
+            tuning.tuning_tables(study),
             ("optimisation history", figures.history(study, out, f"{stem}_history.png")),
             ("metric vs each parameter", figures.param_scatter(study, out, f"{stem}_params.png")),
         )
@@ -124,7 +124,7 @@ def build_report(
     else:
         table = f" (Table {spec.paper_table} layout)" if spec.paper_table else ""
         section(f"Results{table}", with_seeds(tables.ablation_table(study)), bars)
-    if not tuning:
+    if not is_tuning:
         frame = per_class.per_class_frame(study)
         section(
             "Per-class IoU (val, last stage)",
@@ -145,8 +145,8 @@ def build_report(
             figures.stage_curves(study, out, f"{stem}_stages.png"),
         ),
     )
-    section("Galleries", tables.galleries(study, out))
-    section("Failed trials", tables.failures(study))
+    section("Galleries", provenance.galleries(study, out))
+    section("Failed trials", provenance.failures(study))
     path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     try:  # the dashboard's study note; the report file is written whatever happens here
         from .dashboard import publish_note

@@ -17,9 +17,10 @@ from matplotlib.transforms import blended_transform_factory
 
 from studies.records import Status, group_label
 
+from .format import metric_name
 from .load import StudyResults
 from .paired import PairedDelta, better_cell, delta_cell
-from .tables import PGT, baseline_deltas, groups, metric_name, multi_stage_groups
+from .tables import PGT, baseline_deltas, multi_stage_groups
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -188,7 +189,7 @@ def draw_metric(study: StudyResults, rope: float | None = None):
     if d.empty:
         return None
     present = set(zip(d["row"], d["variant"]))
-    order = [g for g in groups(study) if g in present]
+    order = [g for g in study.groups() if g in present]
     all_deltas = baseline_deltas(study)
     deltas = [x for x in all_deltas if (x[0], x[1]) in present]
     forest = any(p is not None for _, _, p in deltas)

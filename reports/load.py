@@ -112,6 +112,10 @@ class StudyResults:
         found = [v for v in self.trials["variant"].unique() if v not in labels]
         return labels + sorted(found) or [""]
 
+    def groups(self) -> list[tuple[str, str]]:
+        """(row, variant) in the report's order: rows as in the spec, variants as in the spec."""
+        return [(r, v) for r in self.row_order() for v in self.variant_order()]
+
     def row_order(self) -> list[str]:
         labels = [r.label for r in self.spec.rows]
         return labels + [r for r in self.trials["row"].dropna().unique() if r not in labels]

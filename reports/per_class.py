@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 
 from core.data.voc import VOC_CLASSES  # numpy and PIL only: the report never loads torch
-from studies.records import dig
+from studies.records import dig, group_label
 
+from .format import markdown, pct
 from .load import StudyResults
-from .tables import group_label, groups, markdown, pct
 
 
 def class_names(study: StudyResults, n: int) -> list[str]:
@@ -29,7 +29,7 @@ def per_class_frame(study: StudyResults) -> pd.DataFrame | None:
         return None
     n = int(done["per_class_iou"].map(len).max())
     columns = {}
-    for row, variant in groups(study):
+    for row, variant in study.groups():
         g = done[(done["row"] == row) & (done["variant"] == variant)]
         if not g.empty:
             seeds = pd.DataFrame([list(x) + [None] * (n - len(x)) for x in g["per_class_iou"]], dtype=float)

@@ -663,9 +663,9 @@ def test_metric_figure_points_per_seed_no_bars_and_forest_plot(forest, url):
     from matplotlib.patches import Rectangle
 
     from reports import figures
+    from reports.format import seed_values
     from reports.load import load_study
     from reports.paired import paired_delta
-    from reports.tables import seed_values
 
     study = load_study("forest", url)
     fig = figures.draw_metric(study)
