@@ -254,6 +254,8 @@ def _rows(
         paper = r.get("paper")
         if paper is not None and not isinstance(paper, (int, float, dict)) or isinstance(paper, bool):
             raise ctx.err(p + ("paper",), f"expected a number or a mapping of numbers, got {paper!r}")
+        if isinstance(paper, dict):  # {0: 64.1} in YAML, {"0": 64.1} once stored as JSON: one form
+            paper = {str(k): v for k, v in paper.items()}
         common = dict(
             label=label,
             overrides=_set(ctx, p + ("set",), r.get("set")),

@@ -478,6 +478,45 @@ def test_two_workers_and_a_concurrent_reader(tmp_path, results_dir):
 
 
 # ------------------------------------------------------------------------------------- store
+def test_every_stored_study_reads_back_as_the_study_that_ran(tmp_path):
+    """The store's read model: a study stored as studies.run stores it comes back as the same spec.Study
+    (defaults applied once, by studies.spec), with the run's --set and preset; a confirmation study too; a
+    stored definition that no longer parses is a one-line StoreError naming the study."""
+    from studies.db import StoreError
+    from studies.optuna_adapter import study_spec_record
+    from studies.plan import confirm_plan, make_plan
+    from studies.records import StoredTrial
+    from studies.spec import load_spec
+    from studies.store import Store
+
+    spec = load_spec(ROOT / "study.yaml")
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    for name in spec.studies:
+        plan = make_plan(spec, name, preset="smoke", cli_overrides={"train.lr": 0.02})
+        store.upsert_study(name, study_spec_record(plan), plan.preset)
+        stored = store.study(name)
+        assert stored.spec == spec.study(name), name
+        assert (stored.preset, stored.cli_overrides) == ("smoke", {"train.lr": 0.02})
+        assert stored.study_file == str(ROOT / "study.yaml")  # not ./study.yaml: the report names it
+    plan = make_plan(spec, "tune_loss_weights", preset="smoke")
+    best = StoredTrial(
+        harness_id=1, optuna_number=7, row="trial", variant=None, seed=0, status=Status.COMPLETE, error=None,
+        params={"loss.cls": 2.0, "loss.sal": 1.0, "loss.seg": 0.5}, config={},
+        result={"final": {"miou": 0.3}},
+        started_at=None, finished_at=None, seconds=1.0, warmup_cached=None, warmup_seconds=None,
+        code_version="x", host="h", pid=None, heartbeat_at=None, final_miou=0.3, final_miou_post=None,
+        initial_precision=None, initial_recall=None, initial_miou=None,
+    )  # fmt: skip
+    conf = confirm_plan(plan, [best])
+    store.upsert_study(conf.study.name, study_spec_record(conf), conf.preset)
+    again = store.study(conf.study.name).spec
+    assert again == conf.study and [r.label for r in again.rows] == ["preset", "#7"]
+    assert again.rows[1].overrides == best.params
+    store.upsert_study("old", {"kind": "ablation", "rows": [{"label": "a"}]}, "smoke")  # no seeds
+    with pytest.raises(StoreError, match=r"^study 'old' in sqlite:///.*: its stored definition: .*seeds"):
+        store.study("old")
+
+
 def test_store_api_and_stale_trials(tmp_path):
     import pandas as pd
 
