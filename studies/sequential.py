@@ -72,12 +72,6 @@ class SeedRule:
         )
 
 
-def rule_from_record(d: Mapping) -> SeedRule:
-    """The SeedRule of a stored spec's `seeds` mapping (already validated by studies.spec)."""
-    return SeedRule(tuple(int(s) for s in d["initial"]), int(d["max"]), float(d.get("rope", 0.5)),
-                    float(d.get("alpha", 0.05)))  # fmt: skip
-
-
 def t_mixture_radius(t: np.ndarray, alpha: float, c: float) -> np.ndarray:
     """Half-width of the confidence sequence in units of sqrt(V), V = mean((d - mean d)^2), at n = t.
 
