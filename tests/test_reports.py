@@ -645,6 +645,17 @@ def test_provenance_environment(store, url, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ figures
+def test_the_readme_reads_results_in_python(collapse, url, capsys):
+    """The README's "Reading results in Python" snippet, run as written on a study of this store."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Reading results in Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("sqlite:///runs/studies.db", url).replace('"ablation_tasks"', repr(collapse))
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[0].split()[1:4] == ["A", "None", "0"]
+    assert float(lines[0].split()[4]) == pytest.approx(0.40)
+
+
 @pytest.fixture(scope="module")
 def forest(store):
     """Study 'forest': baseline A, rows B, C (3 seeds each) and D (seed 0 only); B beats A by 1-3 points."""
