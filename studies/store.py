@@ -63,11 +63,10 @@ from studies.records import (
     StoredStudy,
     StoredTrial,
     TrialProgress,
-    dig,
     finite,
 )
 
-__all__ = ["DEFAULT_URL", "Store", "dig", "finite", "point_key"]
+__all__ = ["CLAIM_STALE_S", "DEFAULT_URL", "Store", "point_key"]
 CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this (4 missed beats) may be taken over
 
 T = TypeVar("T")
