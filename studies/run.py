@@ -33,10 +33,8 @@ from studies.records import Status, StoredTrial
 from studies.sequential import interval_text, status_text
 from studies.spec import Spec, SpecError, load_spec
 
-TODO, IF_NEEDED = (
-    "todo",
-    "if needed",
-)  # --dry-run: a grid point not run yet (adaptive: only if its row needs it)
+# --dry-run's states of a grid point not run yet (adaptive seeds: "if needed" when its row may not need it).
+TODO, IF_NEEDED = "todo", "if needed"
 
 
 class UsageError(HarnessError):
@@ -359,7 +357,7 @@ def study_summary(plan: Plan, store) -> str:
     from reports.load import load_study
 
     s, r = plan.study, load_study(plan.study.name, store.url)
-    t, done = r.trials, r.complete[r.complete["value"].notna()]
+    t, done = r.trials, r.complete
     if plan.is_grid:
         order = [(row, v) for row in r.row_order() for v in r.variant_order()]
     else:
@@ -369,7 +367,8 @@ def study_summary(plan: Plan, store) -> str:
         f"{'row':<34} {'variant':<10} {'n':>3}  {'mean':>6} +- {'std':<6} notes",
     ]
     for row, variant in order:
-        vals = list(done[(done["row"] == row) & (done["variant"] == variant)]["value"])
+        g = done[(done["row"] == row) & (done["variant"] == variant)]
+        vals = list(g["value"].dropna())
         mean = f"{100 * statistics.fmean(vals):6.2f}" if vals else f"{'-':>6}"
         std = f"{100 * statistics.stdev(vals):<6.2f}" if len(vals) > 1 else f"{'-':<6}"
         if plan.is_grid:
@@ -377,12 +376,11 @@ def study_summary(plan: Plan, store) -> str:
         else:  # a tuning study's rows are single trials: the status is the note
             n = Counter(t[(t["row"] == row) & (t["variant"] == variant)]["status"])
             notes = [f"{k} {x}" for x, k in sorted(n.items()) if x not in (Status.COMPLETE, Status.RUNNING)]
-        g = r.complete[(r.complete["row"] == row) & (r.complete["variant"] == variant)]
         notes += [f"{int(g['collapsed'].sum())} collapsed"] if g["collapsed"].any() else []
         lines.append(
             f"{row:<34} {variant or '-':<10} {len(vals):>3}  {mean} +- {std} {', '.join(notes)}".rstrip()
         )
-    if not plan.is_grid and not done.empty:
+    if not plan.is_grid and done["value"].notna().any():
         b = done.loc[done["value"].idxmax() if s.direction == "maximize" else done["value"].idxmin()]
         lines.append(
             f"best: #{b.optuna_number} {100 * b.value:.2f} with "

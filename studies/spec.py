@@ -515,7 +515,7 @@ def study_from_record(name: str, record: dict) -> Study:
     studies.run stored it), parsed and defaulted exactly as from the file; SpecError if it no longer parses
     (a store written by an older harness)."""
     d = {k: v for k, v in record.items() if not str(k).startswith("_") and k not in STORED_ONLY_KEYS}
-    return _study(SourceLines(f"stored study {name!r}", {}), name, d)
+    return _study(SourceLines("its stored definition", {}), name, d)
 
 
 def load_spec(path: str | Path = "study.yaml") -> Spec:

@@ -236,9 +236,7 @@ class Store:
         try:
             spec = study_from_record(name, record)
         except SpecError as e:
-            raise StoreError(
-                f"study {name!r} in {redact_url(self.url)}: its stored definition: {e}"
-            ) from None
+            raise StoreError(f"study {name!r} in {redact_url(self.url)}: {e}") from None
         return StoredStudy(
             name=row.name,
             spec=spec,
@@ -597,6 +595,9 @@ class Store:
             .where(StudyRow.name == study)
             .order_by(TrialRow.optuna_number, TrialRow.id)
         )
+        if status is not None:  # in SQL, so only those rows' JSON is decoded; a legacy row is failed there
+            legacy = (Status.FAILED,) if status == Status.INTERRUPTED else ()
+            q = q.where(TrialRow.status.in_((status, *legacy)))
         with self._session() as s:
             out = [_trial(t) for t in s.scalars(q).all()]
         return out if status is None else [t for t in out if t.status == status]
