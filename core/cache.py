@@ -8,6 +8,7 @@ A per-key file lock makes concurrent trials with the same key wait for one compu
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -49,5 +50,19 @@ def writable_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     p.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+        pass
+    return p
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """OSError unless writable_dir(path) would succeed, without creating anything: path is a folder this
+    process can write, or the nearest folder above it that exists is (a file in the way is ENOTDIR)."""
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(probe))
+    with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-check-"):
         pass
     return p

@@ -5,6 +5,7 @@ or trial row records (code version, live pids). studies.store builds the harness
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -216,6 +217,9 @@ def _connect_error(kind: str, where: str, u: sa.URL, orig: BaseException, timeou
     return f"cannot reach {kind} at {where} ({reason})"
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
 def _check_sqlite_folder(database: str | None) -> None:
     import tempfile
 
@@ -237,6 +241,12 @@ def _check_sqlite_folder(database: str | None) -> None:
                 pass
     except OSError as e:
         raise StoreError(f"cannot write the SQLite store {path} ({e.strerror or e})") from None
+    # A file that is not a database would otherwise fail deep inside SQLAlchemy ("file is not a database",
+    # a 128-line traceback) after the data set check; an empty file is a new database to SQLite.
+    with open(path, "rb") if path.is_file() else contextlib.nullcontext(None) as f:
+        head = f.read(len(SQLITE_HEADER)) if f is not None else SQLITE_HEADER
+    if head and head != SQLITE_HEADER:
+        raise StoreError(f"{path} is not an SQLite database (its first bytes are not SQLite's header)")
 
 
 @functools.cache

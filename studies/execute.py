@@ -347,16 +347,53 @@ def execute(
 
 def checkpoint_dir(job: Job, cfg: Any) -> Path:
     """Where the trial of a job checkpoints itself, so that rerunning its grid point (or a tuning trial's
-    parameters and seed) after a kill resumes there: runs/checkpoints/STUDY/<point>-<config fingerprint>.
-    The fingerprint keeps a checkpoint from being resumed by a changed config (e.g. another preset). A Ray
-    trial resolves runs/ through AUXSEG_RUNS, which the driver sets to its own absolute runs/: resuming on
-    another node needs that folder on storage every node reaches (README, Resuming)."""
-    from core.build import runs_dir
+    parameters and seed) after a kill resumes there:
+    runs/checkpoints/STUDY/store-<study's identity in its store>/<point>-<config fingerprint>.
+    The store part keeps two stores that run the same study from one folder (a PostgreSQL study and a local
+    SQLite try) from resuming, and then deleting, each other's checkpoints (issue #37); the fingerprint keeps
+    a checkpoint from being resumed by a changed config (e.g. another preset). A Ray trial resolves runs/
+    through AUXSEG_RUNS, which the driver sets to its own absolute runs/: resuming on another node needs that
+    folder on storage every node reaches (README, Resuming)."""
     from core.checkpoint import config_fingerprint
 
     point = json.dumps([job.row, job.variant, job.seed, job.params], sort_keys=True, default=str)
     key = hashlib.sha256(point.encode()).hexdigest()[:12]
-    return runs_dir() / "checkpoints" / job.study / f"{key}-{config_fingerprint(cfg)}"
+    return (
+        study_checkpoints(job.study)
+        / store_tag(get_store(job.url), job.study)
+        / f"{key}-{config_fingerprint(cfg)}"
+    )
+
+
+def study_checkpoints(study: str) -> Path:
+    """runs/checkpoints/STUDY: every store's checkpoints of the study, one store-* folder each."""
+    from core.build import runs_dir
+
+    return runs_dir() / "checkpoints" / study
+
+
+STORE_PREFIX = "store-"
+
+
+def store_tag(store: Store, study: str) -> str:
+    """store-<12 hex>: the study's identity in this store, a hash of its row id and creation time as the
+    store holds them. It names what owns the checkpoints, not where the store is: the URL would differ
+    between hosts that reach one server by different names, and a moved SQLite file would lose its
+    checkpoints; a new store (or the study deleted and created again) gets a new tag, so it never resumes
+    checkpoints that another store's interrupted trials still need."""
+    row = store.study(study)
+    created = row.created_at.isoformat() if row.created_at is not None else ""
+    ident = f"{store.study_id(study)}|{created}"
+    return STORE_PREFIX + hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def legacy_checkpoints(study: str) -> list[Path]:
+    """Checkpoint folders of the layout before store tags (runs/checkpoints/STUDY/<point>-<fingerprint>):
+    nothing says which store they belong to, so no run resumes or deletes them (studies.run notes them)."""
+    folder = study_checkpoints(study)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(STORE_PREFIX))
 
 
 def upload_gallery(job: Job, store: Store, path: str) -> str | None:

@@ -94,6 +94,20 @@ def check_data(cfg, log=print) -> None:
     )
 
 
+def note_legacy_checkpoints(study: str) -> None:
+    """One line when checkpoints of the layout before store tags are on disk: they are neither resumed
+    (no store can tell they are its own) nor deleted (one may be another store's only copy)."""
+    from studies.execute import legacy_checkpoints, study_checkpoints
+
+    old = legacy_checkpoints(study)
+    if old:
+        print(
+            f"[studies] note: {len(old)} checkpoint folder(s) in {study_checkpoints(study)} are of the "
+            "layout before store tags and are not resumed; delete them once no interrupted trial needs them",
+            flush=True,
+        )
+
+
 def _help_epilog(study_file: str = "study.yaml") -> str:
     from core.config import PRESETS
 
@@ -108,18 +122,44 @@ def _help_epilog(study_file: str = "study.yaml") -> str:
     return "\n".join(lines)
 
 
-def check_artifacts(folder: str) -> str:
-    """The artifact folder, created and proven writable before any trial; its absolute path."""
+def check_artifacts(folder: str, create: bool = True) -> str:
+    """The artifact folder proven writable before any trial (created when create; else only checked, so
+    that a run stopped by a later check leaves no folder behind); its absolute path."""
     from pathlib import Path
 
-    from core.cache import writable_dir
+    from core.cache import check_writable_dir, writable_dir
 
     p = Path(folder).expanduser().resolve()
     try:
-        writable_dir(p)
+        (writable_dir if create else check_writable_dir)(p)
     except OSError as e:
         raise UsageError(f"--artifacts {folder}: not a writable folder ({e.strerror or e})") from None
     return str(p)
+
+
+def check_storage(url: str) -> None:
+    """The store URL, reachable and writable, before anything else is checked or created: a file that is
+    not a database, a folder or an unwritable path is one line in about a second (no store is created)."""
+    from studies.db import StoreError, check_reachable
+
+    try:
+        check_reachable(url)
+    except StoreError as e:
+        raise UsageError(f"--storage: {e}") from None
+
+
+def open_store(url: str):
+    """The store the in-process trials use (one engine pair per process), created if new."""
+    import sqlalchemy as sa
+
+    from studies.db import StoreError, redact_url
+    from studies.execute import get_store
+
+    try:
+        return get_store(url)
+    except (StoreError, sa.exc.SQLAlchemyError) as e:  # e.g. an SQLite file damaged past its header
+        why = " ".join(str(getattr(e, "orig", None) or e).split())
+        raise UsageError(f"--storage: cannot open {redact_url(url)} ({why})") from None
 
 
 def build_parser(study_file: str = "study.yaml") -> argparse.ArgumentParser:
@@ -493,16 +533,14 @@ def main(argv: list[str] | None = None) -> int:
             how += "" if args.workers else " (automatic: --workers N to choose)"
             dry_run(plan, url, workers, how if args.backend == "optuna" else " (ray: as the cluster holds)")
             return 0
+        # Storage and artifact folder first (a bad path is one line in about a second, not after the data
+        # set check), created only once every check passed: a failed check leaves no store or folder.
+        check_storage(url)
+        check_artifacts(args.artifacts, create=False)
         check_user_data(plan, log=lambda line: print(line, flush=True))
-        from studies.db import StoreError, check_reachable
-        from studies.execute import get_store
-
-        try:
-            check_reachable(url)
-            store = get_store(url)  # the one the in-process trials use: one engine pair per process
-        except StoreError as e:
-            raise UsageError(f"--storage: {e}") from None
-        artifacts = check_artifacts(args.artifacts)  # after the storage: a bad URL creates no folder
+        store = open_store(url)
+        artifacts = check_artifacts(args.artifacts)
+        note_legacy_checkpoints(plan.study.name)
     except HarnessError as e:  # usage, study file, config, data set, store
         print(str(e), file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ storage, progress per row and a time estimate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from testkit.stand_ins import write_grid
@@ -108,3 +110,39 @@ def test_report_reproduce_line_carries_the_set_overrides(grid, capsys, tmp_path)
     line = [x for x in md.splitlines() if x.startswith("- **Reproduce:**")][0]
     assert "python -m studies.run g --preset smoke --set loss.sal=0.5 train.lr=3e-4 --study-file " in line
     assert f"--study-file {y.resolve()} --storage" in line  # the study is not in ./study.yaml
+
+
+@pytest.mark.parametrize("case", ["not a database", "a folder", "unwritable", "bad --artifacts"])
+def test_a_bad_storage_or_artifacts_is_one_line_within_5_s_and_creates_nothing(tmp_path, case):
+    """As a user runs it (a subprocess: imports included in the 5 s): one line, exit 2, before the data set
+    check, and nothing created: no store, no artifact folder, no folder under runs/ (issue #37)."""
+    import os
+    import time
+
+    from tests.conftest import run_module
+
+    y = write_grid(tmp_path, "sqlite:///unused.db", rows=2, seeds=2)
+    (tmp_path / "notes.db").write_text("my notes, not a database\n")
+    (tmp_path / "folder.db").mkdir()
+    storage, artifacts, expect = {
+        "not a database": (tmp_path / "notes.db", tmp_path / "art", "is not an SQLite database"),
+        "a folder": (tmp_path / "folder.db", tmp_path / "art", "is a folder, not a database file"),
+        # /proc/1 is a folder that not even root can create a file in
+        "unwritable": (Path("/proc/1/s.db"), tmp_path / "art", "cannot write the SQLite store"),
+        "bad --artifacts": (tmp_path / "s.db", tmp_path / "notes.db" / "art", "not a writable folder"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = {
+        **os.environ,
+        "AUXSEG_RUNS": str(tmp_path / "runs"),
+        "STUDIES_TRIAL_FN": "testkit.stand_ins:sleepy_trial",
+    }
+    t0 = time.monotonic()
+    p = run_module("studies.run", ["g", "--study-file", str(y), "--storage", f"sqlite:///{storage}",
+                                   "--artifacts", str(artifacts)], env=env, timeout=60)  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1 and expect in p.stderr and "Traceback" not in p.stderr
+    assert seconds < 5, f"{seconds:.1f} s"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no artifact folder, no runs/
+    assert (tmp_path / "notes.db").read_text() == "my notes, not a database\n"

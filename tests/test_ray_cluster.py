@@ -347,4 +347,4 @@ def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_p
     # the rerun found the killed trial's checkpoint (runs/checkpoints/, reached by both nodes) and removed it
     again = [t for t in trials if t.optuna_number == rerun.number][0]
     assert again.result["resumed_from"][0]["epoch"] >= 1, again.result
-    assert not any((tmp_path / "runs" / "checkpoints" / STUDY).glob("*/progress.json"))
+    assert not any((tmp_path / "runs" / "checkpoints" / STUDY).glob("store-*/*/progress.json"))

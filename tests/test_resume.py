@@ -182,7 +182,7 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
     ckpts = runs / "checkpoints" / "r"
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_checkpoint(ckpts, f"*/{checkpoint.LAST}", p, stage=1)
+        wait_for_checkpoint(ckpts, f"*/*/{checkpoint.LAST}", p, stage=1)  # store-*/<point>/
         tree = process_tree(p.pid)
         p.send_signal(signal.SIGKILL)
         t_kill = time.monotonic()
@@ -216,7 +216,7 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
     for t in done.values():
         assert t.result["resumed_from"], t.result  # neither started over
     assert comparable(done[0].result) == comparable(reference)
-    assert not any(ckpts.iterdir())  # complete trials leave no checkpoint behind
+    assert not any(p.is_file() for p in ckpts.rglob("*"))  # complete trials leave no checkpoint behind
 
 
 def checkpointing_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
@@ -270,3 +270,40 @@ def test_an_interrupted_tuning_trial_is_asked_again_and_finds_its_checkpoint(tmp
     assert [t.status for t in trials] == ["interrupted", "complete", "complete"], trials
     assert trials[1].result["resumed_from"] and trials[1].params == trials[0].params
     assert ot[1].user_attrs["resumes"] == ot[0].number
+
+
+def test_two_stores_of_one_study_never_resume_each_others_checkpoints(tmp_path):
+    """The same study run into two stores from one working folder (issue #37): a run into b.db is killed
+    mid-trial; a fresh run into c.db neither resumes nor deletes b.db's checkpoint; b.db's rerun still
+    resumes it. A checkpoint folder of the layout before store tags is noted in one line, never resumed, and
+    left where it is."""
+    study = tmp_path / "study.yaml"
+    grid = {"kind": "ablation", "metric": "final.miou", "seeds": [0], "rows": [{"label": "a", "set": {}}]}
+    study.write_text(json.dumps({"base": {"preset": "smoke"}, "studies": {"r": grid}}))
+    env = {**os.environ, "AUXSEG_RUNS": str(tmp_path / "runs"), "RESUME_TEST_DIR": str(tmp_path),
+           "STUDIES_TRIAL_FN": "tests.test_resume:checkpointing_trial", "PYTHONPATH": str(ROOT)}  # fmt: skip
+
+    def cmd(store: str) -> list[str]:
+        return [PY, "-m", "studies.run", "r", "--study-file", str(study), "--storage",
+                f"sqlite:///{tmp_path / store}", "--workers", "1", "--no-report"]  # fmt: skip
+
+    p = subprocess.Popen(
+        cmd("b.db"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    kill_when(p, (tmp_path / "hung").exists, 120, poll_s=0.1, never="no trial started")
+    old = tmp_path / "runs" / "checkpoints" / "r" / "0123456789ab-0123456789ab"  # the layout before #37
+    old.mkdir(parents=True)
+    (old / "progress").write_text("1")
+
+    c = subprocess.run(cmd("c.db"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stderr[-3000:]
+    b = subprocess.run(cmd("b.db"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    killed, in_c, rerun_b = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert not in_c["found"] and in_c["dir"] != killed["dir"]  # c.db: a folder of its own, nothing to resume
+    assert rerun_b == {**killed, "found": True}  # b.db: its own checkpoint, still there after the c.db run
+    for run in (c, b):  # the old folder: one line each run, never resumed, never deleted
+        notes = [x for x in run.stdout.splitlines() if "layout before store tags" in x]
+        assert len(notes) == 1 and "1 checkpoint folder(s)" in notes[0], run.stdout
+    # the ended trials removed their own checkpoints, and only those: the old folder is all that is left
+    assert list(old.parent.rglob("progress")) == [old / "progress"]
