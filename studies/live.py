@@ -10,9 +10,17 @@ In a terminal (stderr is a TTY), tqdm bars redrawn every REFRESH_S seconds:
       #3 seg+cls seed 1          |###            | stage 0 (of 1), epoch 3/8, 1m05s
       #4 seg seed 1              |               | warm-up and pseudo labels, 12s
 
-Without a terminal (`nohup ... > log`), one flushed `[studies] progress:` line at each trial start and end,
-and one after STATUS_S seconds without any, with the same numbers and each running trial's stage and epoch.
-The `[studies]` lines of the backends go through `log`, so they print above the bars, in order.
+Without a terminal (`nohup ... > log`), one flushed `[studies] progress:` line of at most LINE_CHARS
+characters per trial event (a hand-off, one trial ending and the next starting, is one event: events within
+HANDOFF_S share a line), and one after STATUS_S seconds without any, with the same numbers and each running
+trial's stage and epoch (as many as fit, then `+k more`).
+
+    [studies] progress: 3/15 points done, 2 running, 4m10s, ETA 12m30s | #3 seg seed 1: stage 0 3/8 | +1 more
+
+The `[studies]` lines of the backends go through `log`, so they print above the bars, in order. So does all
+other text while the bars are drawn (redirect_to_bars): this process's prints and Python warnings, Optuna's
+log lines ("A new study created ..."), and the lines of the trial processes (relayed by the Optuna backend),
+so no foreign text lands inside a bar's line.
 
 Everything shown is read from the store, so it also counts the trials of other processes on the study:
 points done / total and running / failed from the harness rows (reports.progress, the count the summary and
@@ -25,10 +33,13 @@ This module belongs to the CLI edge (studies.run), as its summary does.
 
 from __future__ import annotations
 
+import io
+import logging
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any, TextIO
@@ -43,6 +54,9 @@ from studies.store import Store
 
 REFRESH_S = 2.0  # terminal: how often the bars are redrawn from the store
 STATUS_S = 60.0  # no terminal: a status line at least this often (and at every trial event)
+HANDOFF_S = 0.5  # no terminal: trial events this close together share one status line
+LINE_CHARS = 120  # no terminal: a status line's length at most (running trials beyond it: "+k more")
+LABEL_CHARS = 16  # no terminal: a row label's length at most in a status line
 
 
 def duration(seconds: float | None) -> str:
@@ -92,6 +106,20 @@ class TrialView:
         epoch = self.epochs_done - s * self.stage_epochs
         return f"stage {s} (of {self.stages}), epoch {epoch}/{self.stage_epochs}"
 
+    def short(self) -> str:
+        """'#3 seg+cls seed 1: stage 0 3/8' for a status line in a log (row label cut to LABEL_CHARS)."""
+        label = self.job.label
+        label = label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+        where = self.where()
+        if where.startswith("stage "):
+            s = min(self.epochs_done // self.stage_epochs, self.stages - 1)
+            where = f"stage {s} {self.epochs_done - s * self.stage_epochs}/{self.stage_epochs}"
+        else:
+            where = {"warm-up and pseudo labels": "warm-up", "evaluation and gallery": "evaluation"}.get(
+                where, where
+            )
+        return f"#{self.job.optuna_number} {label} seed {self.job.seed}: {where}"
+
 
 class _Bar(tqdm):
     """A tqdm bar with a `{status}` field for its bar_format (tqdm's documented format_dict extension;
@@ -102,6 +130,57 @@ class _Bar(tqdm):
     @property
     def format_dict(self) -> dict:
         return {**super().format_dict, "status": self.status}
+
+
+class _AboveBars(io.TextIOBase):
+    """A text stream that hands each whole line written to it to write_line (which prints it above the
+    bars); no terminal to whoever asks, so that tqdm bars of code run here (disable=None) stay off. A line
+    without its newline yet waits for it (or for close)."""
+
+    def __init__(self, write_line: Callable[[str], None], under: TextIO):
+        super().__init__()
+        self._write_line, self._under, self._part = write_line, under, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._part = (self._part + text).split("\n")
+        for line in lines:
+            self._write_line(line.rsplit("\r", 1)[-1])  # a carriage return starts the line over
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:  # C code that writes to the descriptor itself still gets the real one
+        return self._under.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._under, "encoding", "utf-8")
+
+    def close(self) -> None:
+        if self._part:
+            self._write_line(self._part)
+            self._part = ""
+        super().close()
+
+
+class _LogAboveBars(logging.Handler):
+    """Optuna's log records ("A new study created ..."), formatted as Optuna's own handler does, printed above
+    the bars."""
+
+    def __init__(self, write_line: Callable[[str], None]):
+        super().__init__()
+        self._write_line = write_line
+        self.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._write_line(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 class Live:
@@ -135,9 +214,14 @@ class Live:
         self._last_line = 0.0
         self._stop = threading.Event()
         self._bars: list[Any] = []
+        self._due: float | None = None  # no terminal: when the pending event's status line is due
+        self._restore: Callable[[], None] | None = None
         if self.terminal:
             self._open_bars()
-        self.status()
+            self._restore = self.redirect_to_bars()
+            self.status()
+        else:  # the first line at once, shared with the first trial's start if it comes within HANDOFF_S
+            self._due = time.time() + HANDOFF_S
         self._last_line = time.time()
         self._thread = threading.Thread(target=self._loop, name="studies-live", daemon=True)
         self._thread.start()
@@ -145,12 +229,43 @@ class Live:
     # -- what the backends call ----------------------------------------------------------------
     def log(self, line: str) -> None:
         """A `[studies]` line: above the bars in a terminal, else printed and flushed at once."""
+        self.above(line, self.out)
+
+    def above(self, line: str, stream: TextIO) -> None:
+        """line on stream, above the bars while they are drawn: they are cleared first and drawn again below
+        it (tqdm.write would clear them only when it writes to their own stream, or when both streams are
+        the sys ones, which redirect_to_bars replaces)."""
         with self._lock:
             if self.terminal and self._bars:
-                tqdm.write(line, file=self.out)
-                self.out.flush()
+                with tqdm.external_write_mode(file=self.err):
+                    stream.write(line + "\n")
+                    stream.flush()
             else:
-                print(line, file=self.out, flush=True)
+                print(line, file=stream, flush=True)
+
+    def redirect_to_bars(self) -> Callable[[], None]:
+        """While the bars are drawn, every other line of this process goes above them: sys.stdout and
+        sys.stderr (prints, warnings, a trial run in this process) and Optuna's log records (its default
+        handler writes to the stderr it found at import). Returns what undoes it."""
+        import optuna
+
+        saved = sys.stdout, sys.stderr
+        sys.stdout = _AboveBars(lambda line: self.above(line, self.out), self.out)
+        sys.stderr = _AboveBars(lambda line: self.above(line, self.err), self.err)
+        logger = optuna.logging.get_logger("optuna")
+        optuna.logging.disable_default_handler()
+        handler = _LogAboveBars(lambda line: self.above(line, self.err))
+        logger.addHandler(handler)
+
+        def restore() -> None:
+            logger.removeHandler(handler)
+            optuna.logging.enable_default_handler()
+            for stream in (sys.stdout, sys.stderr):
+                if isinstance(stream, _AboveBars):
+                    stream.close()
+            sys.stdout, sys.stderr = saved
+
+        return restore
 
     def started(self, job: Job) -> None:
         cfg = make_config(job.preset, job.overrides)
@@ -158,18 +273,33 @@ class Live:
         with self._lock:
             self.mine[job.optuna_number] = view
             self.started_here += 1
-        self.status()
+        self._event()
 
     def ended(self, job: Job, out: Outcome) -> None:
         with self._lock:
             self.mine.pop(job.optuna_number, None)
-        self.status()
+        self._event()
+
+    def _event(self) -> None:
+        """A trial started or ended: the bars now; without a terminal one status line HANDOFF_S later, which
+        the trial handed out next (or any other event by then) shares."""
+        if self.terminal:
+            self.status()
+            return
+        with self._lock:
+            if self._due is None:
+                self._due = time.time() + HANDOFF_S
 
     def close(self) -> None:
         """Stop redrawing; the study bar stays on the screen with its last numbers."""
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._due is not None:  # an event not shown yet (the last trial's end)
+            self.status()
         with self._lock:
+            if self._restore is not None:
+                self._restore()
+                self._restore = None
             if self._bars:
                 try:
                     self.status()
@@ -273,11 +403,8 @@ class Live:
         text, done, total = self._study_text(snap)
         with self._lock:
             if not self.terminal:
-                unit = "points" if self.plan.is_grid else "trials"
-                trials = "; ".join(f"{v.name}: {v.where()}, {duration(v.seconds)}" for v in snap["views"])
-                line = f"[studies] progress: {done}/{total} {unit} done, {text}"
-                print(line + (f"; {trials}" if trials else ""), file=self.out, flush=True)
-                self._last_line = time.time()
+                print(self._log_line(snap, done, total), file=self.out, flush=True)
+                self._last_line, self._due = time.time(), None
                 return
             if not self._bars:
                 return
@@ -298,6 +425,26 @@ class Live:
                     bar.total, bar.n = 1, 0
                     bar.status = ""
                 bar.refresh()
+
+    def _log_line(self, snap: dict, done: int, total: int) -> str:
+        """The status line without a terminal: counts, time and ETA, then the running trials in order as long
+        as the line stays within LINE_CHARS ('+k more' for the rest)."""
+        prog = snap["progress"]
+        failed = prog.states.get(Status.FAILED, 0)
+        running = prog.running + sum(not v.begun for v in snap["views"])
+        eta = duration(snap["eta"]) if snap["eta"] is not None else "?"
+        unit = "points" if self.plan.is_grid else "trials"
+        line = f"[studies] progress: {done}/{total} {unit} done, {running} running"
+        line += f", {failed} failed" if failed else ""
+        line += f", {duration(time.time() - self.t0)}, ETA {eta}"
+        views = sorted(snap["views"], key=lambda v: v.job.optuna_number)
+        for i, v in enumerate(views):
+            part, more = f" | {v.short()}", f" | +{len(views) - i} more"
+            rest = len(views) - i - 1
+            if len(line) + len(part) + (len(f" | +{rest} more") if rest else 0) > LINE_CHARS:
+                return line + more
+            line += part
+        return line
 
     def _open_bars(self) -> None:
         unit = "points" if self.plan.is_grid else "trials"
@@ -331,6 +478,11 @@ class Live:
             )
 
     def _loop(self) -> None:
-        while not self._stop.wait(REFRESH_S if self.terminal else 1.0):
-            if self.terminal or time.time() - self._last_line >= STATUS_S:
+        while not self._stop.wait(REFRESH_S if self.terminal else HANDOFF_S / 5):
+            now = time.time()
+            if (
+                self.terminal
+                or now - self._last_line >= STATUS_S
+                or (self._due is not None and now >= self._due)
+            ):
                 self.status()

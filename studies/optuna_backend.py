@@ -12,12 +12,14 @@ nothing finished.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import io
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -210,25 +212,37 @@ def _stop_trial(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
-class _NoTerminal:
-    """A trial process's stderr while the parent draws its live progress: core's own tqdm bars
-    (disable=None) see no terminal and stay off instead of overwriting the parent's lines; warnings and
-    errors still go through."""
+class _LineRelay(io.TextIOBase):
+    """A trial process's stdout and stderr while the parent draws its live progress: each whole line goes to
+    the parent (a queue that run_study drains into `log`), which prints it above its bars, so that a trial's
+    "resuming from ..." or a warning never lands inside a bar's line. No terminal to whoever asks, so core's
+    own tqdm bars (disable=None) stay off instead of overwriting the parent's lines."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, queue, under):
+        super().__init__()
+        self._queue, self._under, self._part = queue, under, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._part = (self._part + text).split("\n")
+        for line in lines:
+            self._queue.put(line.rsplit("\r", 1)[-1])
+        return len(text)
 
     def isatty(self) -> bool:
         return False
 
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._under.fileno()
 
 
-def _worker_init(env: dict[str, str], parent: int, quiet: bool = False) -> None:
-    """A trial process: the parent's environment for trials, lines flushed as they are written, and the
-    parent in charge of stopping: Ctrl-C in a terminal reaches every process of the group, so trial
-    processes ignore SIGINT and stop on the SIGTERM their parent sends (stop_trial_processes)."""
+def _worker_init(env: dict[str, str], parent: int, relay=None) -> None:
+    """A trial process: the parent's environment for trials, lines flushed as they are written (or relayed
+    to the parent while it draws bars), and the parent in charge of stopping: Ctrl-C in a terminal reaches
+    every process of the group, so trial processes ignore SIGINT and stop on the SIGTERM their parent sends
+    (stop_trial_processes)."""
     global _IN_WORKER, _PARENT
     _IN_WORKER, _PARENT = True, parent
     os.environ.update(env)
@@ -238,8 +252,33 @@ def _worker_init(env: dict[str, str], parent: int, quiet: bool = False) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    if quiet:
-        sys.stderr = _NoTerminal(sys.stderr)
+    if relay is not None:
+        sys.stdout, sys.stderr = _LineRelay(relay, sys.stdout), _LineRelay(relay, sys.stderr)
+
+
+@contextlib.contextmanager
+def relayed_lines(log: Callable[[str], None], on: bool) -> Iterator[object]:
+    """A queue for the trial processes' lines (_LineRelay) and a thread that hands each to log, while the
+    block runs; None when off (the trial processes then write to the terminal or log file themselves)."""
+    if not on:
+        yield None
+        return
+    queue = mp.get_context("spawn").Queue()
+
+    def drain() -> None:
+        while (line := queue.get()) is not None:
+            try:
+                log(line)
+            except Exception:  # a line that cannot be shown must not stop the others
+                pass
+
+    thread = threading.Thread(target=drain, name="trial-lines", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        queue.put(None)
+        thread.join(5)
 
 
 STOP_GRACE_S = 15.0  # how long stopped trial processes get to close their trials before they are killed
@@ -313,13 +352,16 @@ def run_study(
             return outcomes
 
         env = {k: v for k, v in os.environ.items() if k in ("STUDIES_TRIAL_FN", "AUXSEG_RUNS", "PYTHONPATH")}
-        quiet = bool(getattr(events, "terminal", False))  # the parent draws bars: the trials draw none
-        with cf.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=mp.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(env, os.getpid(), quiet),
-        ) as pool:
+        bars = bool(getattr(events, "terminal", False))  # the parent draws bars: the trials' lines go above
+        with (
+            relayed_lines(log, bars) as relay,
+            cf.ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(env, os.getpid(), relay),
+            ) as pool,
+        ):
             running: dict[cf.Future, Job] = {}
             try:
                 while True:

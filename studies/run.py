@@ -83,7 +83,8 @@ def check_data(cfg, log=print) -> None:
 
     if cfg.data.name == "synthetic" and not cfg.data.root:  # core.build.resolve_data_root's folder
         generated = runs_dir() / "data" / f"synthetic-{cfg.data.preset}-seed{cfg.data.seed}"
-        if not (generated / "summary.json").is_file():
+        if not (generated / "summary.json").is_file():  # a cold first run: say why the first trial waits
+            log(f"[studies] data set {generated}: the first trial generates it (once)")
             return
     train, val = load_data(cfg, validate=False)
     r = check_splits([train, val], runs_dir() / "cache" / "data-check", cfg.data.num_classes)

@@ -152,6 +152,11 @@ def test_a_log_file_grows_while_the_trials_run(tmp_path):
         i = next(i for i, line in enumerate(lines) if line.startswith(f"[studies] trial #{k} "))
         assert lines[i + 1].startswith(f"[studies] progress: {k + 1}/3 points done")
         assert any(f"#{k} a seed {k}:" in line for line in lines[:i] if line.startswith("[studies] progress"))
+    # one status line per event: a hand-off (one trial ends, the next starts) is one line, not a pair
+    progress = [line.startswith("[studies] progress") for line in lines]
+    assert not any(a and b for a, b in zip(progress, progress[1:])), final
+    assert sum(progress) == 4, final  # the first trial's start, then each trial's end (with the next start)
+    assert max(len(line) for line, p in zip(lines, progress) if p) <= 120, final
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C, SIGTERM
@@ -268,3 +273,85 @@ def test_the_data_check_runs_once_per_file_state_and_names_a_bad_file(tmp_path, 
     mask.write_bytes(mask.read_bytes()[:40])  # truncated: its size and mtime change, so it is decoded again
     with pytest.raises(DataError, match=re.escape(str(mask))):
         check_splits(splits(), cache)
+
+
+def chatty_trial(cfg, report=None, on_epoch=None, artifacts_dir=None, checkpoint_dir=None):
+    """A stand-in trial that writes what real trials write while the bars are drawn: core.trial's resume
+    line on stderr, a print on stdout, and a Python warning; then sleeps and returns."""
+    import warnings
+
+    from testkit.stand_ins import stand_in_result
+
+    print(f"resuming from {checkpoint_dir}: stage 0 after 1 epoch(s)", file=sys.stderr, flush=True)
+    print(f"chatty trial seed {cfg.seed} says hello", flush=True)
+    warnings.warn(f"chatty trial seed {cfg.seed} warns", stacklevel=1)
+    time.sleep(float(os.environ.get("CLAIMS_TEST_SLEEP", "2")))
+    return stand_in_result(cfg, 2.0, report)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "trial-processes"])
+def test_no_foreign_text_lands_inside_a_bar_line(tmp_path, workers):
+    """A fresh store in a 160x40 pseudo-terminal, rendered by a terminal emulator (pyte) with its scrollback:
+    Optuna's "A new study created" line, each trial's "resuming from ..." line, its print and its warning
+    each stand whole on a line of their own, at its start, and no line holds both a bar and foreign text
+    (issue #37). With 2 workers the lines come from trial processes (relayed), with 1 from this process."""
+    import pyte
+
+    study = write_study(tmp_path, rows=1, seeds=2)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    env = {**stand_in_env(2.0), "STUDIES_TRIAL_FN": "tests.test_live:chatty_trial",
+           "AUXSEG_RUNS": str(tmp_path / "runs"), "TERM": "xterm"}  # fmt: skip
+    cmd = [
+        PY,
+        "-m",
+        "studies.run",
+        "live",
+        "--study-file",
+        str(study),
+        "--workers",
+        str(workers),
+        "--no-report",
+    ]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    screen = pyte.HistoryScreen(160, 40, history=10000, ratio=1)
+    stream = pyte.ByteStream(screen)
+    t0 = time.time()
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                stream.feed(data)  # the pty turned each \n into \r\n, as a terminal gets it
+            elif p.poll() is not None:
+                break
+            assert time.time() - t0 < 300, "the study did not finish"
+        p.wait(60)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+    lines = [
+        "".join(line[x].data for x in range(screen.columns)).rstrip() for line in list(screen.history.top)
+    ] + [line.rstrip() for line in screen.display]
+    text = "\n".join(lines)
+    assert p.returncode == 0, text[-3000:]
+    bar = re.compile(r"\|.{20}\|")  # a bar's 20 cells between pipes (studies.live's bar_format)
+    foreign = ["A new study created in RDB with name: live"]
+    for seed in range(2):
+        foreign += [f"chatty trial seed {seed} says hello", f"chatty trial seed {seed} warns"]
+    foreign += ["resuming from "]
+    for f in foreign:
+        holding = [line for line in lines if f in line]
+        assert holding, f"{f!r} is not on the screen:\n{text}"
+        for line in holding:
+            assert not bar.search(line), f"foreign text inside a bar line: {line!r}\n{text}"
+    resumes = [line for line in lines if "resuming from " in line]
+    assert len(resumes) == 2 and all(line.startswith("resuming from ") for line in resumes), text
+    assert any(bar.search(line) and "live 2/2 points" in line for line in lines), text  # the bars were drawn
