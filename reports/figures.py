@@ -188,10 +188,9 @@ def draw_metric(study: StudyResults, rope: float | None = None):
     d = study.complete[study.complete["value"].notna()].assign(pct=lambda x: 100 * x["value"])
     if d.empty:
         return None
-    present = set(zip(d["row"], d["variant"]))
-    order = [g for g in study.groups() if g in present]
+    order = study.groups()  # every row, also one without a value yet (marked, not dropped)
     all_deltas = baseline_deltas(study)
-    deltas = [x for x in all_deltas if (x[0], x[1]) in present]
+    deltas = [x for x in all_deltas if (x[0], x[1]) in order]
     forest = any(p is not None for _, _, p in deltas)
     size = (12 if forest else 7.5, 0.55 * len(order) + 2.4)
     if forest:
@@ -200,17 +199,65 @@ def draw_metric(study: StudyResults, rope: float | None = None):
         fig, a = plt.subplots(figsize=size, layout="constrained")
     a.set_label("per seed")
     _seed_panel(a, study, d, order)
+    mark_rows_without_values(a, d, order)
     if forest:
         b.set_label("paired Δ")
         base = next((group_label(r, v) for r, v, p in all_deltas if p is None), study.spec.baseline)
         _forest_panel(b, deltas, order, base, study.metric, rope)
+        mark_rows_without_pairs(b, deltas, order)
+        widen_forest_axis(b, rope)
     handles, labels = [], []
     for ax in fig.axes:
         h, lab = ax.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize="small")
-    fig.suptitle(f"{study.name}: {metric_name(study.metric)}", fontsize="large")
+    fig.suptitle(f"{study.name}: {metric_name(study.metric)}{partial_suffix(study)}", fontsize="large")
     return fig
+
+
+# A partial study's figure (trials running, points missing): the title says so, as the report's does, and a
+# row without values or pairs yet keeps its place with a note instead of vanishing (issue #37).
+PENDING = "0.45"  # the notes' grey
+
+
+def partial_suffix(study: StudyResults) -> str:
+    """' (partial: 8/15 points complete, 2 running)' while the study is partial, else ''."""
+    from .provenance import partial_text
+
+    what = partial_text(study)
+    return f" (partial: {what})" if what else ""
+
+
+def mark_rows_without_values(ax, d: pd.DataFrame, order: list[tuple[str, str]]) -> None:
+    """'no complete trial yet' on the rows of the seed panel that have no value to plot."""
+    present = set(zip(d["row"], d["variant"]))
+    at = blended_transform_factory(ax.transAxes, ax.transData)
+    for i, g in enumerate(order):
+        if g not in present:
+            ax.text(0.5, i, "no complete trial yet", transform=at, ha="center", va="center",
+                    fontsize="small", fontstyle="italic", color=PENDING, gid="no values")  # fmt: skip
+
+
+def mark_rows_without_pairs(ax, deltas: list[tuple[str, str, PairedDelta | None]], order) -> None:
+    """'no paired seeds yet' on the forest rows whose row shares no complete seed with the baseline."""
+    at = blended_transform_factory(ax.transAxes, ax.transData)
+    for r, v, p in deltas:
+        if p is not None and p.n == 0 and (r, v) in order:
+            ax.text(0.5, order.index((r, v)), "no paired seeds yet", transform=at, ha="center", va="center",
+                    fontsize="small", fontstyle="italic", color=PENDING, gid="no pairs",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # fmt: skip
+
+
+FOREST_MIN_HALF_PP = 1.0  # the forest axis spans at least ±1 percent point (or ±1.5 x the rope)
+
+
+def widen_forest_axis(ax, rope: float | None) -> None:
+    """Keep what is drawn and widen the forest's x axis around zero to at least ±FOREST_MIN_HALF_PP (±1.5 x
+    the rope when wider): with nothing but the baseline at 0, matplotlib's own limits are ±0.04 points, an
+    axis that means nothing."""
+    half = max(FOREST_MIN_HALF_PP, 150 * rope if rope else 0.0)
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(min(lo, -half), max(hi, half))
 
 
 def metric_figure(study: StudyResults, out_dir: Path, filename: str, rope: float | None = None) -> str | None:

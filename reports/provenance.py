@@ -41,11 +41,17 @@ def cli_set(study: StudyResults) -> str:
     return " --set " + " ".join(shlex.quote(f"{k}={fmt(v)}") for k, v in items.items())
 
 
+def partial_text(study: StudyResults) -> str | None:
+    """'8/15 points complete, 2 running' while trials run or points are missing, else None (the report's
+    title and its figure's say it alike)."""
+    p = study.progress()
+    return p.done_text() + (f", {p.running} running" if p.running else "") if p.partial else None
+
+
 def title(study: StudyResults) -> str:
     """The report's title line; 'partial' with the points complete while trials run or points are missing."""
-    p = study.progress()
-    what = p.done_text() + (f", {p.running} running" if p.running else "")
-    return f"# Study report: {study.name}" + (f" (partial: {what})" if p.partial else "")
+    what = partial_text(study)
+    return f"# Study report: {study.name}" + (f" (partial: {what})" if what else "")
 
 
 def provenance(study: StudyResults, report_file: str | None = None) -> str:

@@ -833,3 +833,43 @@ def test_counts_after_interrupted_then_completed_attempts(store, url, tmp_path):
     out = study_summary(plan, store)
     assert out.splitlines()[-1] == "4/4 points complete; 2 earlier attempts interrupted"
     assert out.splitlines()[2].endswith("2 earlier attempts interrupted") and " 2 interrupted" not in out
+
+
+def test_a_partial_studys_figure_says_partial_and_keeps_rows_without_pairs(store, url, tmp_path):
+    """A partial store (issue #37): baseline A complete on seeds 0-1, B only on seed 2 (no pair with A), C
+    still running, D not started. The figure's title says partial as the report's title does, every row
+    keeps its place (C and D marked 'no complete trial yet'; B, C, D 'no paired seeds yet'), and the forest
+    axis spans at least ±1 percent point instead of matplotlib's ±0.04 around the lone baseline."""
+    import reports
+    from reports import figures
+    from reports.load import load_study
+
+    spec = {"kind": "ablation", "seeds": [0, 1, 2], "baseline": "A", "rows": [{"label": x} for x in "ABCD"]}
+    store.upsert_study("partial", spec, "smoke")
+    add(store, "partial", 0, "A", 0, result(0.33))
+    add(store, "partial", 1, "A", 1, result(0.34))
+    add(store, "partial", 2, "B", 2, result(0.36))
+    add(store, "partial", 3, "C", 0, status="running")
+    study = load_study("partial", url)
+    fig = figures.draw_metric(study)
+    assert (
+        fig._suptitle.get_text() == "partial: final val mIoU (%) (partial: 3/12 points complete, 1 running)"
+    )
+    axes = {a.get_label(): a for a in fig.axes}
+    seeds, delta = axes["per seed"], axes["paired Δ"]
+    assert [t.get_text() for t in seeds.get_yticklabels()] == ["A", "B", "C", "D"]
+    no_values = [t.get_position()[1] for t in seeds.texts if t.get_gid() == "no values"]
+    assert no_values == [2, 3] and {t.get_text() for t in seeds.texts if t.get_gid() == "no values"} == {
+        "no complete trial yet"
+    }
+    no_pairs = [t for t in delta.texts if t.get_gid() == "no pairs"]
+    assert [t.get_position()[1] for t in no_pairs] == [1, 2, 3]
+    assert {t.get_text() for t in no_pairs} == {"no paired seeds yet"}
+    lo, hi = delta.get_xlim()
+    assert lo <= -1.0 and hi >= 1.0, (lo, hi)
+    lo, hi = figures.draw_metric(study, rope=0.01).axes[1].get_xlim()  # a rope of 1 pp: ±1.5 pp at least
+    assert lo <= -1.5 and hi >= 1.5, (lo, hi)
+    md = reports.build_report("partial", url, out_dir=tmp_path).read_text()
+    assert md.splitlines()[0] == "# Study report: partial (partial: 3/12 points complete, 1 running)"
+    (png,) = tmp_path.glob("partial*_metric.png")  # named by study and store (reports.report_stem)
+    assert png.stat().st_size > 10_000 and f"]({png.name})" in md
