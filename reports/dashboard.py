@@ -41,7 +41,7 @@ def note_body(
         target = m["target"]
         return f"]({links[Path(target).name]})" if Path(target).name in links else m[0]
 
-    for line in markdown.splitlines():
+    for line in readable_tables(markdown.splitlines()):
         m = FIGURE.match(line)
         if m and m["file"] in figures:
             lines.append(f"![{m['caption']}]({figures[m['file']]})")
@@ -50,6 +50,53 @@ def note_body(
         else:
             lines.append(LINK.sub(relink, line) if links else line)
     return "\n".join(lines).rstrip() + "\n"
+
+
+TABLE_ROW = re.compile(r"^\|.*\|\s*$")
+CELL_SPLIT = re.compile(r"(?<!\\)\|")  # a cell border: a pipe not escaped as \|
+
+
+def readable_tables(lines: list[str]) -> list[str]:
+    """The note's markdown tables as the dashboard can show them: its markdown renderer draws a table with
+    neither borders nor padding, so the columns run together ("34.3 ± 0.6 3 (baseline)"), and raw HTML (a
+    bordered <table>) needs its --allow-unsafe. A table without links becomes a fenced block of padded
+    columns between | borders, in a fixed-width font; one with links (the galleries) stays a table, so that
+    they still open."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and TABLE_ROW.match(lines[j]):
+            j += 1
+        block = lines[i:j]
+        if (
+            len(block) >= 2
+            and set(block[1].replace("|", "").split()) <= {"---"}
+            and "](" not in "".join(block)
+        ):
+            out += ["```text", *_aligned([_cells(x) for x in block[:1] + block[2:]]), "```"]
+            i = j
+        elif block:
+            out += block
+            i = j
+        else:
+            out.append(lines[i])
+            i += 1
+    return out
+
+
+def _cells(line: str) -> list[str]:
+    cells = CELL_SPLIT.split(line.strip())[1:-1]
+    return [c.strip().replace("\\|", "|").replace("**", "").replace("`", "") for c in cells]
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Header, a rule, then the rows, each column padded to its widest cell."""
+    n = max(len(r) for r in rows)
+    rows = [r + [""] * (n - len(r)) for r in rows]
+    width = [max(len(r[k]) for r in rows) for k in range(n)]
+    line = [" | ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+    return [line[0], "-+-".join("-" * w for w in width), *line[1:]]
 
 
 def gallery_links(study) -> dict[str, str]:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,6 @@ from reports import report_path
 from testkit.pgserver import free_port
 from testkit.stand_ins import write_grid
 from tests.conftest import ROOT
-
-DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
 
 
 def get(port: int, path: str) -> dict:
@@ -40,9 +37,10 @@ def served_study(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     port = free_port()
-    server = subprocess.Popen(
-        [str(DASHBOARD), url, "--host", "127.0.0.1", "--port", str(port), "--artifact-dir", "runs/artifacts"],
+    server = subprocess.Popen(  # README's command: the study file's store, runs/artifacts
+        [sys.executable, "-m", "studies.dashboard", "--study-file", str(study), "--port", str(port)],
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -72,7 +70,9 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
     d = get(port, f"/api/studies/{summary['study_id']}")
     note = d["note"]["body"]
     assert "# Study report: g" in note and "Δ paired (95% CI)" in note
-    assert "\n| r0 |" in note and "\n| r1 |" in note  # the table, one line per row
+    # the tables as padded columns between | borders in a fixed-width block (the dashboard draws a markdown
+    # table without borders or padding); the galleries' table keeps its links
+    assert "```text\n" in note and re.search(r"^r0 +\| ", note, re.M) and re.search(r"^r1 +\| ", note, re.M)
     report = report_path("g", f"sqlite:///{tmp_path / 'studies.db'}", tmp_path / "runs" / "reports")
     assert report.name.startswith("g--studies-")  # not the default store: the file name names the store
     assert f"Report file: `{report}`" in note
