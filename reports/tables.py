@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from studies.records import Status, group_label
-from studies.sequential import interval_text, status_text
+from studies.sequential import RowDecision, interval_text, status_text
 
 from .format import check, leaf, markdown, mean_std, metric_label, paper, pct, seed_values, signed, stats
 from .load import StudyResults
@@ -92,6 +92,13 @@ def baseline_deltas(study: StudyResults) -> list[tuple[str, str, PairedDelta | N
         d = done[done["variant"] == variant].assign(miou=lambda x: leaf(x, "final.miou"))
         column, direction = "miou", "maximize"
     base_seeds = seed_values(d[d["row"] == base], column)
+    if study.seed_rule is not None:  # adaptive seeds: the rule's deciding interval, one interval per row
+        decided = study.decisions().rows
+        rows = {r: seed_values(d[d["row"] == r], column) for r in study.row_order()}
+        return [
+            (r, variant, None if r == base else deciding_delta(decided.get(r), v, base_seeds, direction))
+            for r, v in rows.items()
+        ]
     return [
         (
             r,
@@ -102,12 +109,25 @@ def baseline_deltas(study: StudyResults) -> list[tuple[str, str, PairedDelta | N
     ]
 
 
+def deciding_delta(
+    dec: RowDecision | None, a: dict[int, float], b: dict[int, float], direction: str
+) -> PairedDelta:
+    """An adaptive row's decision as a PairedDelta: its deciding interval over the seeds it used (±inf
+    while the design has no bound yet), seeds better counted over those seeds."""
+    if dec is None or dec.n == 0:
+        return PairedDelta(math.nan, math.nan, math.nan, 0, 0)
+    used = paired_delta({s: a[s] for s in dec.seeds if s in a}, b, direction)
+    return PairedDelta(dec.mean, dec.lo, dec.hi, dec.n, used.better)
+
+
 ADAPTIVE_NOTE = (
     "*Δ paired (deciding interval): mean over seeds of (row − baseline row, same seed) in percent points, "
-    "with the anytime-valid interval at the seed count that decided (or the last one): it holds at every "
-    "seed count at once, so adding seeds and looking again keeps its level; ±∞ while too few seeds bound it. "
-    "seeds used: the paired seeds up to the decision, in the order they were added. The figure's forest "
-    "panel shows the Student-t 95% interval over every paired seed (descriptive, not the decision).*"
+    "with the rule's interval at the seed count that decided (or the last one): it holds at every look of "
+    "the design at once, so adding seeds and looking again keeps its level; ±∞ while too few seeds bound "
+    "it. seeds used: the paired seeds up to the decision, in the order they were added. An unresolved row's "
+    "forecast: if its observed mean ± sd of the paired differences held, about how many seeds the rule "
+    "would need to decide, and its conditional power (the chance to decide by max, simulated from the seeds "
+    "so far). The figure's forest panel shows the same deciding interval.*"
 )
 
 
@@ -117,7 +137,7 @@ def adaptive_rows(study: StudyResults) -> dict[str, list[str]]:
     out = {}
     for r, d in dec.rows.items():
         seeds = f"{d.n}" + (f" ({', '.join(map(str, d.seeds))})" if d.seeds else "")
-        out[r] = [status_text(d, rule), seeds, interval_text(d)]
+        out[r] = [status_text(d, rule, with_forecast=True), seeds, interval_text(d)]
     return out
 
 

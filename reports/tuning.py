@@ -102,7 +102,7 @@ def confirmation(study: StudyResults) -> str | None:
         else:
             d = dec.rows[r]
             seeds = f"{d.n}" + (f" ({', '.join(map(str, d.seeds))})" if d.seeds else "")
-            cells += [interval_text(d), status_text(d, rule), seeds]
+            cells += [interval_text(d), status_text(d, rule, with_forecast=True), seeds]
         body.append(cells)
     seed = f" (seed {study.trials['seed'].iloc[0]})" if len(study.trials) else ""
     header = ["Set", *keys, f"search value{seed}", f"{metric_label(study.metric)} fresh seeds", "n",

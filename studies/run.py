@@ -30,7 +30,7 @@ from core.config import ConfigError, make_config, parse_overrides
 from core.errors import HarnessError
 from studies.plan import Plan, confirm_name, confirm_plan, make_plan
 from studies.records import Status, StoredTrial
-from studies.sequential import interval_text, status_text
+from studies.sequential import forecast_text, interval_text, status_text
 from studies.spec import Spec, SpecError, load_spec
 
 # --dry-run's states of a grid point not run yet (adaptive seeds: "if needed" when its row may not need it).
@@ -331,7 +331,8 @@ def dry_run(plan: Plan, url: str, workers: int, how: str = "") -> None:
         if wanted is not None:  # adaptive: at least the points wanted now, at most every seed up to max
             lo_left = sum(k not in done_keys and k not in failed_keys for k in wanted)
             for r, d in plan.decide(trials).rows.items():
-                print(f"  {r}: {status_text(d, s.adaptive)}, {d.n} paired seed(s), {interval_text(d)}")
+                fc = f"; {forecast_text(d, s.adaptive)}" if d.forecast else ""
+                print(f"  {r}: {status_text(d, s.adaptive)}, {d.n} paired seed(s), {interval_text(d)}{fc}")
             _estimate(plan, seconds, workers, lo_left, left)
             return
     else:
@@ -433,6 +434,7 @@ def study_summary(plan: Plan, store) -> str:
             lines.append(
                 f"  {row}: {status_text(d, s.adaptive)}; {d.n} paired seed(s) "
                 f"{list(d.seeds)}; Δ vs {s.baseline} {interval_text(d)}"
+                + (f"; {forecast_text(d, s.adaptive)}" if d.forecast else "")
             )
     lines.append(r.progress().line())
     return "\n".join(lines)

@@ -18,7 +18,7 @@ File shape:
         set: {...}                           # study-wide overrides
         # ablation
         seeds: [0, 1, 2]                     # or adaptive (studies.sequential):
-        #   seeds: {initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05}
+        #   seeds: {initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05, method: group-sequential | confseq}
         baseline: ROW                        # deltas in the report are against this row
         columns: [Seg., Cls., Sal.]          # optional check-mark column names
         rows: [{label, set, columns: {Seg.: true, ...}, paper: 56.9 | {key: number}}]
@@ -47,14 +47,14 @@ import yaml
 from core.config import ConfigError, make_config
 from core.errors import HarnessError
 from studies.db import DEFAULT_URL
-from studies.sequential import SeedRule
+from studies.sequential import Method, SeedRule
 
 TOP_KEYS = {"storage", "base", "studies"}
 BASE_KEYS = {"preset", "set"}
 COMMON_KEYS = {"kind", "description", "paper_table", "metric", "stage_metric", "direction", "set"}
 ABLATION_KEYS = COMMON_KEYS | {"seeds", "baseline", "columns", "rows", "variants", "paper_reference"}
 TUNING_KEYS = COMMON_KEYS | {"seed", "sampler", "sampler_seed", "n_trials", "pruner", "params", "confirm"}
-SEED_KEYS = {"initial", "max", "rope", "alpha"}
+SEED_KEYS = {"initial", "max", "rope", "alpha", "method"}
 CONFIRM_KEYS = {"top", "seeds"}
 CONFIRM_TOP = 3  # parameter sets re-run on fresh seeds after a tuning study, unless `confirm: false`
 CONFIRM_SEEDS, CONFIRM_MAX = 3, 8  # fresh seeds to start with (the first integers other than `seed`), at most
@@ -327,7 +327,8 @@ def _seed_list(ctx: SourceLines, path: tuple, seeds: Any, least: int = 1) -> tup
 
 
 def _seed_rule(ctx: SourceLines, path: tuple, d: Any, default_initial: tuple[int, ...] = ()) -> SeedRule:
-    """`{initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05}`: rope in percent points, alpha family-wise."""
+    """`{initial: [0, 1, 2], max: 10, rope: 0.5, alpha: 0.05, method: group-sequential}`: rope in percent
+    points, alpha family-wise, method group-sequential (default) or confseq."""
     _keys(ctx, path, d, SEED_KEYS, () if default_initial else ("initial", "max"))
     initial = (
         _seed_list(ctx, path + ("initial",), d["initial"], least=2) if "initial" in d else default_initial
@@ -343,7 +344,10 @@ def _seed_rule(ctx: SourceLines, path: tuple, d: Any, default_initial: tuple[int
     _expect(ctx, path + ("alpha",), alpha, (int, float), "a number")
     if not 0 < alpha < 1:
         raise ctx.err(path + ("alpha",), f"alpha must be in (0, 1), got {alpha!r}")
-    return SeedRule(initial, n_max, float(rope), float(alpha))
+    method = d.get("method", str(Method.GROUP_SEQUENTIAL))
+    if method not in set(Method):
+        raise ctx.err(path + ("method",), f"method must be one of {', '.join(Method)}, got {method!r}")
+    return SeedRule(initial, n_max, float(rope), float(alpha), Method(method))
 
 
 def _confirm(ctx: SourceLines, path: tuple, d: Any, seed: int) -> Confirm | None:

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
-from studies.sequential import SeedRule, decide_study, row_decision, t_mixture_interval
+from studies.sequential import (
+    Method,
+    SeedRule,
+    decide_study,
+    group_sequential_boundary,
+    mixture_precision,
+    paired_t,
+    row_decision,
+    status_text,
+    t_mixture_interval,
+)
 from tests.conftest import ROOT, kill_when, trials_now
 
 PY = sys.executable
@@ -105,6 +116,74 @@ def test_the_interval_covers_the_mean_at_every_seed_count_at_once_with_probabili
     assert ((tlo > 0.3) | (thi < 0.3))[:, 2:].any(axis=1).mean() > 2 * alpha
 
 
+def test_the_calibrated_boundary_reproduces_its_alpha_on_a_fresh_simulation():
+    """The main job's design (alpha 0.0125 per row, looks 3..8): on draws the calibration never saw, the share
+    of null runs whose |t| crosses the boundary at some look is alpha within 3 Monte-Carlo standard errors
+    (not a bound: the calibration is exact), whatever the sd; the boundary is O'Brien-Fleming-shaped (falls
+    with every look) and its last value lies above the one-look t critical value."""
+    alpha, reps = 0.0125, 200_000
+    c = np.array(group_sequential_boundary(alpha, 3, 8))
+    assert np.all(np.diff(c) < 0) and c[-1] > sps.t.isf(alpha / 2, 7)
+    rng = np.random.default_rng(7)
+    d = rng.normal(0.0, 3.7, size=(reps, 8))
+    t = np.abs(paired_t(d)[:, 2:])
+    crossed = (t > c).any(axis=1).mean()
+    se = math.sqrt(alpha * (1 - alpha) / reps)
+    assert abs(crossed - alpha) <= 3 * se, (crossed, alpha, se)
+    assert group_sequential_boundary(alpha, 3, 8) is group_sequential_boundary(alpha, 3, 8)  # cached
+
+
+def test_the_group_sequential_rule_decides_where_the_confidence_sequence_cannot():
+    """A 1.2-point effect with sd 0.8 points over 8 seeds, alpha 0.0125 per row: the group-sequential rule (the default) decides
+    better, at the look its boundary is crossed, with the repeated confidence interval of that look; the
+    t-mixture sequence (`method: confseq`) over the same differences stays unresolved at max."""
+    z = np.array([0.9, -1.1, 0.3, 1.4, -0.6, 0.2, -0.8, 0.7])
+    x = 0.012 + 0.008 * (z - z.mean()) / z.std(ddof=1)  # mean exactly 1.2 points, sd exactly 0.8 points
+    pairs = list(enumerate(x))
+    rule = SeedRule((0, 1, 2), 8, 0.5, 0.05)
+    d = row_decision(rule, "r", pairs, next_seed=None, m=4)
+    assert d.status == "better" and d.n == 8 and rule.method is Method.GROUP_SEQUENTIAL
+    c = group_sequential_boundary(0.0125, 3, 8)[-1]
+    half = c * 0.008 / math.sqrt(8)  # the repeated confidence interval of the deciding look
+    assert (d.lo, d.hi) == (pytest.approx(0.012 - half), pytest.approx(0.012 + half))
+    cs = row_decision(SeedRule((0, 1, 2), 8, 0.5, 0.05, Method.CONFSEQ), "r", pairs, next_seed=None, m=4)
+    assert cs.status == "unresolved at max" and cs.lo < 0 < cs.hi
+    _, lo, hi = t_mixture_interval(x, 0.0125, mixture_precision(0.0125, 3, 8))
+    assert (cs.lo, cs.hi) == (lo[-1], hi[-1])  # confseq still is the t-mixture sequence
+    # before the initial seeds nothing is decided, however large the effect
+    assert row_decision(rule, "r", [(0, 0.05), (1, 0.051)], next_seed=2, m=1).status == "unresolved"
+
+
+def exact(mean: float, sd: float, n: int) -> np.ndarray:
+    z = np.cos(np.arange(n) * 2.1)
+    return mean + sd * (z - z.mean()) / z.std(ddof=1)
+
+
+def test_the_forecast_says_about_how_many_seeds_a_row_needs_and_its_conditional_power():
+    """+0.3 ± 0.6 points after 8 seeds, alpha 0.0125: the forecast names about 32 seeds (where 0.3 √n / 0.6
+    reaches the last look's t value: about 2.8); a design with that many seeds decides on differences with
+    that mean and sd, one with 80 % of them does not. While seeds remain, the conditional power: near 1 for
+    a clear effect, near 0 for a row at 0 with a wide sd."""
+    rule = SeedRule((0, 1, 2), 8, 0.5, 0.05)
+    d = row_decision(rule, "r", list(enumerate(exact(0.003, 0.006, 8))), next_seed=None, m=4)
+    assert d.status == "unresolved at max" and d.forecast is not None
+    need = d.forecast.seeds
+    assert 28 <= need <= 36 and d.forecast.conditional_power is None
+    text = status_text(d, rule, with_forecast=True)
+    assert text == f"unresolved at max: at +0.3 ± 0.6 it would need about {need} seeds; max is 8", text
+    big = SeedRule((0, 1, 2), need, 0.5, 0.05)
+    assert row_decision(big, "r", list(enumerate(exact(0.003, 0.006, need))), None, 4).status == "better"
+    small = SeedRule((0, 1, 2), int(0.8 * need), 0.5, 0.05)
+    short = list(enumerate(exact(0.003, 0.006, int(0.8 * need))))
+    assert row_decision(small, "r", short, None, 4).status == "unresolved at max"
+    clear = row_decision(rule, "r", list(enumerate(exact(0.02, 0.01, 3))), next_seed=3, m=4)
+    assert clear.status == "unresolved" and clear.forecast.conditional_power > 0.9
+    flat = row_decision(rule, "r", list(enumerate(exact(0.0, 0.03, 3))), next_seed=3, m=4)
+    assert flat.forecast.conditional_power < 0.05 and flat.forecast.seeds > 100
+    assert "conditional power" in status_text(flat, rule, with_forecast=True)
+    assert status_text(flat, rule) == "unresolved (seed 3 next)"
+
+
 # ---------------------------------------------------------------------------------- study.yaml
 GRID = """storage: {url}
 base:
@@ -138,6 +217,10 @@ def write_grid(tmp_path: Path, seeds: str = "{initial: [0, 1, 2], max: 5}") -> t
         ("{initial: [0, 1, 2], max: 5, alpha: 1.5}", "seeds.alpha: alpha must be in (0, 1)"),
         ("{initial: [0, 1, 2], maximum: 5}", "unknown key 'maximum'"),
         ("{initial: [0, 1, 1], max: 5}", "duplicate seed"),
+        (
+            "{initial: [0, 1, 2], max: 5, method: pocock}",
+            "seeds.method: method must be one of group-sequential, confseq",
+        ),
     ],
 )
 def test_a_bad_seeds_mapping_is_one_line_naming_file_line_and_key(tmp_path, seeds, expect):
@@ -163,6 +246,8 @@ def test_a_plain_seed_list_is_a_fixed_grid_and_a_mapping_an_adaptive_one(tmp_pat
     plan = make_plan(load_spec(y), "g")
     assert plan.adaptive and plan.study.adaptive == SeedRule((0, 1, 2), 5, 1.0, 0.1)
     assert len(plan.points) == 15 and len(plan.wanted_keys([])) == 9
+    y, _ = write_grid(tmp_path, "{initial: [0, 1, 2], max: 5, method: confseq}")
+    assert make_plan(load_spec(y), "g").study.adaptive.method is Method.CONFSEQ
 
 
 def test_dry_run_shows_initial_seeds_max_and_the_range_of_trials(tmp_path, capsys):
