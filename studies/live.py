@@ -27,7 +27,10 @@ points done / total and running / failed from the harness rows (reports.progress
 the report use), a running trial's stage from its stage rows and its epoch from its Optuna intermediate
 values (step = global epoch). The ETA replays the claim order (longest point first, studies.plan) on this
 process's workers, each point's time its cost (plan.trial_cost) times the seconds per cost unit of the
-study's complete trials; a tuning study uses their median time. No ETA before the first trial ends.
+study's complete trials; a tuning study uses their median time. No ETA before the first trial ends. With
+adaptive seeds the ETA is a range: the points the rule wants now, to every seed up to max for each row it
+has not decided (and the baseline); and a `[studies] ROW: ...` line reports a row's decision each time it
+moves (a seed landed, or it decided), with its deciding interval and, while unresolved, its forecast.
 This module belongs to the CLI edge (studies.run), as its summary does.
 """
 
@@ -50,6 +53,7 @@ from core.config import make_config
 from studies.execute import Job, Outcome
 from studies.plan import Plan, trial_cost
 from studies.records import Status, TrialProgress
+from studies.sequential import forecast_text, interval_text, status_text
 from studies.store import Store
 
 REFRESH_S = 2.0  # terminal: how often the bars are redrawn from the store
@@ -69,6 +73,15 @@ def duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def eta_text(snap: dict) -> str:
+    """'4m10s'; with adaptive seeds, the work known now to the most the rule may add (every undecided row and
+    the baseline up to max seeds): '4m10s–12m30s (up to max seeds)'."""
+    eta, most = snap["eta"], snap.get("eta_max")
+    if most is None or duration(most) == duration(eta):
+        return duration(eta)
+    return f"{duration(eta)}–{duration(most)} (up to max seeds)"
 
 
 @dataclass
@@ -204,6 +217,7 @@ class Live:
         self.terminal = self.err.isatty() if terminal is None else terminal
         self.t0 = time.time()
         self.mine: dict[int, TrialView] = {}  # this process's running trials by Optuna number
+        self._rows_shown: dict[str, tuple[str, int]] = {}  # adaptive seeds: each row's last (status, n) shown
         self.started_here = 0
         self.budget = n_trials  # grid: at most this many new trials here; tuning: the study's n_trials
         s = plan.study
@@ -318,7 +332,8 @@ class Live:
         s = self.plan.study
         trials = self.store.trial_progress(s.name)
         # adaptive seeds: the points the rule wants so far (it reads the results: store.trials)
-        points = self.plan.expected_keys(self.store.trials(s.name)) if self.plan.adaptive else None
+        stored = self.store.trials(s.name) if self.plan.adaptive else []
+        points = self.plan.expected_keys(stored) if self.plan.adaptive else None
         attempts = [(t.key, t.status) for t in trials]
         if self.plan.is_grid:
             prog = progress(attempts, points if points is not None else [p.key for p in self.plan.points])
@@ -345,7 +360,16 @@ class Live:
                     epochs = max(epochs, max(steps) + 1)
             v.epochs_done = min(epochs, v.total_epochs)
         eta = self.eta(trials, views, None if points is None else set(points))
-        return {"progress": prog, "trials": trials, "views": views, "eta": eta}
+        eta_max, decision = eta, None
+        if self.plan.adaptive:  # at most: every seed up to max for each row the rule has not decided
+            decision = self.plan.decide(stored)
+            open_rows = {r for r, d in decision.rows.items() if d.status == "unresolved"}
+            if open_rows:
+                open_rows.add(s.baseline)
+            upto = set(points) | {p.key for p in self.plan.points if p.row in open_rows}
+            eta_max = self.eta(trials, views, upto)
+        return {"progress": prog, "trials": trials, "views": views, "eta": eta, "eta_max": eta_max,
+                "decision": decision}  # fmt: skip
 
     def eta(
         self, trials: list[TrialProgress], views: list[TrialView], expected: set | None = None
@@ -390,7 +414,7 @@ class Live:
         running = prog.running + sum(not v.begun for v in snap["views"])  # handed out, not begun yet
         text = (
             f"running {running}, failed {failed}, elapsed {duration(time.time() - self.t0)}, "
-            f"ETA {duration(snap['eta']) if snap['eta'] is not None else '? (after the first trial)'}"
+            f"ETA {eta_text(snap) if snap['eta'] is not None else '? (after the first trial)'}"
         )
         return text, prog.finished, prog.total
 
@@ -401,6 +425,7 @@ class Live:
         except Exception:  # the store is busy or briefly unreachable: the next refresh tries again
             return
         text, done, total = self._study_text(snap)
+        self._row_lines(snap)
         with self._lock:
             if not self.terminal:
                 print(self._log_line(snap, done, total), file=self.out, flush=True)
@@ -426,13 +451,28 @@ class Live:
                     bar.status = ""
                 bar.refresh()
 
+    def _row_lines(self, snap: dict) -> None:
+        """Adaptive seeds: one line per row each time its decision moves (a seed landed, or it decided), with
+        its deciding interval and, while unresolved, the forecast (studies.sequential)."""
+        if snap["decision"] is None:
+            return
+        rule, base = self.plan.study.adaptive, self.plan.study.baseline
+        for row, d in snap["decision"].rows.items():
+            waiting = d.status == "unresolved" and d.next_seed in rule.initial
+            if waiting or self._rows_shown.get(row) == (d.status, d.n):
+                continue
+            self._rows_shown[row] = (d.status, d.n)
+            fc = f"; {forecast_text(d, rule)}" if d.forecast else ""
+            self.log(f"[studies] {row}: {status_text(d, rule)} at {d.n} paired seed(s), Δ vs {base} "
+                     f"{interval_text(d)}{fc}")  # fmt: skip
+
     def _log_line(self, snap: dict, done: int, total: int) -> str:
         """The status line without a terminal: counts, time and ETA, then the running trials in order as long
         as the line stays within LINE_CHARS ('+k more' for the rest)."""
         prog = snap["progress"]
         failed = prog.states.get(Status.FAILED, 0)
         running = prog.running + sum(not v.begun for v in snap["views"])
-        eta = duration(snap["eta"]) if snap["eta"] is not None else "?"
+        eta = eta_text(snap) if snap["eta"] is not None else "?"
         unit = "points" if self.plan.is_grid else "trials"
         line = f"[studies] progress: {done}/{total} {unit} done, {running} running"
         line += f", {failed} failed" if failed else ""

@@ -134,9 +134,10 @@ def test_the_calibrated_boundary_reproduces_its_alpha_on_a_fresh_simulation():
 
 
 def test_the_group_sequential_rule_decides_where_the_confidence_sequence_cannot():
-    """A 1.2-point effect with sd 0.8 points over 8 seeds, alpha 0.0125 per row: the group-sequential rule (the default) decides
-    better, at the look its boundary is crossed, with the repeated confidence interval of that look; the
-    t-mixture sequence (`method: confseq`) over the same differences stays unresolved at max."""
+    """A 1.2-point effect with sd 0.8 points over 8 seeds, alpha 0.0125 per row: the group-sequential rule
+    (the default) decides better, at the look its boundary is crossed, with the repeated confidence interval
+    of that look; the t-mixture sequence (`method: confseq`) over the same differences stays unresolved at
+    max."""
     z = np.array([0.9, -1.1, 0.3, 1.4, -0.6, 0.2, -0.8, 0.7])
     x = 0.012 + 0.008 * (z - z.mean()) / z.std(ddof=1)  # mean exactly 1.2 points, sd exactly 0.8 points
     pairs = list(enumerate(x))
@@ -323,6 +324,51 @@ def test_two_processes_add_seeds_to_one_study_without_running_a_point_twice(tmp_
     assert len(claims) == 13 and {c.state for c in claims} == {"done"}
     ran = [so.count(": complete") for so, _ in outs]
     assert sum(ran) == 13 and all(ran), ran  # both processes ran trials, 13 in all
+    # the live display: each row's decision as its seeds land (with the forecast while unresolved), and an
+    # ETA that ranges up to the seeds the rule may still add
+    text = "".join(so for so, _ in outs)
+    assert "[studies] up: better at 3 paired seed(s), Δ vs seg +5.0 [" in text, text[-3000:]
+    assert "[studies] noisy: unresolved (seed 3 next) at 3 paired seed(s)" in text, text[-3000:]
+    assert "it would need" in text and "conditional power" in text
+    assert "waiting for the initial seeds" not in text  # a row's line starts once it has its initial seeds
+
+
+def test_the_live_eta_ranges_up_to_the_seeds_the_rule_may_still_add(tmp_path):
+    """Four trials of the study run (the baseline's initial seeds and one of `up`'s): the ETA of the points
+    wanted now is the lower end; every seed up to max for the undecided rows and the baseline the upper."""
+    import io
+
+    from studies.live import Live, eta_text
+    from studies.plan import make_plan
+    from studies.spec import load_spec
+    from studies.store import Store
+
+    y, url = write_grid(tmp_path)
+    cmd = [
+        PY,
+        "-m",
+        "studies.run",
+        "g",
+        "--study-file",
+        str(y),
+        "--no-report",
+        "--workers",
+        "1",
+        "--n-trials",
+        "4",
+    ]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env(0.3), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    live = Live(make_plan(load_spec(y), "g"), Store(url), 1, out=io.StringIO(), terminal=False)
+    try:
+        snap = live.snapshot()
+    finally:
+        live.close()
+    # now: 5 initial points left (up 1-2, noisy 0-2); at most 6 more (up and noisy are undecided: their seeds
+    # 3-4, and the baseline's), every point of the same cost, one worker
+    assert snap["eta"] > 0 and snap["eta_max"] == pytest.approx(snap["eta"] * 11 / 5), snap
+    assert eta_text({"eta": 70.0, "eta_max": 190.0}) == "1m10s–3m10s (up to max seeds)"
+    assert eta_text({"eta": 70.0, "eta_max": 70.2}) == eta_text({"eta": 70.0, "eta_max": None}) == "1m10s"
 
 
 @pytest.mark.slow
