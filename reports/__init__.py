@@ -106,7 +106,8 @@ def build_report(
     rope = study.seed_rule.rope / 100 if study.seed_rule is not None else None  # adaptive: shaded ±rope
     bars = (
         "metric per configuration, one dot per seed (a line joins each seed across rows, | = row mean); "
-        "paired Δ against the baseline row with its 95% CI",
+        "paired Δ against the baseline row with "
+        + ("its 95% CI" if study.seed_rule is None else "the adaptive rule's deciding interval"),
         None if is_tuning else figures.metric_figure(study, out, f"{stem}_metric.png", rope=rope),
     )
     if is_tuning:

@@ -3,6 +3,7 @@ its name (relative to the report), or None when there is nothing to plot."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -118,10 +119,13 @@ def _forest_panel(
     base: str,
     metric: str,
     rope: float | None,
+    interval: str = "95% CI",
+    reach: float = math.inf,
 ) -> None:
-    """Forest plot: each row's paired Δ against the baseline row (percent points) with its 95% interval,
-    a vertical line at zero, the baseline row marked, and the region of practical equivalence
-    [-rope, +rope] shaded when rope is given."""
+    """Forest plot: each row's paired Δ against the baseline row (percent points) with its interval (the
+    legend names it: `interval`), a vertical line at zero, the baseline row marked, and the region of
+    practical equivalence [-rope, +rope] shaded when rope is given. Interval ends beyond ±reach percent
+    points are drawn at ±reach with an arrow head (the label beside the row gives the true ends)."""
     ax.axvline(0, color="black", linewidth=1, zorder=1, gid="zero line", label="no difference")
     if rope is not None:
         ax.axvspan(
@@ -149,10 +153,14 @@ def _forest_panel(
             continue
         if p.n >= 2:
             x = 100 * p.mean
+            lo, hi = max(100 * p.lo, -reach), min(100 * p.hi, reach)
+            for end, clipped, head in ((lo, 100 * p.lo < -reach, "<"), (hi, 100 * p.hi > reach, ">")):
+                if clipped:
+                    ax.plot(end, i, marker=head, color=FOREST, markersize=7, zorder=3, gid="clipped end")
             ax.errorbar(
                 x,
                 i,
-                xerr=[[x - 100 * p.lo], [100 * p.hi - x]],
+                xerr=[[x - lo], [hi - x]],
                 fmt="o",
                 color=FOREST,
                 capsize=4,
@@ -170,7 +178,7 @@ def _forest_panel(
             va="center",
             fontsize="small",
         )
-    ax.errorbar([], [], xerr=[], fmt="o", color=FOREST, capsize=4, markersize=6, label="mean Δ, 95% CI")
+    ax.errorbar([], [], xerr=[], fmt="o", color=FOREST, capsize=4, markersize=6, label=f"mean Δ, {interval}")
     ax.set_xlabel(f"paired Δ {metric_name(metric, 'percent points')}")
     ax.set_title(f"vs {base}, same seed", fontsize="medium")
     ax.tick_params(axis="y", left=False)
@@ -181,7 +189,8 @@ def _forest_panel(
 def draw_metric(study: StudyResults, rope: float | None = None):
     """The report's metric figure, or None without complete values: left, the metric per configuration,
     one dot per seed joined across rows, row means marked (no bars); right, when the spec names a baseline
-    row and there is another row, a forest plot of each row's paired Δ against it with its 95% interval
+    row and there is another row, a forest plot of each row's paired Δ against it with its 95% interval (with
+    adaptive seeds the rule's deciding interval, ends past 2.5x the largest |mean Δ| drawn as arrow heads)
     (tables.baseline_deltas: the numbers of the table's paired column), a zero line, the baseline marked,
     and [-rope, +rope] shaded when rope is given (rope in the store's unit, a fraction: 0.005 = 0.5 percent
     points). The panels' axes carry the labels "per seed" and "paired Δ" (Axes.get_label)."""
@@ -203,7 +212,13 @@ def draw_metric(study: StudyResults, rope: float | None = None):
     if forest:
         b.set_label("paired Δ")
         base = next((group_label(r, v) for r, v, p in all_deltas if p is None), study.spec.baseline)
-        _forest_panel(b, deltas, order, base, study.metric, rope)
+        if study.seed_rule is None:
+            _forest_panel(b, deltas, order, base, study.metric, rope)
+        else:  # adaptive seeds: the rule's deciding interval, wide at the first looks: clipped to the data
+            means = [abs(100 * p.mean) for _, _, p in deltas if p is not None and p.n >= 2]
+            reach = max([FOREST_MIN_HALF_PP, 150 * rope if rope else 0.0] + [2.5 * m for m in means])
+            name = f"deciding interval ({study.seed_rule.method})"
+            _forest_panel(b, deltas, order, base, study.metric, rope, name, reach)
         mark_rows_without_pairs(b, deltas, order)
         widen_forest_axis(b, rope)
     handles, labels = [], []

@@ -53,8 +53,8 @@ def paired_delta(
 
 
 def _pp(x: float) -> str:
-    """A fraction as signed percent points, one decimal ("+1.2")."""
-    return f"{100 * x:+.1f}"
+    """A fraction as signed percent points, one decimal ("+1.2"); ±∞ for an unbounded end."""
+    return ("+∞" if x > 0 else "−∞") if math.isinf(x) else f"{100 * x:+.1f}"
 
 
 def delta_cell(p: PairedDelta) -> str:

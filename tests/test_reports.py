@@ -873,3 +873,48 @@ def test_a_partial_studys_figure_says_partial_and_keeps_rows_without_pairs(store
     assert md.splitlines()[0] == "# Study report: partial (partial: 3/12 points complete, 1 running)"
     (png,) = tmp_path.glob("partial*_metric.png")  # named by study and store (reports.report_stem)
     assert png.stat().st_size > 10_000 and f"]({png.name})" in md
+
+
+def test_an_adaptive_studys_figure_table_and_note_show_one_deciding_interval_per_row(store, url, tmp_path):
+    """Adaptive seeds: the forest plot draws each row's deciding interval (the table's), not a Student-t one,
+    names it in the legend, and clips the first looks' wide ends to arrow heads; an unresolved row's status
+    carries its forecast in the table and in the dashboard note built from it."""
+    from reports import figures
+    from reports.dashboard import note_body
+    from reports.load import load_study
+
+    spec = {"kind": "ablation", "seeds": {"initial": [0, 1, 2], "max": 4}, "baseline": "A",
+            "rows": [{"label": x} for x in "ABC"]}  # fmt: skip
+    store.upsert_study("adapt", spec, "smoke")
+    a = [0.30, 0.31, 0.32]
+    values = {"A": a, "B": [x + 0.05 + e for x, e in zip(a, (0.001, -0.001, 0.0005))],
+              "C": [x + e for x, e in zip(a, (0.04, -0.04, 0.02))]}  # fmt: skip
+    n = iter(range(100))
+    for row, vs in values.items():
+        for seed, v in enumerate(vs):
+            add(store, "adapt", next(n), row, seed, result(v))
+    study = load_study("adapt", url)
+    dec = study.decisions().rows
+    assert dec["B"].status == "better" and dec["C"].status == "unresolved" and dec["C"].forecast
+    fig = figures.draw_metric(study, rope=0.005)
+    delta = {ax.get_label(): ax for ax in fig.axes}["paired Δ"]
+    bars = {
+        c.lines[0].get_gid(): c
+        for c in delta.containers
+        if (c.lines[0].get_gid() or "").startswith("interval")
+    }
+    (lo, hi), _ = bars["interval B"].lines[2][0].get_segments()[0].T
+    assert (lo, hi) == (pytest.approx(100 * dec["B"].lo), pytest.approx(100 * dec["B"].hi))
+    (clo, chi), _ = bars["interval C"].lines[2][0].get_segments()[0].T
+    assert 100 * dec["C"].lo < clo and chi < 100 * dec["C"].hi  # clipped, with its true ends in the label
+    assert len([x for x in delta.get_lines() if x.get_gid() == "clipped end"]) == 2
+    legend = [t.get_text() for t in fig.legends[0].texts]
+    assert "mean Δ, deciding interval (group-sequential)" in legend and "mean Δ, 95% CI" not in legend
+    md_path = build_report("adapt", url, tmp_path)
+    md = md_path.read_text()
+    row_c = table_row(md, "C")
+    assert row_c[-1] == f"{100 * dec['C'].mean:+.1f} [{100 * dec['C'].lo:+.1f}, {100 * dec['C'].hi:+.1f}]"
+    assert "unresolved (seed 3 next): at " in row_c[-3] and "it would need about" in row_c[-3]
+    assert "conditional power" in row_c[-3] and "group-sequential" in md
+    assert "it would need about" in note_body(md, md_path)
+    assert report_path("adapt", url, tmp_path) == md_path
