@@ -918,3 +918,28 @@ def test_an_adaptive_studys_figure_table_and_note_show_one_deciding_interval_per
     assert "conditional power" in row_c[-3] and "group-sequential" in md
     assert "it would need about" in note_body(md, md_path)
     assert report_path("adapt", url, tmp_path) == md_path
+
+
+def test_bench_redecide_applies_both_rules_to_a_stored_fixed_seed_study(store):
+    """A fixed 6-seed study re-decided as if adaptive (3 initial seeds, at most 6): a 1.2-point effect with sd
+    0.3 is better under both rules, the group-sequential one at no more seeds than the confidence sequence."""
+    from bench.bench_redecide import redecide
+
+    spec = {
+        "kind": "ablation",
+        "seeds": list(range(6)),
+        "baseline": "A",
+        "rows": [{"label": "A"}, {"label": "B"}],
+    }
+    store.upsert_study("fixed6", spec, "smoke")
+    n = iter(range(100))
+    for seed, e in enumerate((0.2, -0.3, 0.4, -0.1, 0.3, -0.5)):
+        add(store, "fixed6", next(n), "A", seed, result(0.30 + 0.01 * e))
+        add(store, "fixed6", next(n), "B", seed, result(0.312 + 0.01 * e + 0.003 * (-1) ** seed))
+    text = redecide(store, "fixed6", initial=3, n_max=None, alpha=0.05, rope=0.5)
+    cells = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| B")]
+    rows = {(c[0].strip(), c[1].strip()): c[2:] for c in cells}
+    gs, cs = rows[("B", "group-sequential")], rows[("B", "confseq")]
+    assert gs[0].strip() == "better" and cs[0].strip() == "better", text
+    assert int(gs[1]) <= int(cs[1]) and "+1.2 [" in gs[2]
+    assert rows[("B", "Student-t 95 %, read once")][1].strip() == "6"
