@@ -21,6 +21,7 @@ import sys
 
 from reports.paired import delta_cell, paired_delta
 from studies.db import DEFAULT_URL
+from studies.records import Status
 from studies.sequential import Method, SeedRule, decide_study, forecast_text, interval_text, status_text
 from studies.store import Store
 
@@ -49,7 +50,7 @@ def redecide(store: Store, name: str, initial: int, n_max: int | None, alpha: fl
         "| row | rule | status | seeds used | deciding interval | forecast |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    done = {(t.row, t.seed): t.value(study.metric) for t in trials if t.status == "complete"}
+    done = {(t.row, t.seed): t.value(study.metric) for t in trials if t.status == Status.COMPLETE}
     for method in Method:
         r = dataclasses.replace(rule, method=method)
         dec = decide_study(r, rows, study.baseline, study.direction, records)
