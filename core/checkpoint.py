@@ -28,7 +28,12 @@ from core.config import Config, ConfigError
 FORMAT = 1
 LAST = "last.pt"
 # Keys that change how a trial is run or kept, not its numbers: a resumed trial may differ in them.
-NOT_IN_FINGERPRINT = ("train.checkpoint_every", "train.keep_checkpoint", "train.workers")
+NOT_IN_FINGERPRINT = (
+    "train.checkpoint_every",
+    "train.keep_checkpoint",
+    "train.workers",
+    "train.loader_workers",
+)
 
 
 class CheckpointMismatch(ConfigError):

@@ -119,6 +119,10 @@ class TrainConfig:
     channels_last: bool = True  # on a GPU
     threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
     workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
+    # Processes that prepare training batches ahead of the step (core.loader): N, or 0 (in the training
+    # process, between steps), or auto: 0 on the CPU, on CUDA the trial's cores less one (at most 4).
+    # Results are bit-identical for any count: the training process still draws every random choice.
+    loader_workers: str = "auto"
     # Checkpoint a running trial every this many epochs, and at each stage's start (after its label update),
     # so that a killed trial resumes there (core.checkpoint); 0: no checkpoints. Results do not depend on it.
     checkpoint_every: int = 1
@@ -422,6 +426,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     if t.stages < 1:
         raise ConfigError(f"train.stages must be >= 1, got {t.stages}")
+    if t.loader_workers != "auto" and not (t.loader_workers.isascii() and t.loader_workers.isdigit()):
+        raise ConfigError(
+            f"train.loader_workers must be auto or a count >= 0 (0: batches prepared in the training "
+            f"process), got {t.loader_workers}"
+        )
     if t.checkpoint_every < 0:
         raise ConfigError(
             f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}"

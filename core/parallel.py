@@ -1,4 +1,5 @@
-"""A process pool for per-image CRF work, with a bounded number of images in flight."""
+"""Process pools for per-image CRF work and training batches (core.loader), with a bounded number of jobs
+in flight."""
 
 from __future__ import annotations
 
@@ -26,18 +27,23 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def make_pool(workers: int) -> Executor | None:
-    """workers: 0 -> one process per core, 1 -> no pool (in-process). Spawned, so no torch state is forked;
-    the workers hold no state, so they are killed outright when the trial's process dies."""
-    n = workers or os.cpu_count() or 1
-    if n <= 1:
-        return None
+def spawn_pool(n: int) -> ProcessPoolExecutor:
+    """n spawned worker processes (no torch state is forked) that die with this process: they hold no
+    state, so they are killed outright when it dies."""
     return ProcessPoolExecutor(
         max_workers=n,
         mp_context=mp.get_context("spawn"),
         initializer=die_with_parent,
         initargs=(os.getpid(),),
     )
+
+
+def make_pool(workers: int) -> Executor | None:
+    """workers: 0 -> one process per core, 1 -> no pool (in-process); see spawn_pool."""
+    n = workers or os.cpu_count() or 1
+    if n <= 1:
+        return None
+    return spawn_pool(n)
 
 
 def bounded_map(pool: Executor | None, fn: Callable, jobs: Iterable, window: int = 16) -> Iterator:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.data import VOCDataset, paired_random_transform
+from core.loader import BatchLoader
 from core.losses import auxsegnet_loss, cls_loss
 from core.model import AuxSegNet, Classifier
 
@@ -106,9 +107,17 @@ def set_poly(opt: torch.optim.Optimizer, step: int, total: int, power: float) ->
 
 
 def batches(
-    ds: VOCDataset, cfg: Config, rng: np.random.Generator, extra: Callable[[int], dict] | None = None
+    ds: VOCDataset,
+    cfg: Config,
+    rng: np.random.Generator,
+    extra: Callable[[int], dict] | None = None,
+    loader: BatchLoader | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform."""
+    """One epoch of augmented batches; `extra(i)` adds per-image label maps (uint8 HxW) to transform.
+    With a loader that has workers, they prepare the batches ahead (on its device, bit for bit these)."""
+    if loader is not None and loader.workers:
+        yield from loader.epoch(ds, cfg, rng, extra)
+        return
     order = rng.permutation(len(ds))
     bs = cfg.train.batch_size
     for s in range(0, len(order), bs):
@@ -137,9 +146,15 @@ def _check(loss: torch.Tensor, where: str, terms: dict[str, torch.Tensor] | None
 
 
 def train_warmup(
-    clf: Classifier, ds: VOCDataset, cfg: Config, device: torch.device, rng: np.random.Generator
+    clf: Classifier,
+    ds: VOCDataset,
+    cfg: Config,
+    device: torch.device,
+    rng: np.random.Generator,
+    loader: BatchLoader | None = None,
 ) -> None:
-    """Classification warm-up: backbone + fc8 on image-level labels only."""
+    """Classification warm-up: backbone + fc8 on image-level labels only (batches from `loader`'s workers,
+    if any)."""
     epochs = cfg.train.warmup_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
@@ -148,7 +163,7 @@ def train_warmup(
     step = 0
     bar = tqdm(total=total, desc="warm-up", leave=False, disable=None)
     for epoch in range(epochs):
-        for b in batches(ds, cfg, rng):
+        for b in batches(ds, cfg, rng, loader=loader):
             set_poly(opt, step, total, cfg.train.poly_power)
             x = b["image"].to(device)
             with autocast(cfg, device):
@@ -175,11 +190,13 @@ def train_stage(
     on_epoch: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     resume: dict | None = None,
+    loader: BatchLoader | None = None,
 ) -> dict[str, float]:
     """One stage of multi-task training on the current pseudo labels; returns mean loss terms.
     on_epoch(epoch) runs after each epoch (it may evaluate: the net is put back in training mode), then
     on_checkpoint(epoch, train_state) with what resuming after that epoch needs besides the network and the
-    random streams: resume=train_state continues the stage after its epoch train_state["epoch"]."""
+    random streams: resume=train_state continues the stage after its epoch train_state["epoch"]. Batches
+    come from `loader`'s workers, if any."""
     epochs = cfg.train.stage_epochs
     per_epoch = max(1, (len(ds) + cfg.train.batch_size - 1) // cfg.train.batch_size)
     total = epochs * per_epoch
@@ -200,7 +217,7 @@ def train_stage(
     net.train()
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}", leave=False, disable=None)
     for epoch in range(first, epochs):
-        for b in batches(ds, cfg, rng, extra):
+        for b in batches(ds, cfg, rng, extra, loader):
             set_poly(opt, step, total, cfg.train.poly_power)
             x = b["image"].to(device)
             if device.type == "cuda" and cfg.train.channels_last:

@@ -30,6 +30,7 @@ from core.environment import environment
 from core.evaluate import evaluate
 from core.gallery import gallery_rows, render_gallery
 from core.init_weights import check_init_weights
+from core.loader import BatchLoader, resolve_loader_workers
 from core.parallel import make_pool
 from core.records import (
     CurvePoint,
@@ -132,9 +133,11 @@ def run_trial(
         )
 
     pool = make_pool(cfg.train.workers)
+    # started at the first training epoch (none when the warm-up is cached and the trial has no stage left)
+    loader = BatchLoader(resolve_loader_workers(cfg, device), device)
     try:
         t = time.time()
-        clf_state, warm_cams, hit, warm_secs = warmup_and_cams(cfg, ds, device)
+        clf_state, warm_cams, hit, warm_secs = warmup_and_cams(cfg, ds, device, loader)
         result.warmup = {"cached": hit, "seconds": warm_secs}
         timings["warmup"] = time.time() - t
 
@@ -275,6 +278,7 @@ def run_trial(
                 epoch_end,
                 on_checkpoint=epoch_checkpoint,
                 resume=resumed["train"] if resuming else None,  # type: ignore[index]
+                loader=loader,
             )
             timings["train"] = timings.get("train", 0.0) + time.time() - t - (_aside(timings) - aside_before)
             t = time.time()
@@ -318,6 +322,7 @@ def run_trial(
     except NonFiniteLoss as e:
         result.status, result.error = Status.FAILED, str(e)
     finally:
+        loader.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if ckpt_dir is not None and not cfg.train.keep_checkpoint:  # ended: nothing left to resume

@@ -18,6 +18,7 @@ from core.cues import compute_cams
 from core.data import VOCDataset
 from core.environment import numerics_fingerprint
 from core.init_weights import resolve_init_weights, weights_fingerprint
+from core.loader import BatchLoader
 from core.model import load_backbone
 from core.train import to_device, train_warmup
 
@@ -59,8 +60,11 @@ def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
 
 
-def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[dict, list, bool, float]:
-    """Classification warm-up and initial CAMs, from runs/cache/<key>/ when another trial made them."""
+def warmup_and_cams(
+    cfg: Config, ds: VOCDataset, device: torch.device, loader: BatchLoader | None = None
+) -> tuple[dict, list, bool, float]:
+    """Classification warm-up and initial CAMs, from runs/cache/<key>/ when another trial made them. The
+    loader (its worker count) does not change them, so it is no part of the key."""
     # The data set's own fingerprint joins the config fields: the same data.root can hold new data.
     # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
@@ -78,7 +82,7 @@ def warmup_and_cams(cfg: Config, ds: VOCDataset, device: torch.device) -> tuple[
         if weights is not None:
             load_backbone(weights, into=clf)
         clf = to_device(clf, cfg, device)
-        train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]))
+        train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]), loader)
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
         torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
         (tmp / "meta.json").write_text(

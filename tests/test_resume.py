@@ -119,6 +119,40 @@ def test_a_trial_killed_in_its_second_stage_resumes_with_identical_numbers(runs,
     assert result["checkpoint"]["bytes"] == (out / "checkpoint" / checkpoint.LAST).stat().st_size
 
 
+@pytest.mark.slow
+def test_a_trial_with_loader_workers_matches_the_synchronous_one_and_resumes_exactly(
+    runs, reference, tmp_path
+):
+    """Batches prepared by 2 loader workers (core.loader) from the warm-up on, killed in the second stage
+    and resumed: the same numbers as the synchronous reference. data.root names the reference's data, so
+    the warm-up is not served from its cache (its key holds the root) and runs with the workers too. The
+    kill leaves none of the trial's processes (loader workers, CRF pool) behind."""
+    data = runs / "data" / "synthetic-smoke-seed0"
+    cmd = trial_cmd(tmp_path / "t", "train.loader_workers=2", "train.workers=2", f"data.root={data}")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_checkpoint(tmp_path / "t" / "checkpoint", checkpoint.LAST, p, stage=1)
+        tree = process_tree(p.pid) - {p.pid}
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        t_kill = time.monotonic()
+        # 2 loader workers, a CRF pool of 2, multiprocessing's resource tracker
+        assert len(tree) >= 5, tree
+        while any(alive(pid) for pid in tree) and time.monotonic() - t_kill < 30:
+            time.sleep(0.2)
+        left = [pid for pid in tree if alive(pid)]
+    finally:
+        p.kill()
+    for pid in left:  # do not leave them to the other tests
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running {time.monotonic() - t_kill:.0f} s after the kill: {left}"
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert result["warmup"]["cached"] is False and result["resumed_from"] == [{"stage": 1, "epoch": 1}]
+    assert comparable(result) == comparable(reference)
+
+
 def test_a_checkpoint_of_another_config_is_refused_in_one_line(tmp_path):
     cfg = make_config("smoke", ["loss.cls=0.5"])
     folder = tmp_path / "t" / "checkpoint"
@@ -131,7 +165,10 @@ def test_a_checkpoint_of_another_config_is_refused_in_one_line(tmp_path):
         f"error: checkpoint {folder / checkpoint.LAST} was written by a trial of another"
     )
     # what a checkpoint must match: not how often it is written or whether it is kept
-    other = make_config("smoke", ["loss.cls=0.5", "train.checkpoint_every=3", "train.keep_checkpoint=true"])
+    other = make_config(
+        "smoke",
+        ["loss.cls=0.5", "train.checkpoint_every=3", "train.keep_checkpoint=true", "train.loader_workers=2"],
+    )
     assert checkpoint.config_fingerprint(other) == checkpoint.config_fingerprint(cfg)
 
 

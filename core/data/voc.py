@@ -32,7 +32,7 @@ from core.errors import HarnessError
 
 from .saliency import SALIENCY_SOURCES
 
-__all__ = ["VOC_CLASSES", "DataError", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "DataError", "VOCDataset", "read_image"]
 
 # PASCAL VOC 2012 class order, index 0 = background.
 VOC_CLASSES = [
@@ -93,6 +93,15 @@ def _open(path: Path, what: str) -> Image.Image:
         raise DataError(f"{path}: cannot decode {what} (expected a readable image file): {msg}") from None
 
 
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB (VOCDataset.image, and core.loader's workers)."""
+    im = _open(path, "image")
+    try:
+        return np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot convert image to RGB: {e}") from None
+
+
 class VOCDataset:
     """A split of a VOC-layout data set. Items load lazily and are cached in memory after first read."""
 
@@ -134,6 +143,7 @@ class VOCDataset:
             )
         self.saliency_name, self._sal_dir, self._sal_fn = self._resolve_saliency(saliency)
         self._cache: dict[tuple[str, int], np.ndarray] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}  # image_size() of images not decoded here
 
     # ---------------------------------------------------------------- construction helpers
     def _find_split_file(self, split: str) -> Path:
@@ -255,16 +265,26 @@ class VOCDataset:
     def image(self, i: int) -> np.ndarray:
         """uint8 HxWx3 RGB."""
         i = self._index(i)
+        return self._cached("image", i, lambda: read_image(self.image_path(i)))
 
-        def load():
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image i, from its file's header when it is not decoded yet (core.loader draws a
+        batch's crops in the training process while workers decode the images)."""
+        i = self._index(i)
+        if ("image", i) in self._cache:
+            return self._cache[("image", i)].shape[:2]
+        if i not in self._sizes:
             p = self.image_path(i)
-            im = _open(p, "image")
             try:
-                return np.asarray(im.convert("RGB"))
-            except Exception as e:  # noqa: BLE001
-                raise DataError(f"{p}: cannot convert image to RGB: {e}") from None
-
-        return self._cached("image", i, load)
+                with Image.open(p) as im:
+                    w, h = im.size
+            except FileNotFoundError:
+                raise DataError(f"{p}: image file not found") from None
+            except Exception as e:  # noqa: BLE001 -- PIL raises many types for corrupt files
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{p}: cannot decode image (expected a readable image file): {msg}") from None
+            self._sizes[i] = (h, w)
+        return self._sizes[i]
 
     def fingerprint(self) -> str:
         """Hash of the split's files as the file system sees them: every image's and mask's name, size and
