@@ -40,6 +40,7 @@ from core.data.transforms import apply_transform_uint8, draw_transform, paired_r
 from core.environment import cpu_model
 from core.loader import BatchLoader, resolve_loader_workers
 from core.losses import auxsegnet_loss
+from core.records import Status
 from core.train import autocast, batches, stage_optimizer
 from core.trial import run_trial
 
@@ -224,7 +225,7 @@ def trial(device: torch.device, tiny: bool, runs: Path) -> dict:
         "final_miou": resumed.final["miou"] if resumed.final else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    ok = resumed.status == "complete" and resumed.resumed_from == [{"stage": 0, "epoch": 1}]
+    ok = resumed.status == Status.COMPLETE and resumed.resumed_from == [{"stage": 0, "epoch": 1}]
     if not tiny:
         twin = run_trial(cfg)
         rec["resume_identical"] = [s["val"] for s in twin.stages] == [s["val"] for s in resumed.stages]
