@@ -1,6 +1,6 @@
 """What a GPU would see of the training input pipeline, measured on the CPU (issue #35).
 
-    python -m bench.bench_input [--workers 0 1 2] [--images 96] [--epochs 3] [--step-ms 40] [--folder DIR]
+    python -m bench.bench_input [--workers 0 1 2] [--images 400] [--epochs 3] [--step-ms 40] [--folder DIR]
 
 On a generated VOC-layout folder of 500x375 / 375x500 JPEGs (natural-image-like: smooth shapes, edges and
 noise), with the paper preset's crop (321) and batch (4) and a stage's two pseudo-label maps per image,
@@ -138,7 +138,7 @@ def measure(root: Path, workers: int, epochs: int, step_ms: float, crop: int, ba
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts")
-    ap.add_argument("--images", type=int, default=96, help="images in the generated folder")
+    ap.add_argument("--images", type=int, default=400, help="images in the generated folder (one epoch)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measurement (the first is not timed)")
     ap.add_argument("--step-ms", type=float, default=40.0, help="stand-in step (sleep) for wait_share")
     ap.add_argument("--crop", type=int, default=None, help="default: the paper preset's (321)")
