@@ -590,7 +590,7 @@ def test_init_checkpoint_is_what_the_stage_network_starts_from(tmp_path, monkeyp
 
     clf_state = trial.build_classifier(cfg, 21).state_dict()  # a warm-up the checkpoint must replace
     monkeypatch.setattr(trial, "load_data", lambda cfg: (Data(), Data()))
-    monkeypatch.setattr(trial, "warmup_and_cams", lambda cfg, ds, device: (clf_state, [], True, 0.0))
+    monkeypatch.setattr(trial, "warmup_and_cams", lambda cfg, ds, device, *loader: (clf_state, [], True, 0.0))
     monkeypatch.setattr(trial, "make_labels", lambda *args, **kwargs: (None, None, {}))
     monkeypatch.setattr(trial, "train_stage", train_stage)
     threads = torch.get_num_threads()
