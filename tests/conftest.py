@@ -7,6 +7,7 @@ testkit.stand_ins."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import signal
@@ -113,3 +114,45 @@ def pg_url(pg_server: str, request) -> str:
     """A fresh, empty database on the session's server, as a postgresql+psycopg:// URL."""
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
     return create_database(pg_server, f"t_{name}_{secrets.token_hex(3)}")
+
+
+def process_tree(root: int) -> set[int]:
+    """root and every descendant, from /proc."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        kids = {pid for pid, pp in parent.items() if pp in tree} - tree
+        grew = bool(kids)
+        tree |= kids
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited: only its exit status waits to be read
+
+
+def sigkill_leaves_nothing(p: subprocess.Popen, at_least: int, grace_s: float = 30.0) -> None:
+    """SIGKILL p and assert that its descendants (at least `at_least` of them before the kill: a count that
+    proves the children under test were there) exit within grace_s of it; any still running are killed, so
+    that they do not disturb the other tests."""
+    tree = process_tree(p.pid) - {p.pid}
+    p.send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    p.wait()
+    while any(alive(pid) for pid in tree) and time.monotonic() - t_kill < grace_s:
+        time.sleep(0.2)
+    left = [pid for pid in tree if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert len(tree) >= at_least, tree
+    assert not left, f"still running {time.monotonic() - t_kill:.0f} s after the kill: {left}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from core.data.transforms import (
 )
 from core.loader import MAX_AUTO_WORKERS, BatchLoader, resolve_loader_workers
 from core.train import batches
+from tests.conftest import alive
 
 
 def sample(rng: np.random.Generator, h: int, w: int) -> dict:
@@ -73,14 +73,6 @@ def stage_extra(ds: VOCDataset):
     segs = [rng.integers(0, 21, ds.image_size(i)).astype(np.uint8) for i in range(len(ds))]
     sals = [(rng.random(ds.image_size(i)) > 0.5).astype(np.uint8) for i in range(len(ds))]
     return lambda i: {"seg": segs[i], "sal": sals[i]}
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited
 
 
 @pytest.mark.parametrize("on_device", [False, True])

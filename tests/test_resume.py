@@ -17,7 +17,7 @@ import torch
 
 from core import checkpoint
 from core.config import make_config
-from tests.conftest import ROOT, kill_when, run_module
+from tests.conftest import ROOT, kill_when, run_module, sigkill_leaves_nothing
 
 PY = sys.executable
 # Two stages of two epochs: a kill in the second stage after one of its epochs has a label update, a
@@ -48,31 +48,6 @@ def wait_for_checkpoint(folder: Path, pattern: str, proc: subprocess.Popen, stag
                 return st
         time.sleep(0.1)
     raise AssertionError(f"no checkpoint of stage {stage} in {folder} (process rc {proc.poll()})")
-
-
-def process_tree(root: int) -> set[int]:
-    """root and every descendant, from /proc."""
-    parent = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, grew = {root}, True
-    while grew:
-        new = {p for p, pp in parent.items() if pp in tree} - tree
-        tree |= new
-        grew = bool(new)
-    return tree
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited: only its exit status waits to be read
 
 
 @pytest.fixture(scope="module")
@@ -132,20 +107,9 @@ def test_a_trial_with_loader_workers_matches_the_synchronous_one_and_resumes_exa
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_checkpoint(tmp_path / "t" / "checkpoint", checkpoint.LAST, p, stage=1)
-        tree = process_tree(p.pid) - {p.pid}
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        t_kill = time.monotonic()
-        # 2 loader workers, a CRF pool of 2, multiprocessing's resource tracker
-        assert len(tree) >= 5, tree
-        while any(alive(pid) for pid in tree) and time.monotonic() - t_kill < 30:
-            time.sleep(0.2)
-        left = [pid for pid in tree if alive(pid)]
+        sigkill_leaves_nothing(p, at_least=5)  # 2 loader workers, a CRF pool of 2, the resource tracker
     finally:
         p.kill()
-    for pid in left:  # do not leave them to the other tests
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"still running {time.monotonic() - t_kill:.0f} s after the kill: {left}"
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "t" / "result.json").read_text())
@@ -220,21 +184,9 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_checkpoint(ckpts, f"*/*/{checkpoint.LAST}", p, stage=1)  # store-*/<point>/
-        tree = process_tree(p.pid)
-        p.send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
-        p.wait()
-        tree.discard(p.pid)
-        # 2 trial processes, each with a CRF pool of 2, and multiprocessing's resource tracker
-        assert len(tree) >= 6, tree
-        while any(alive(pid) for pid in tree) and time.monotonic() - t_kill < 30:
-            time.sleep(0.2)
-        left = [pid for pid in tree if alive(pid)]
+        sigkill_leaves_nothing(p, at_least=6)  # 2 trial processes with a CRF pool of 2 each, the tracker
     finally:
         p.kill()
-    for pid in left:  # do not leave them to the other tests
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"still running {time.monotonic() - t_kill:.0f} s after the kill: {left}"
 
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
