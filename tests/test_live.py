@@ -30,6 +30,21 @@ PY = sys.executable
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def run_cmd(study: Path, workers: int) -> list[str]:
+    """studies.run on the test's study `live`, without a report."""
+    return [
+        PY,
+        "-m",
+        "studies.run",
+        "live",
+        "--study-file",
+        str(study),
+        "--workers",
+        str(workers),
+        "--no-report",
+    ]
+
+
 def write_study(tmp_path: Path, rows: int = 1, seeds: int = 2, base_set: dict | None = None) -> Path:
     """Study `live` in tmp_path/study.yaml: seg-only rows a, b, ... (loss.seg differs) x seeds 0..n-1."""
     labels = "abcdefgh"[:rows]
@@ -87,7 +102,7 @@ def test_a_terminal_shows_the_study_line_within_10_s_and_updates_it_at_every_tri
     study = write_study(tmp_path, rows=2, seeds=1, base_set={**TINY_SET, "eval.gallery_images": 0})
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    cmd = [PY, "-m", "studies.run", "live", "--study-file", str(study), "--workers", "1", "--no-report"]
+    cmd = run_cmd(study, 1)
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, env={**os.environ})
     os.close(slave)
@@ -131,7 +146,7 @@ def test_a_log_file_grows_while_the_trials_run(tmp_path):
     status line at every trial event, all while the study runs, not at its exit."""
     study = write_study(tmp_path, rows=1, seeds=3)
     log = tmp_path / "log.txt"
-    cmd = [PY, "-m", "studies.run", "live", "--study-file", str(study), "--workers", "1", "--no-report"]
+    cmd = run_cmd(study, 1)
     with open(log, "w") as fh:
         p = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.DEVNULL, env=stand_in_env(1.5))
         seen = []  # the log's contents while the process runs
@@ -171,17 +186,7 @@ def test_a_signal_leaves_no_running_trial_in_either_store(tmp_path, sig, workers
 
     study = write_study(tmp_path, rows=1, seeds=2)
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    cmd = [
-        PY,
-        "-m",
-        "studies.run",
-        "live",
-        "--study-file",
-        str(study),
-        "--workers",
-        str(workers),
-        "--no-report",
-    ]
+    cmd = run_cmd(study, workers)
 
     # A runner started in the background of a shell without job control inherits SIGINT ignored, and Python
     # keeps it so: the child starts with the default disposition, as from a terminal.
@@ -302,17 +307,7 @@ def test_no_foreign_text_lands_inside_a_bar_line(tmp_path, workers):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     env = {**stand_in_env(2.0), "STUDIES_TRIAL_FN": "tests.test_live:chatty_trial",
            "AUXSEG_RUNS": str(tmp_path / "runs"), "TERM": "xterm"}  # fmt: skip
-    cmd = [
-        PY,
-        "-m",
-        "studies.run",
-        "live",
-        "--study-file",
-        str(study),
-        "--workers",
-        str(workers),
-        "--no-report",
-    ]
+    cmd = run_cmd(study, workers)
     p = subprocess.Popen(cmd, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     screen = pyte.HistoryScreen(160, 40, history=10000, ratio=1)
