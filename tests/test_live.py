@@ -45,6 +45,37 @@ def run_cmd(study: Path, workers: int) -> list[str]:
     ]
 
 
+def in_pty(cmd: list[str], cwd: Path, env: dict, limit_s: float) -> tuple[subprocess.Popen, list]:
+    """Run cmd in a 160x40 pseudo-terminal until it exits; (the finished process, [(seconds since the
+    start, bytes read), ...])."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append((time.time() - t0, data))
+            elif p.poll() is not None:
+                break
+            assert time.time() - t0 < limit_s, "the study did not finish"
+        p.wait(60)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+    return p, chunks
+
+
 def write_study(tmp_path: Path, rows: int = 1, seeds: int = 2, base_set: dict | None = None) -> Path:
     """Study `live` in tmp_path/study.yaml: seg-only rows a, b, ... (loss.seg differs) x seeds 0..n-1."""
     labels = "abcdefgh"[:rows]
@@ -100,32 +131,8 @@ def test_a_terminal_shows_the_study_line_within_10_s_and_updates_it_at_every_tri
     ('live k/2 points | ... ETA') is on the screen within 10 s, each running trial has its own line, and the
     count moves at every trial."""
     study = write_study(tmp_path, rows=2, seeds=1, base_set={**TINY_SET, "eval.gallery_images": 0})
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    cmd = run_cmd(study, 1)
-    t0 = time.time()
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, env={**os.environ})
-    os.close(slave)
-    chunks: list[tuple[float, str]] = []
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append((time.time() - t0, data.decode(errors="replace")))
-            elif p.poll() is not None:
-                break
-            assert time.time() - t0 < 900, "the study did not finish"
-        p.wait(60)
-    finally:
-        os.close(master)
-        if p.poll() is None:
-            p.kill()
+    p, raw = in_pty(run_cmd(study, 1), tmp_path, {**os.environ}, limit_s=900)
+    chunks = [(t, data.decode(errors="replace")) for t, data in raw]
     screen = [(t, ANSI.sub("", line)) for t, text in chunks for line in re.split(r"[\r\n]", text)]
     study_lines = [(t, int(m[1])) for t, line in screen if (m := re.search(r"live (\d)/2 points \|", line))]
     assert p.returncode == 0, "".join(text for _, text in chunks)[-3000:]
@@ -303,35 +310,13 @@ def test_no_foreign_text_lands_inside_a_bar_line(tmp_path, workers):
     import pyte
 
     study = write_study(tmp_path, rows=1, seeds=2)
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     env = {**stand_in_env(2.0), "STUDIES_TRIAL_FN": "tests.test_live:chatty_trial",
            "AUXSEG_RUNS": str(tmp_path / "runs"), "TERM": "xterm"}  # fmt: skip
-    cmd = run_cmd(study, workers)
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
+    p, raw = in_pty(run_cmd(study, workers), tmp_path, env, limit_s=300)
     screen = pyte.HistoryScreen(160, 40, history=10000, ratio=1)
     stream = pyte.ByteStream(screen)
-    t0 = time.time()
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # the child closed the terminal
-                    break
-                if not data:
-                    break
-                stream.feed(data)  # the pty turned each \n into \r\n, as a terminal gets it
-            elif p.poll() is not None:
-                break
-            assert time.time() - t0 < 300, "the study did not finish"
-        p.wait(60)
-    finally:
-        os.close(master)
-        if p.poll() is None:
-            p.kill()
+    for _, data in raw:
+        stream.feed(data)  # the pty turned each \n into \r\n, as a terminal gets it
     lines = [
         "".join(line[x].data for x in range(screen.columns)).rstrip() for line in list(screen.history.top)
     ] + [line.rstrip() for line in screen.display]
