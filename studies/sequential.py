@@ -257,7 +257,7 @@ class RowDecision:
     next_seed: int | None = (
         None  # the seed this row (and the baseline) needs next; None when decided / at max
     )
-    forecast: Forecast | None = None  # unresolved rows with at least 2 paired seeds
+    forecast: Forecast | None = None  # unresolved rows the rule has looked at (the initial seeds paired)
 
 
 CODES = {1: "better", -1: "worse", 2: "equivalent"}
@@ -284,7 +284,7 @@ def row_decision(
                                float(hi[i]))  # fmt: skip
         last = (float(mean[-1]), float(lo[-1]), float(hi[-1]))
     status = "unresolved" if next_seed is not None else "unresolved at max"
-    fc = forecast(rule, d, alpha, sign) if len(pairs) >= 2 else None
+    fc = forecast(rule, d, alpha, sign) if len(pairs) >= max(2, len(rule.initial)) else None  # from 1st look
     return RowDecision(row, status, len(pairs), seeds, *last, next_seed=next_seed, forecast=fc)
 
 

@@ -330,7 +330,10 @@ def test_two_processes_add_seeds_to_one_study_without_running_a_point_twice(tmp_
     assert "[studies] up: better at 3 paired seed(s), Δ vs seg +5.0 [" in text, text[-3000:]
     assert "[studies] noisy: unresolved (seed 3 next) at 3 paired seed(s)" in text, text[-3000:]
     assert "it would need" in text and "conditional power" in text
-    assert "waiting for the initial seeds" not in text  # a row's line starts once it has its initial seeds
+    live = [line for line in text.splitlines() if line.startswith("[studies] noisy:")]
+    assert live and not any("waiting for the initial seeds" in line for line in live)  # lines from 1st look
+    summary = [line for line in text.splitlines() if "waiting for the initial seeds;" in line]
+    assert all("it would need" not in line for line in summary)  # no forecast before the rule has looked
 
 
 def test_the_live_eta_ranges_up_to_the_seeds_the_rule_may_still_add(tmp_path):
