@@ -57,11 +57,12 @@ def redecide(store: Store, name: str, initial: int, n_max: int | None, alpha: fl
         for row, d in dec.rows.items():
             cells = [row, method, status_text(d, r), d.n, interval_text(d), forecast_text(d, r)]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    planned = set(rule.sequence())
     for row in rows:
         if row == study.baseline:
             continue
-        a = {s: v for (rr, s), v in done.items() if rr == row and s in rule.sequence()}
-        b = {s: v for (rr, s), v in done.items() if rr == study.baseline and s in rule.sequence()}
+        a = {s: v for (rr, s), v in done.items() if rr == row and s in planned}
+        b = {s: v for (rr, s), v in done.items() if rr == study.baseline and s in planned}
         p = paired_delta(a, b, study.direction)
         lines.append(f"| {row} | Student-t 95 %, read once | – | {p.n} | {delta_cell(p)} | |")
     return "\n".join(lines)

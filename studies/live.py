@@ -333,7 +333,8 @@ class Live:
         trials = self.store.trial_progress(s.name)
         # adaptive seeds: the points the rule wants so far (it reads the results: store.trials)
         stored = self.store.trials(s.name) if self.plan.adaptive else []
-        points = self.plan.expected_keys(stored) if self.plan.adaptive else None
+        decision = self.plan.decide(stored) if self.plan.adaptive else None  # once per refresh
+        points = self.plan.expected_keys(stored, decision) if decision is not None else None
         attempts = [(t.key, t.status) for t in trials]
         if self.plan.is_grid:
             prog = progress(attempts, points if points is not None else [p.key for p in self.plan.points])
@@ -360,9 +361,8 @@ class Live:
                     epochs = max(epochs, max(steps) + 1)
             v.epochs_done = min(epochs, v.total_epochs)
         eta = self.eta(trials, views, None if points is None else set(points))
-        eta_max, decision = eta, None
-        if self.plan.adaptive:  # at most: every seed up to max for each row the rule has not decided
-            decision = self.plan.decide(stored)
+        eta_max = eta
+        if decision is not None:  # at most: every seed up to max for each row the rule has not decided
             open_rows = {r for r, d in decision.rows.items() if d.status == "unresolved"}
             if open_rows:
                 open_rows.add(s.baseline)

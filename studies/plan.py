@@ -101,17 +101,20 @@ class Plan:
         ]
         return decide_study(s.adaptive, [r.label for r in s.rows], s.baseline, s.direction, records)
 
-    def wanted_keys(self, trials: list[StoredTrial]) -> set[tuple] | None:
+    def wanted_keys(
+        self, trials: list[StoredTrial], decision: StudyDecision | None = None
+    ) -> set[tuple] | None:
         """The grid keys the study needs now: None (every point) unless its seeds are adaptive; then each
-        row's initial seeds and the next seed of every unresolved row and of the baseline."""
+        row's initial seeds and the next seed of every unresolved row and of the baseline. decision: the
+        rule already applied to these trials (self.decide), not computed again."""
         if not self.adaptive:
             return None
-        return {(row, None, seed) for row, seed in self.decide(trials).wanted}
+        return {(row, None, seed) for row, seed in (decision or self.decide(trials)).wanted}
 
-    def expected_keys(self, trials: list[StoredTrial]) -> list[tuple]:
+    def expected_keys(self, trials: list[StoredTrial], decision: StudyDecision | None = None) -> list[tuple]:
         """The grid keys the study counts as its points so far: every point; with adaptive seeds the points
         the rule wants now plus any that have trials (a point the rule stopped wanting after it ran)."""
-        wanted = self.wanted_keys(trials)
+        wanted = self.wanted_keys(trials, decision)
         if wanted is None:
             return [p.key for p in self.points]
         have = wanted | {t.key for t in trials}
