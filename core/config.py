@@ -93,6 +93,10 @@ class LossConfig:
 class TrainConfig:
     warmup_epochs: int = 15
     warmup_lr: float = 0.01
+    # The seed of the classification warm-up, which gives the initial CAMs (the CAM network behind the first
+    # pseudo labels) and the stage network's backbone start: "" -> the trial's seed, a CAM network per seed;
+    # an integer -> one warm-up shared by every seed, as the released pipeline's one CAM network.
+    warmup_seed: str = ""
     optimizer: str = "sgd"  # sgd (paper) | adam: trains the from-scratch CPU-width nets in far fewer steps
     stage_epochs: int = 10
     stages: int = 5  # stages 0..stages-1 (paper Table 5 reports 0..4)
@@ -430,6 +434,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.loader_workers must be auto or a count >= 0 (0: batches prepared in the training "
             f"process), got {t.loader_workers}"
+        )
+    if t.warmup_seed and not (t.warmup_seed.isascii() and t.warmup_seed.isdigit()):
+        raise ConfigError(
+            f"train.warmup_seed must be empty (the trial's seed) or an integer >= 0 (one warm-up shared by "
+            f"every seed), got {t.warmup_seed}"
         )
     if t.checkpoint_every < 0:
         raise ConfigError(

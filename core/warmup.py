@@ -1,9 +1,10 @@
 """The classification warm-up and the initial CAMs, cached under runs/cache/<key>/ by exactly what they depend
 on (WARMUP_KEYS, the data set's and the initial weights' fingerprints, the numerics), so the rows of an
-ablation train one warm-up per seed."""
+ablation train one warm-up per seed, or one in all with train.warmup_seed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from core.train import to_device, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
 CACHE_VERSION = 3
-# Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity).
+# Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity);
+# "seed" is the warm-up's own seed (warmup_seed()), so a shared warm-up is the per-seed one of that seed.
 WARMUP_KEYS = [
     "seed",
     "data.name",
@@ -55,6 +57,12 @@ WARMUP_KEYS = [
 ]
 
 
+def warmup_seed(cfg: Config) -> int:
+    """The seed the warm-up trains with: train.warmup_seed when set (shared by every trial seed), else the
+    trial's."""
+    return int(cfg.train.warmup_seed) if cfg.train.warmup_seed else cfg.seed
+
+
 def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     """The config fields the warm-up and initial CAMs depend on for this config (train.amp only on a GPU)."""
     return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
@@ -69,25 +77,27 @@ def warmup_and_cams(
     # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
     keys = warmup_keys(cfg, device)
+    seed = warmup_seed(cfg)
+    keyed = dataclasses.replace(cfg, seed=seed)
     key = (
-        f"v{CACHE_VERSION}-{cfg.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
+        f"v{CACHE_VERSION}-{keyed.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
         f"-{numerics_fingerprint(device, cfg)}"
     )
     folder = runs_dir() / "cache" / key
     t0 = time.time()
 
     def fill(tmp: Path) -> None:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         clf = build_classifier(cfg, ds.num_classes)
         if weights is not None:
             load_backbone(weights, into=clf)
         clf = to_device(clf, cfg, device)
-        train_warmup(clf, ds, cfg, device, np.random.default_rng([cfg.seed, 0]), loader)
+        train_warmup(clf, ds, cfg, device, np.random.default_rng([seed, 0]), loader)
         torch.save({k: v.cpu() for k, v in clf.state_dict().items()}, tmp / "classifier.pt")
         torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
         (tmp / "meta.json").write_text(
             json.dumps(
-                {"key_fields": {k: cfg.get(k) for k in keys}, "seconds": time.time() - t0}, default=list
+                {"key_fields": {k: keyed.get(k) for k in keys}, "seconds": time.time() - t0}, default=list
             )
         )
 

@@ -86,6 +86,31 @@ def test_same_seed_same_metrics_and_cache_reuse(runs):
 
 
 @pytest.mark.slow
+def test_warmup_seed_shares_one_cam_network_across_seeds(runs):
+    """train.warmup_seed: every trial seed starts from the one warm-up of that seed (one cache entry, the same
+    initial pseudo labels); empty keeps a warm-up per seed."""
+
+    def entries() -> set[str]:
+        return {p.name for p in (runs / "cache").iterdir() if not p.name.startswith(".")}
+
+    def run(seed: int, *shared: str):
+        return run_trial(make_config("smoke", TINY + [f"seed={seed}", *shared]))
+
+    before = entries() if (runs / "cache").is_dir() else set()
+    a, b = run(6, "train.warmup_seed=6"), run(7, "train.warmup_seed=6")
+    assert (a.warmup["cached"], b.warmup["cached"]) == (False, True)
+    assert len(entries() - before) == 1
+    assert a.initial_pgt == b.initial_pgt
+    assert a.stages[0]["losses"] != b.stages[0]["losses"]  # the trial seed still draws the stage training
+    own, same = run(7), run(6)  # per seed, as before: seed 7 its own CAM network, seed 6 the one shared above
+    assert (own.warmup["cached"], same.warmup["cached"]) == (False, True)
+    assert len(entries() - before) == 2
+    assert own.initial_pgt != b.initial_pgt and _metrics(same) == _metrics(a)
+    with pytest.raises(ConfigError, match="train.warmup_seed must be empty .* got first"):
+        make_config("smoke", ["train.warmup_seed=first"])
+
+
+@pytest.mark.slow
 def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_path):
     src = runs / "data" / "synthetic-smoke-seed0"
     ensure_generated(src, preset="smoke", seed=0)

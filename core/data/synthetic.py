@@ -284,11 +284,15 @@ def _write_png(path: Path, arr: np.ndarray, palette: list[int] | None = None) ->
     im.save(path, format="PNG")
 
 
-def generate(out: str | Path, preset: str = "default", seed: int = 0, verbose: bool = False) -> dict:
-    """Write the synthetic benchmark to ``out`` (VOC layout) and return its summary (also summary.json)."""
+def generate(
+    out: str | Path, preset: str = "default", seed: int = 0, verbose: bool = False, n_val: int | None = None
+) -> dict:
+    """Write the synthetic benchmark to ``out`` (VOC layout) and return its summary (also summary.json).
+    n_val: another val size than the preset's; its first images are the preset's own (each image draws from
+    its own stream), the rest independent draws of the same distribution (bench.bench_variance)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
+    p = PRESETS[preset] if n_val is None else {**PRESETS[preset], "n_val": int(n_val)}
     out = Path(out)
     for sub in (
         "JPEGImages",
