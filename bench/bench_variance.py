@@ -90,6 +90,7 @@ def run_job(job: dict) -> dict:
     from core.config import make_config
     from core.data import VOCDataset
     from core.evaluate import evaluate
+    from core.records import Status
     from core.train import autocast, resolve_device, to_device
     from core.trial import run_trial
 
@@ -107,7 +108,7 @@ def run_job(job: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="variance-") as tmp:
         t0 = time.time()
         res = run_trial(cfg, checkpoint_dir=tmp)
-        if res.status != "complete":
+        if res.status != Status.COMPLETE:
             raise RuntimeError(f"{job['row']} seed {job['seed']} ({job['mode']}): {res.error}")
         device = resolve_device(cfg)
         net = build_net(cfg, res.dataset["num_classes"])
