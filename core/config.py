@@ -26,35 +26,45 @@ class ConfigError(HarnessError, ValueError):
     """A bad config key or value; the message is one line naming the key."""
 
 
+def warmup_input(default: Any) -> Any:
+    """A field the classification warm-up and the initial CAMs read: core.warmup keys its cache by every
+    field so marked, so a new one cannot silently reuse a stale warm-up."""
+    return field(default=default, metadata={"warmup": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "synthetic"  # synthetic | voc
-    root: str = ""  # synthetic: "" -> runs/data/<preset>-seed<seed> (generated on first use)
-    preset: str = "default"  # synthetic generator preset (smoke | default)
-    seed: int = 0  # synthetic generator seed; the dataset stays fixed while `seed` varies training
+    name: str = warmup_input("synthetic")  # synthetic | voc
+    root: str = warmup_input("")  # synthetic: "" -> runs/data/<preset>-seed<seed> (generated on first use)
+    preset: str = warmup_input("default")  # synthetic generator preset (smoke | default)
+    seed: int = warmup_input(
+        0
+    )  # synthetic generator seed; the dataset stays fixed while `seed` varies training
     saliency: str = ""  # built-in source name or a folder of PNGs; "" -> the generator's best source
-    train_split: str = "train"
+    train_split: str = warmup_input("train")
     val_split: str = "val"
-    num_classes: int = 0  # 0 -> taken from the data (21 VOC / synthetic, 81 COCO)
+    num_classes: int = warmup_input(0)  # 0 -> taken from the data (21 VOC / synthetic, 81 COCO)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    width: float = 1.0
+    width: float = warmup_input(1.0)
     branches: tuple[str, ...] = ("seg", "cls", "sal")
     affinity: str = "cross_task"
     constraints: tuple[str, ...] = ("seg", "sal")
     # "" (unset) or "none" (explicit) -> random init; "synthetic" -> core/weights' backbone pretrained at
     # this width (core.pretrain); else a path: a converted ImageNet ResNet38 checkpoint (width 1.0) or a
     # core.pretrain checkpoint.
-    init_weights: str = ""
+    init_weights: str = warmup_input("")
     # A whole-network checkpoint loaded into the stage network after it is built (AuxSegNet.load_official):
     # the authors' SegNet state dict as their train_AuxAff.py saves it, or this project's AuxSegNet
     # state_dict(); "" -> none. It replaces the warm-up's backbone and fc8 and the fresh heads; the warm-up
     # (train.warmup_epochs=0 skips its training) still gives the initial CAMs for stage 0's pseudo labels.
     init_checkpoint: str = ""
-    dropout: float = 0.5  # Dropout2d before GAP in the cls branch
-    block_dropout: bool = True  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
+    dropout: float = warmup_input(0.5)  # Dropout2d before GAP in the cls branch
+    block_dropout: bool = warmup_input(
+        True
+    )  # ResNet38's Dropout2d in b6/b7 (drowns the signal in narrow CPU-width nets)
     dilations: tuple[int, ...] = (
         6,
         12,
@@ -79,7 +89,7 @@ class ModelConfig:
     head_streams: bool = False
     # Backbone BatchNorm in eval mode with frozen affine parameters, and conv1a frozen, as the authors' code
     # (BN statistics stay the pretrained ones). Off here: a backbone trained from scratch needs BN to learn.
-    freeze_bn: bool = False
+    freeze_bn: bool = warmup_input(False)
 
 
 @dataclass(frozen=True)
@@ -91,35 +101,37 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    warmup_epochs: int = 15
-    warmup_lr: float = 0.01
+    warmup_epochs: int = warmup_input(15)
+    warmup_lr: float = warmup_input(0.01)
     # The seed of the classification warm-up, which gives the initial CAMs (the CAM network behind the first
     # pseudo labels) and the stage network's backbone start: "" -> the trial's seed, a CAM network per seed;
     # an integer -> one warm-up shared by every seed, as the released pipeline's one CAM network.
-    warmup_seed: str = ""
-    optimizer: str = "sgd"  # sgd (paper) | adam: trains the from-scratch CPU-width nets in far fewer steps
+    warmup_seed: str = warmup_input("")
+    optimizer: str = warmup_input(
+        "sgd"
+    )  # sgd (paper) | adam: trains the from-scratch CPU-width nets in far fewer steps
     stage_epochs: int = 10
     stages: int = 5  # stages 0..stages-1 (paper Table 5 reports 0..4)
-    batch_size: int = 4
+    batch_size: int = warmup_input(4)
     lr: float = 0.0007
     head_lr_mult: float = 10.0  # stage training: heads at 10x the backbone lr (authors)
     # cross_att (the SA fusion of Eq. 4-5) at this x lr; 0 -> head_lr_mult. The authors' 10x goes to parameter
     # names containing seg, sal or fc8, so their cross_att trains at 1x.
     fusion_lr_mult: float = 0.0
-    warmup_head_lr_mult: float = 10.0  # warm-up: fc8 at this x warmup_lr
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    poly_power: float = 0.9
-    crop: int = 321
-    scale_min: float = 0.7
-    scale_max: float = 1.3
+    warmup_head_lr_mult: float = warmup_input(10.0)  # warm-up: fc8 at this x warmup_lr
+    momentum: float = warmup_input(0.9)
+    weight_decay: float = warmup_input(1e-5)
+    poly_power: float = warmup_input(0.9)
+    crop: int = warmup_input(321)
+    scale_min: float = warmup_input(0.7)
+    scale_max: float = warmup_input(1.3)
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on a GPU (ignored on the CPU); the authors train in fp32
+    amp: bool = warmup_input(True)  # bf16 autocast on a GPU (ignored on the CPU); the authors train in fp32
     # bf16 autocast on the CPU: off | on (needs AVX512-BF16 or AMX; checked when the trial starts) | auto
     # (on where the CPU runs bf16 natively, else fp32; result.environment.precision says which ran). Other
     # floats than fp32, so a study compares like with like only at one precision. true/false = on/off.
-    cpu_amp: str = "off"
-    fused_adam: bool = False  # Adam's fused kernel (4 % faster on the default preset)
+    cpu_amp: str = warmup_input("off")
+    fused_adam: bool = warmup_input(False)  # Adam's fused kernel (4 % faster on the default preset)
     channels_last: bool = True  # on a GPU
     threads: int = 0  # torch intra-op threads on the CPU; 0 -> all cores
     workers: int = 0  # processes for per-image label updates (CRF); 0 -> all cores, 1 -> in-process
@@ -163,7 +175,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = warmup_input(0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -351,6 +363,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return str(value)
     raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def warmup_inputs() -> list[str]:
+    """The dotted keys of every field marked warmup_input, in declaration order."""
+    out = []
+    for f in fields(Config):
+        if f.metadata.get("warmup"):
+            out.append(f.name)
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out += [f"{f.name}.{g.name}" for g in fields(f.default_factory) if g.metadata.get("warmup")]
+    return out
 
 
 def valid_keys() -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 from core.build import build_classifier, runs_dir
 from core.cache import atomic_dir
-from core.config import Config
+from core.config import Config, warmup_inputs
 from core.cues import compute_cams
 from core.data import VOCDataset
 from core.environment import numerics_fingerprint
@@ -25,36 +25,10 @@ from core.train import to_device, train_warmup
 
 # Bump when the warm-up or CAM code changes, so old cache entries are not reused.
 CACHE_VERSION = 3
-# Exactly the fields the warm-up checkpoint and the initial CAMs depend on (not saliency, loss, affinity);
-# "seed" is the warm-up's own seed (warmup_seed()), so a shared warm-up is the per-seed one of that seed.
-WARMUP_KEYS = [
-    "seed",
-    "data.name",
-    "data.root",
-    "data.preset",
-    "data.seed",
-    "data.train_split",
-    "data.num_classes",
-    "model.width",
-    "model.init_weights",
-    "model.dropout",
-    "model.block_dropout",
-    "train.warmup_epochs",
-    "train.warmup_lr",
-    "train.optimizer",
-    "train.batch_size",
-    "train.crop",
-    "train.scale_min",
-    "train.scale_max",
-    "train.momentum",
-    "train.weight_decay",
-    "train.poly_power",
-    "train.warmup_head_lr_mult",
-    "model.freeze_bn",
-    "train.amp",
-    "train.cpu_amp",
-    "train.fused_adam",
-]
+# The fields the warm-up checkpoint and the initial CAMs depend on, as core.config marks them
+# (warmup_input): not saliency, loss, affinity. train.warmup_seed is read as "seed" (warmup_seed()), so a
+# shared warm-up is the per-seed one of that seed.
+WARMUP_KEYS = [k for k in warmup_inputs() if k != "train.warmup_seed"]
 
 
 def warmup_seed(cfg: Config) -> int:
@@ -68,6 +42,11 @@ def warmup_keys(cfg: Config, device: torch.device) -> list[str]:
     return WARMUP_KEYS + (["train.amp"] if device.type == "cuda" else [])
 
 
+def config_key(cfg: Config, device: torch.device) -> str:
+    """The config's part of the warm-up cache key: its warm-up inputs, with the warm-up's own seed."""
+    return dataclasses.replace(cfg, seed=warmup_seed(cfg)).fingerprint(warmup_keys(cfg, device))
+
+
 def warmup_and_cams(
     cfg: Config, ds: VOCDataset, device: torch.device, loader: BatchLoader | None = None
 ) -> tuple[dict, list, bool, float]:
@@ -76,11 +55,9 @@ def warmup_and_cams(
     # The data set's own fingerprint joins the config fields: the same data.root can hold new data.
     # So do the initial weights' file stats: a rebuilt checkpoint at the same path is a new warm-up.
     weights = resolve_init_weights(cfg.model.init_weights, cfg.model.width)
-    keys = warmup_keys(cfg, device)
     seed = warmup_seed(cfg)
-    keyed = dataclasses.replace(cfg, seed=seed)
     key = (
-        f"v{CACHE_VERSION}-{keyed.fingerprint(keys)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
+        f"v{CACHE_VERSION}-{config_key(cfg, device)}-{ds.fingerprint()}-{weights_fingerprint(weights)}"
         f"-{numerics_fingerprint(device, cfg)}"
     )
     folder = runs_dir() / "cache" / key
@@ -97,7 +74,11 @@ def warmup_and_cams(
         torch.save(compute_cams(clf, ds, device), tmp / "cams.pt")
         (tmp / "meta.json").write_text(
             json.dumps(
-                {"key_fields": {k: keyed.get(k) for k in keys}, "seconds": time.time() - t0}, default=list
+                {
+                    "key_fields": {k: cfg.get(k) for k in warmup_keys(cfg, device)} | {"seed": seed},
+                    "seconds": time.time() - t0,
+                },
+                default=list,
             )
         )
 

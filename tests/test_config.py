@@ -115,6 +115,46 @@ def test_warmup_cache_key_is_unchanged_unless_the_new_keys_matter():
     assert scratch.fingerprint(warmup_keys(scratch, cpu)) != smoke.fingerprint(warmup_keys(smoke, cpu))
 
 
+def _changed(v):
+    """Another value of v's type (validity does not matter to a fingerprint)."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1
+    if isinstance(v, tuple):
+        return (*v, v[0] if v else "x")
+    return "7" if v == "" else v + "x"
+
+
+def test_the_warmup_cache_key_is_every_field_marked_as_a_warmup_input_and_nothing_else():
+    """core.warmup's key comes from the fields core.config marks (warmup_input): changing any of them is a
+    cache miss, changing any other field (stage, loss, affinity, evaluation) a hit."""
+    import dataclasses
+
+    from core.config import warmup_inputs
+    from core.warmup import config_key
+
+    cpu = torch.device("cpu")
+    base = make_config("smoke")
+    marked = set(warmup_inputs())
+    assert {"seed", "train.warmup_epochs", "model.init_weights", "train.warmup_seed"} <= marked
+    assert not marked & {"loss.sal", "model.affinity", "train.stage_epochs", "labels.cam_threshold"}
+    seen = 0
+    for top in dataclasses.fields(base):
+        section = getattr(base, top.name)
+        subfields = dataclasses.fields(section) if dataclasses.is_dataclass(section) else [None]
+        for f in subfields:
+            key = top.name if f is None else f"{top.name}.{f.name}"
+            if f is None:
+                cfg = dataclasses.replace(base, **{top.name: _changed(section)})
+            else:
+                value = _changed(getattr(section, f.name))
+                cfg = dataclasses.replace(base, **{top.name: dataclasses.replace(section, **{f.name: value})})
+            assert (config_key(cfg, cpu) != config_key(base, cpu)) == (key in marked), key
+            seen += 1
+    assert seen > 60
+
+
 def test_cpu_amp_is_off_on_or_auto_and_auto_follows_the_cpu(monkeypatch):
     import core.train as train
     from core.environment import environment, numerics_fingerprint
