@@ -118,7 +118,7 @@ def main() -> int:
     from studies.spec import load_spec
 
     study = load_spec(ROOT / "study.yaml").study(a.name)
-    if study.kind == "ablation":  # the table's conclusions under each setting: paired delta per row
+    if study.kind.is_grid:  # the table's conclusions under each setting: paired delta per row
         for label in settings:
             m = (rows.get((label, "cached")) or rows[(label, "cold")])["metric"]
             base = {k[2]: v for k, v in m.items() if k[0] == study.baseline}

@@ -27,7 +27,10 @@ class Status(StrEnum):
     DONE = "done"
 
 
+# The states a trial's record ends in (what finishing a trial may write).
 END_STATUSES = (Status.COMPLETE, Status.FAILED, Status.PRUNED, Status.INTERRUPTED)
+# The ends that stand: an interrupted trial's grid point runs again, so its end is not final.
+FINAL_STATUSES = (Status.COMPLETE, Status.FAILED, Status.PRUNED)
 
 
 class PgtMetrics(TypedDict):

@@ -90,7 +90,7 @@ def build_report(
     path = report_path(name, storage_url, out)
     stem = path.stem
     spec = study.spec
-    is_tuning = spec.kind == "tuning"
+    is_tuning = not spec.kind.is_grid
     md = [provenance.title(study), "", provenance.provenance(study, path.name), ""]
 
     def section(title: str, body: str | None, *figs: tuple[str, str | None]) -> None:

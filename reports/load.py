@@ -14,13 +14,12 @@ import pandas as pd
 
 from core.errors import HarnessError
 from studies.db import StoreError, check_reachable, redact_url
+from studies.progress import Progress, grid_points, progress
 from studies.quality import is_collapsed, last_stage_iou
 from studies.records import Status, StoredStage, StoredTrial
 from studies.sequential import SeedRule, StudyDecision, decide_study
 from studies.spec import Row, Study
 from studies.store import Store
-
-from .progress import Progress, progress
 
 
 class ReportError(HarnessError):
@@ -59,12 +58,12 @@ class StudyResults:
     @property
     def n_seeds(self) -> int | None:
         """Seeds every (row, variant) should have; None for a tuning study or adaptive seeds."""
-        return len(self.spec.seeds) if self.spec.kind == "ablation" and self.seed_rule is None else None
+        return len(self.spec.seeds) if self.spec.kind.is_grid and self.seed_rule is None else None
 
     @property
     def seed_rule(self) -> SeedRule | None:
         """The adaptive seed rule of an ablation whose spec gives `seeds: {initial, max, ...}`, else None."""
-        return self.spec.adaptive if self.spec.kind == "ablation" else None
+        return self.spec.adaptive if self.spec.kind.is_grid else None
 
     def decisions(self) -> StudyDecision | None:
         """Each row's adaptive-seed decision (studies.sequential) from the stored trials, or None."""
@@ -79,22 +78,12 @@ class StudyResults:
     def points(self, row: str | None = None, variant: str | None = None) -> list[tuple[str, str, int]] | None:
         """The grid's (row, variant, seed) keys from the spec (only those of `row` / `variant` when given);
         with adaptive seeds the points the rule wants so far and those that ran; None for a tuning study."""
-        s = self.spec
-        if s.kind == "tuning":
-            return None
-        if self.seed_rule is not None:
-            t = self.trials
-            keys = {(r, "", int(seed)) for r, seed in self.decisions().wanted}
-            keys |= {(r, v, int(seed)) for r, v, seed in zip(t["row"], t["variant"], t["seed"])}
-        else:
-            variants = [v.label for v in s.variants] or [""]
-            keys = {(r.label, v, int(seed)) for r in s.rows for v in variants for seed in s.seeds}
-        return sorted(
-            k for k in keys if (row is None or k[0] == row) and (variant is None or k[1] == variant)
-        )
+        t = self.trials
+        ran = zip(t["row"], t["variant"], t["seed"])
+        return grid_points(self.spec, ran, self.decisions(), row, variant)
 
     def progress(self, row: str | None = None, variant: str | None = None) -> Progress:
-        """Points complete vs attempts (reports.progress), for the whole study or one row / (row, variant)."""
+        """Points complete vs attempts (studies.progress), for the whole study or one row / (row, variant)."""
         t = self.trials
         if row is not None:
             t = t[t["row"] == row]

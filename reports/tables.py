@@ -43,7 +43,7 @@ PAIRED_NOTE = (
 
 def n_cell(study: StudyResults, label: str, variant: str | None = None) -> str:
     """Complete seeds of the row (with a value), then what is not complete and the earlier attempts
-    (reports.progress): '3', '2/3 (incomplete; 1 running)', '3 (1 earlier attempt interrupted)'."""
+    (studies.progress): '3', '2/3 (incomplete; 1 running)', '3 (1 earlier attempt interrupted)'."""
     t = study.trials[
         (study.trials["row"] == label)
         & ((study.trials["variant"] == variant) if variant is not None else True)

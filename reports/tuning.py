@@ -8,7 +8,7 @@ import warnings
 import pandas as pd
 
 from studies.records import dig
-from studies.sequential import interval_text, status_text
+from studies.sequential import Decision, interval_text, status_text
 
 from .format import markdown, mean_std, metric_label, pct
 from .load import ReportError, StudyResults, load_study, optuna_study
@@ -108,7 +108,7 @@ def confirmation(study: StudyResults) -> str | None:
     header = ["Set", *keys, f"search value{seed}", f"{metric_label(study.metric)} fresh seeds", "n",
               f"confirmed Δ vs {base} (deciding interval)", "status", "seeds used"]  # fmt: skip
     sign = -1 if study.direction == "minimize" else 1
-    won = [d for d in dec.rows.values() if d.status == "better"]
+    won = [d for d in dec.rows.values() if d.status == Decision.BETTER]
     if won:
         best = max(won, key=lambda d: sign * d.mean)
         answer = (

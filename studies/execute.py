@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import optuna
 
-from core.config import make_config
+from core.config import Config
 from core.errors import HarnessError
 from studies.plan import GridPoint, Plan
 from studies.records import Status, dig, finite, group_label
@@ -79,6 +79,7 @@ class Job:
     seed: int
     params: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
+    config: Config  # the trial's config, as planning built it (studies.plan)
     metric: str
     stage_metric: str
     code_version: str = ""
@@ -115,6 +116,7 @@ def job_for_point(plan: Plan, point: GridPoint, optuna_number: int, **kw: Any) -
         seed=point.seed,
         params=point.params,
         overrides=point.overrides,
+        config=point.config,
         metric=s.metric,
         stage_metric=s.stage_metric,
         **kw,
@@ -134,6 +136,7 @@ def job_for_params(plan: Plan, params: dict, optuna_number: int, **kw: Any) -> J
         seed=s.seed,
         params=dict(params),
         overrides=plan.overrides_for_params(params),
+        config=plan.config_for_params(params),
         metric=s.metric,
         stage_metric=s.stage_metric,
         pruner=s.pruner,
@@ -267,7 +270,7 @@ def execute(
     pruned_types to stop the trial (recorded as pruned). The claim (if any) is marked done (or freed, for
     an interrupted trial) once the trial row is closed."""
     store = get_store(job.url)
-    cfg = make_config(job.preset, job.overrides)
+    cfg = job.config
     curve = draws_curve(cfg, job.stage_metric)
     harness_id = store.begin_trial(
         study=job.study,

@@ -23,7 +23,7 @@ log lines ("A new study created ..."), and the lines of the trial processes (rel
 so no foreign text lands inside a bar's line.
 
 Everything shown is read from the store, so it also counts the trials of other processes on the study:
-points done / total and running / failed from the harness rows (reports.progress, the count the summary and
+points done / total and running / failed from the harness rows (studies.progress, the count the summary and
 the report use), a running trial's stage from its stage rows and its epoch from its Optuna intermediate
 values (step = global epoch). The ETA replays the claim order (longest point first, studies.plan) on this
 process's workers, each point's time its cost (plan.trial_cost) times the seconds per cost unit of the
@@ -49,11 +49,10 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from core.config import make_config
 from studies.execute import Job, Outcome
 from studies.plan import Plan, trial_cost
 from studies.records import Status, TrialProgress
-from studies.sequential import forecast_text, interval_text, status_text
+from studies.sequential import Decision, forecast_text, interval_text, status_text
 from studies.store import Store
 
 REFRESH_S = 2.0  # terminal: how often the bars are redrawn from the store
@@ -282,7 +281,7 @@ class Live:
         return restore
 
     def started(self, job: Job) -> None:
-        cfg = make_config(job.preset, job.overrides)
+        cfg = job.config
         view = TrialView(job, cfg.train.stages, cfg.train.stage_epochs, trial_cost(cfg), time.time())
         with self._lock:
             self.mine[job.optuna_number] = view
@@ -327,7 +326,7 @@ class Live:
     # -- reading the store ---------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Counts, this process's running trials (stage, epoch, time) and the ETA, from the store."""
-        from reports.progress import progress
+        from studies.progress import progress
 
         s = self.plan.study
         trials = self.store.trial_progress(s.name)
@@ -363,7 +362,7 @@ class Live:
         eta = self.eta(trials, views, None if points is None else set(points))
         eta_max = eta
         if decision is not None:  # at most: every seed up to max for each row the rule has not decided
-            open_rows = {r for r, d in decision.rows.items() if d.status == "unresolved"}
+            open_rows = {r for r, d in decision.rows.items() if d.status == Decision.UNRESOLVED}
             if open_rows:
                 open_rows.add(s.baseline)
             upto = set(points) | {p.key for p in self.plan.points if p.row in open_rows}
@@ -458,7 +457,7 @@ class Live:
             return
         rule, base = self.plan.study.adaptive, self.plan.study.baseline
         for row, d in snap["decision"].rows.items():
-            waiting = d.status == "unresolved" and d.next_seed in rule.initial
+            waiting = d.status == Decision.UNRESOLVED and d.next_seed in rule.initial
             if waiting or self._rows_shown.get(row) == (d.status, d.n):
                 continue
             self._rows_shown[row] = (d.status, d.n)

@@ -18,6 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timezone
 from typing import Any
 
@@ -63,7 +64,7 @@ def study_spec_record(plan: Plan) -> dict:
     """What the store keeps of the study's spec: the YAML mapping, its name, and the last run's --set and
     --study-file (so that a report's reproduce line carries them, e.g. data.root)."""
     s = plan.study
-    resolved = {"baseline": s.baseline} if s.kind == "ablation" else {}  # the YAML may leave it implicit
+    resolved = {"baseline": s.baseline} if s.kind.is_grid else {}  # the YAML may leave it implicit
     where = {} if plan.study_file == "study.yaml" else {"_study_file": os.path.abspath(plan.study_file)}
     return {**s.raw, **resolved, "_name": s.name, "_cli_set": dict(plan.cli_overrides), **where}
 
@@ -81,7 +82,7 @@ def open_study(plan: Plan, store: Store) -> optuna.Study:
         load_if_exists=True,
     )
     attrs = {
-        "kind": s.kind,
+        "kind": s.kind.value,
         "metric": s.metric,
         "stage_metric": s.stage_metric,
         "preset": plan.preset,
@@ -320,3 +321,54 @@ def log_recovered(log: Callable[[str], None], optuna_numbers: list[int]) -> None
             f"#{', #'.join(map(str, optuna_numbers))}; "
             "rerunning them"
         )
+
+
+@dataclass
+class OptunaStudy:
+    """A plan's Optuna study in its store, with what both backends do to it: opened with what a killed run
+    left open recovered (open); each trial handed out owned (own) and labelled (label); each outcome told
+    (tell) and logged (logged); this process's open trials closed after a stop (close_stopped)."""
+
+    plan: Plan
+    store: Store
+    study: optuna.Study
+    log: Callable[[str], None] = print
+
+    @classmethod
+    def open(cls, plan: Plan, store: Store, log: Callable[[str], None] = print) -> OptunaStudy:
+        ot = cls(plan, store, open_study(plan, store), log)
+        ot.recover()
+        return ot
+
+    def recover(self, quiet: bool = False) -> None:
+        """Close what a dead process left open, in both stores, and log which trials run again (quiet: a
+        worker this process saw die, whose trial its own line reports)."""
+        numbers = recover_optuna(self.plan, self.store, self.study)
+        if not quiet:
+            log_recovered(self.log, numbers)
+
+    @property
+    def value_scale(self) -> float:
+        return value_scale(self.study)
+
+    def fix(self, point: GridPoint) -> None:
+        """The next ask gets the grid point's params."""
+        self.study.sampler = fixed_sampler(point)
+
+    def own(self, trial: optuna.Trial) -> None:
+        mark_owner(self.study, trial._trial_id)
+
+    def label(self, trial: optuna.Trial, job: Job) -> None:
+        label_trial(trial, job)
+
+    def tell(self, job: Job, out: Outcome) -> None:
+        tell(self.study, job, out)
+
+    def logged(self, job: Job, out: Outcome) -> None:
+        log_outcome(self.log, self.plan.study.metric, job, out)
+
+    def enqueue_interrupted(self) -> None:
+        enqueue_interrupted(self.plan, self.store, self.study)
+
+    def close_stopped(self, jobs: list[Job]) -> list[tuple[Job, Outcome]]:
+        return close_stopped(self.plan, self.store, self.study, jobs)

@@ -40,30 +40,18 @@ from studies.execute import (
     one_line,
     signals_held,
 )
-from studies.optuna_adapter import (
-    close_stopped,
-    enqueue_interrupted,
-    fixed_sampler,
-    label_trial,
-    log_outcome,
-    log_recovered,
-    make_pruner,
-    mark_owner,
-    open_study,
-    recover_optuna,
-    tell,
-    value_scale,
-)
+from studies.optuna_adapter import OptunaStudy, make_pruner, tell
 from studies.plan import GridPoint, Plan
 from studies.quality import result_collapsed
 from studies.records import Status
 from studies.store import Store
 
 
-def ask_point(study: optuna.Study, plan: Plan, point: GridPoint) -> optuna.Trial:
+def ask_point(ot: OptunaStudy, plan: Plan, point: GridPoint) -> optuna.Trial:
     """A new RUNNING Optuna trial with the point's params. A WAITING trial left by an older harness
     (which enqueued points) would be popped first: such trials are failed and skipped."""
-    study.sampler = fixed_sampler(point)
+    ot.fix(point)
+    study = ot.study
     for _ in range(100):
         trial = retry_locked(study.ask, plan.search_space())
         if trial.params == point.params:
@@ -118,15 +106,14 @@ class Dispatcher:
 
     def __init__(
         self,
-        plan: Plan,
-        store: Store,
-        study: optuna.Study,
+        ot: OptunaStudy,
         cv: str,
         n_trials: int | None,
         retry_failed: bool,
         artifacts: str | None = None,
     ):
-        self.plan, self.store, self.study, self.cv, self.artifacts = plan, store, study, cv, artifacts
+        plan, store = ot.plan, ot.store
+        self.ot, self.plan, self.store, self.cv, self.artifacts = ot, plan, store, cv, artifacts
         self.retry_failed = retry_failed
         self.handed: set = (
             set()
@@ -138,10 +125,7 @@ class Dispatcher:
             target = n_trials if n_trials is not None else plan.study.n_trials
             self.budget = max(0, target - finished_count(plan, store))
             if self.budget:
-                enqueue_interrupted(plan, store, study)
-
-    def _mark_owner(self, trial: optuna.Trial) -> None:
-        mark_owner(self.study, trial._trial_id)
+                ot.enqueue_interrupted()
 
     def next_job(self) -> Job | None:
         if self.budget <= 0:
@@ -149,24 +133,24 @@ class Dispatcher:
         kw = {
             "url": self.store.url,
             "code_version": self.cv,
-            "value_scale": value_scale(self.study),
+            "value_scale": self.ot.value_scale,
             "artifacts": self.artifacts,
         }
         plan = self.plan
         if not plan.is_grid:
-            trial = retry_locked(self.study.ask, plan.search_space())
-            self._mark_owner(trial)
+            trial = retry_locked(self.ot.study.ask, plan.search_space())
+            self.ot.own(trial)
             self.budget -= 1
             job = job_for_params(plan, trial.params, trial.number, optuna_trial_id=trial._trial_id, **kw)
-            label_trial(trial, job)
+            self.ot.label(trial, job)
             return job
         got = self.keeper.claim_next(plan, self.retry_failed, skip=self.handed)
         if got is None:
             return None
         point, owner = got
         try:
-            trial = ask_point(self.study, plan, point)
-            self._mark_owner(trial)
+            trial = ask_point(self.ot, plan, point)
+            self.ot.own(trial)
         except BaseException:
             self.keeper.release(owner, None)
             raise
@@ -175,7 +159,7 @@ class Dispatcher:
         job = job_for_point(
             plan, point, trial.number, optuna_trial_id=trial._trial_id, claim_owner=owner, **kw
         )
-        label_trial(trial, job)
+        self.ot.label(trial, job)
         return job
 
     def lost(self, job: Job) -> None:
@@ -312,23 +296,23 @@ def run_study(
     plan: Plan,
     url: str,
     *,
-    workers: int = 1,
+    workers: int | None = 1,
     n_trials: int | None = None,
     retry_failed: bool = False,
     artifacts: str | None = None,
     log: Callable[[str], None] = print,
     events: TrialEvents | None = None,
 ) -> list[Outcome]:
-    """Run (or resume) a study with Optuna; returns this invocation's outcomes. workers: trials at once,
-    each in its own process when more than 1 (1: in this process). artifacts: the Optuna
+    """Run (or resume) a study with Optuna (the studies.backend.Backend contract); returns this invocation's
+    outcomes. workers: trials at once, each in its own process when more than 1 (1 or None: in this
+    process). artifacts: the Optuna
     artifact store folder for the trials' galleries (None: no galleries). events: told when each trial
     starts and ends (studies.live). On KeyboardInterrupt (Ctrl-C; SIGTERM through studies.run) the trials
     of this process are stopped and closed as interrupted in both stores, their lines logged, and the
     KeyboardInterrupt re-raised."""
     store = get_store(url)
-    study = open_study(plan, store)
-    log_recovered(log, recover_optuna(plan, store, study))
-    disp = Dispatcher(plan, store, study, code_version(), n_trials, retry_failed, artifacts)
+    ot = OptunaStudy.open(plan, store, log)
+    disp = Dispatcher(ot, code_version(), n_trials, retry_failed, artifacts)
     outcomes: list[Outcome] = []
     active: dict[int, Job] = {}  # handed out, not ended: optuna_number -> job
 
@@ -341,12 +325,12 @@ def run_study(
     def done(out: Outcome, job: Job) -> None:
         active.pop(job.optuna_number, None)
         outcomes.append(out)
-        log_outcome(log, plan.study.metric, job, out)
+        ot.logged(job, out)
         if events is not None:
             events.ended(job, out)
 
     try:
-        if workers <= 1:
+        if workers is None or workers <= 1:
             while (job := disp.next_job()) is not None:
                 done(run_optuna_job(start(job)), job)
             return outcomes
@@ -378,7 +362,7 @@ def run_study(
                             out = Outcome(
                                 optuna_number=job.optuna_number, status=Status.INTERRUPTED, error=one_line(e)
                             )
-                            recover_optuna(plan, store, study)  # its pid is dead: only its trial
+                            ot.recover(quiet=True)  # its pid is dead: only its trial
                             disp.lost(job)
                         done(out, job)
             except KeyboardInterrupt:  # (another error waits for the running trials, which record themselves)
@@ -389,7 +373,7 @@ def run_study(
     except KeyboardInterrupt:
         if active:
             with signals_held():
-                for job, out in close_stopped(plan, store, study, list(active.values())):
+                for job, out in ot.close_stopped(list(active.values())):
                     done(out, job)
         raise
     finally:

@@ -1,27 +1,30 @@
 """A study's plan: its preset, every trial config resolved and validated, its grid points or search space.
 
     plan = make_plan(spec, "ablation_tasks", preset=None, cli_overrides={"train.stages": "1"})
-    plan.points   -> [GridPoint(grid_index, row, variant, seed, overrides)]  (rows x variants x seeds)
-    plan.overrides_for_params({"loss.cls": 0.3})  (tuning: the overrides of one sampled trial)
+    plan.points   -> [GridPoint(grid_index, row, variant, seed, overrides, config)]  (rows x variants x seeds)
+    plan.derive({"train.threads": 1})     (the runner's derived keys, applied to every config already built)
+    plan.config_for_params({"loss.cls": 0.3})  (tuning: the config of one sampled trial)
     plan.wanted_keys(store.trials(name))   (adaptive seeds: the points the study needs now; None: all)
     confirm_plan(plan, trials)             (a tuning study's confirmation: its top sets on fresh seeds)
 
-Every config a study can produce is built with core.config.make_config before anything runs, and a
+Every config a study can produce is built here, once, with core.config.make_config before anything runs
+(a grid point's travels with it and its Job; a tuning trial's is built when its params are sampled), and a
 bad value is blamed on its source: the study file's line (rows, variants, study set), --set or --preset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import PRESETS, Config, ConfigError, make_config
+from core.config import PRESETS, Config, ConfigError, apply_overrides, make_config
 from studies.records import Status, StoredTrial
 from studies.sequential import StudyDecision, decide_study
-from studies.spec import Row, SourceLines, Spec, SpecError, Study, Variant
+from studies.spec import Row, SourceLines, Spec, SpecError, Study, StudyKind, Variant
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,10 @@ class GridPoint:
     row: str
     variant: str | None
     seed: int
-    overrides: dict[str, Any]
+    overrides: dict[str, Any]  # own, then the run's (Plan.run_overrides)
     cost: float = 1.0  # relative trial time (trial_cost), for claiming the longest trials first
+    config: Config = field(default_factory=Config, compare=False)  # the resolved, validated config
+    own: dict[str, Any] = field(default_factory=dict, compare=False)  # base, study, row, variant, seed
 
     @property
     def key(self) -> tuple:
@@ -67,6 +72,28 @@ class Plan:
     derived_overrides: dict[str, Any]  # what the runner derives (threads per trial); --set wins over them
     points: tuple[GridPoint, ...] = ()
     study_file: str = "study.yaml"  # the file the study came from (--study-file)
+    base_config: Config = field(default_factory=Config, compare=False)  # tuning: the params at the preset's
+
+    def derive(self, derived_overrides: dict[str, Any]) -> Plan:
+        """This plan with the keys the runner derives (threads per trial) set in every config. They are
+        never keys the user set (--set wins over them: the runner derives only the others), so each config
+        is the one make_plan would build with them, without building it again."""
+        run = {**derived_overrides, **self.cli_overrides}
+        points = tuple(
+            dataclasses.replace(
+                p, overrides={**p.own, **run}, config=apply_overrides(p.config, derived_overrides)
+            )
+            for p in self.points
+        )
+        base = apply_overrides(self.base_config, derived_overrides)
+        plan = dataclasses.replace(
+            self, derived_overrides=dict(derived_overrides), points=points, base_config=base
+        )
+        return plan
+
+    def configs(self) -> list[Config]:
+        """Every config this plan runs: its grid points', or a tuning study's with the params unset."""
+        return [p.config for p in self.points] or [self.base_config]
 
     @property
     def run_overrides(self) -> dict[str, Any]:
@@ -75,7 +102,7 @@ class Plan:
 
     @property
     def is_grid(self) -> bool:
-        return self.study.kind == "ablation"
+        return self.study.kind.is_grid
 
     @functools.cached_property  # claim_next asks on every claim; the grid does not change
     def claim_order(self) -> tuple[GridPoint, ...]:
@@ -133,14 +160,6 @@ class Plan:
             return space
         return {p.name: p.distribution() for p in s.params}
 
-    def grid_values(self) -> dict[str, list]:
-        s = self.study
-        g: dict[str, list] = {"row": [r.label for r in s.rows]}
-        if s.variants:
-            g["variant"] = [v.label for v in s.variants]
-        g["seed"] = list(s.seeds)
-        return g
-
     def point_for_params(self, params: dict[str, Any]) -> GridPoint:
         key = (params["row"], params.get("variant"), params["seed"])
         for p in self.points:
@@ -155,6 +174,10 @@ class Plan:
         o.update(self.run_overrides)
         o.update(params)
         return o
+
+    def config_for_params(self, params: dict[str, Any]) -> Config:
+        """The config of one tuning trial (sampled within the validated search space)."""
+        return make_config(self.preset, self.overrides_for_params(params))
 
 
 def make_plan(
@@ -175,7 +198,7 @@ def make_plan(
     if preset not in PRESETS:
         raise SpecError(f"--preset: unknown preset {preset!r} (expected one of {list(PRESETS)})")
     try:
-        make_config(preset, {**base, **run})
+        base_config = make_config(preset, {**base, **run})
     except ConfigError as e:
         # Blame the source: a preset may be incomplete on its own (paper needs data.root from --set),
         # so judge the preset together with --set, and the study's set on top of both.
@@ -185,7 +208,7 @@ def make_plan(
             raise SpecError(f"{'--set' if cli else '--preset'}: {e}") from None
         raise ctx.err(("studies", name, "set"), str(e)) from None
     points: list[GridPoint] = []
-    if study.kind == "ablation":
+    if study.kind.is_grid:
         n = 0
         variants: list[Variant | None] = list(study.variants) or [None]
         for (ri, row), (vi, var) in itertools.product(enumerate(study.rows), enumerate(variants)):
@@ -196,18 +219,23 @@ def make_plan(
                 else ("studies", name, "rows", ri, "set")
             )
             for seed in study.seeds:
-                ov = {**o, "seed": seed, **run}
+                own = {**o, "seed": seed}
+                ov = {**own, **run}
                 try:
-                    cost = trial_cost(make_config(preset, ov))
+                    cfg = make_config(preset, ov)
                 except ConfigError as e:
                     try:  # the row alone, or only with its variant?
                         make_config(preset, {**base, **row.overrides, "seed": seed, **run})
                     except ConfigError:
                         where = ("studies", name, "rows", ri, "set")
                     raise ctx.err(where, str(e)) from None
-                points.append(GridPoint(n, row.label, var.label if var else None, seed, ov, cost))
+                point = GridPoint(
+                    n, row.label, var.label if var else None, seed, ov, trial_cost(cfg), cfg, own
+                )
+                points.append(point)
                 n += 1
     else:
+        base_config = make_config(preset, {**base, "seed": study.seed, **run})
         for p in study.params:
             path = ("studies", name, "params", p.name)
             if p.name in cli:
@@ -218,7 +246,8 @@ def make_plan(
                     make_config(preset, {**base, "seed": study.seed, **run, p.name: v})
                 except ConfigError as e:
                     raise ctx.err(path, str(e)) from None
-    return Plan(study, preset, base, cli, dict(derived_overrides or {}), tuple(points), study_file=spec.path)
+    derived = dict(derived_overrides or {})
+    return Plan(study, preset, base, cli, derived, tuple(points), spec.path, base_config)
 
 
 CONFIRM_BASELINE = "preset"  # the confirmation's baseline row: the preset's own values of the tuned keys
@@ -273,7 +302,7 @@ def confirm_plan(
     name = confirm_name(s.name)
     rule = s.confirm.rule
     raw = {
-        "kind": "ablation",
+        "kind": StudyKind.ABLATION.value,
         "description": f"Confirmation of {s.name}: its top {len(rows) - 1} parameter sets re-run on fresh "
         "seeds, each paired against the preset's own values",
         "metric": s.metric,
@@ -284,7 +313,7 @@ def confirm_plan(
         "rows": [{"label": r.label, "set": r.overrides, "description": r.description} for r in rows],
         "confirms": s.name,
     }
-    study = Study(name=name, kind="ablation", description=raw["description"], paper_table=None,
+    study = Study(name=name, kind=StudyKind.ABLATION, description=raw["description"], paper_table=None,
                   metric=s.metric, stage_metric=s.stage_metric, direction=s.direction, overrides={},
                   seeds=rule.sequence(), adaptive=rule, baseline=CONFIRM_BASELINE, rows=tuple(rows),
                   raw=raw, lines={})  # fmt: skip

@@ -42,20 +42,7 @@ from studies.execute import (
     point_states,
     signals_held,
 )
-from studies.optuna_adapter import (
-    close_stopped,
-    enqueue_interrupted,
-    fixed_sampler,
-    label_trial,
-    log_outcome,
-    log_recovered,
-    make_sampler,
-    mark_owner,
-    open_study,
-    recover_optuna,
-    tell,
-    value_scale,
-)
+from studies.optuna_adapter import OptunaStudy, make_sampler
 from studies.plan import Plan
 from studies.quality import result_collapsed
 from studies.records import Status, StoredTrial, finite
@@ -120,6 +107,8 @@ class HarnessSearch(OptunaSearch):
         events: TrialEvents | None = None,
     ) -> None:
         self.h_plan, self.h_store, self.h_log, self.h_events = plan, store, log, events
+        # The searcher's own Optuna study (OptunaSearch asks and tells on it), driven the harness way.
+        self.h_ot = OptunaStudy(plan, store, self._ot_study, log)
         self.h_retry_failed, self.h_budget = retry_failed, budget
         self.h_keeper = ClaimKeeper(store) if plan.is_grid else None
         self.h_handed: set = set()
@@ -154,7 +143,7 @@ class HarnessSearch(OptunaSearch):
                 return Searcher.FINISHED
             point, owner = got
             self.h_handed.add(point.key)
-            self._ot_study.sampler = fixed_sampler(point)
+            self.h_ot.fix(point)
         try:
             cfg = super().suggest(trial_id)
         except BaseException:
@@ -162,7 +151,7 @@ class HarnessSearch(OptunaSearch):
                 self.h_keeper.release(owner, None)
             raise
         ot = self._ot_trials[trial_id]
-        mark_owner(self._ot_study, ot._trial_id)
+        self.h_ot.own(ot)
         self.h_budget -= 1
         self.h_jobs[trial_id] = job_for_params(
             plan,
@@ -171,9 +160,9 @@ class HarnessSearch(OptunaSearch):
             url=self.h_store.url,
             optuna_trial_id=ot._trial_id,
             claim_owner=owner,
-            value_scale=value_scale(self._ot_study),
+            value_scale=self.h_ot.value_scale,
         )
-        label_trial(ot, self.h_jobs[trial_id])
+        self.h_ot.label(ot, self.h_jobs[trial_id])
         if self.h_events is not None:
             self.h_events.started(self.h_jobs[trial_id])
         return {
@@ -181,7 +170,7 @@ class HarnessSearch(OptunaSearch):
             "_optuna_number": ot.number,
             "_optuna_trial_id": ot._trial_id,
             "_claim_owner": owner,
-            "_value_scale": value_scale(self._ot_study),
+            "_value_scale": self.h_ot.value_scale,
         }
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -225,11 +214,11 @@ class HarnessSearch(OptunaSearch):
             if result.get("node"):  # before tell(): Optuna refuses attributes on a finished trial
                 storage = self._ot_study._storage
                 retry_locked(storage.set_trial_user_attr, job.optuna_trial_id, "ray_node", result["node"])
-            tell(self._ot_study, job, out)
+            self.h_ot.tell(job, out)
         except Exception as e:
             self.h_log(f"[studies] could not tell Optuna about trial #{job.optuna_number}: {one_line(e)}")
         self.h_outcomes.append(out)
-        log_outcome(self.h_log, self.h_plan.study.metric, job, out)
+        self.h_ot.logged(job, out)
         if self.h_events is not None:
             self.h_events.ended(job, out)
 
@@ -249,9 +238,7 @@ class HarnessSearch(OptunaSearch):
             self.h_keeper.close()
 
 
-def _make_trainable(
-    plan: Plan, url: str, cv: str, derived_overrides: dict[str, Any], artifacts: str | None
-) -> Callable[[dict], None]:
+def _make_trainable(plan: Plan, url: str, cv: str, artifacts: str | None) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
         import ray
         from ray import tune
@@ -268,7 +255,6 @@ def _make_trainable(
             value_scale=config.get("_value_scale", 100.0),
             artifacts=artifacts,
         )
-        job.overrides = {**job.overrides, **derived_overrides}
         node = ray.get_runtime_context().get_node_id()
         state: dict[str, Any] = {"harness_id": None, "last": 0.0}
 
@@ -362,8 +348,7 @@ def run_study(
         # The cluster is checked before the study is touched: a request no node can hold changes nothing.
         cpus, gpus, slots = trial_resources(ray.nodes(), cpus_per_trial, gpus_per_trial, address or "local")
         store = get_store(url)
-        study = open_study(plan, store)
-        log_recovered(log, recover_optuna(plan, store, study))
+        ot = OptunaStudy.open(plan, store, log)
         if plan.is_grid:
             done, running = point_states(plan, store, retry_failed)
             num = len([p for p in plan.points if p.key not in done | running])
@@ -371,11 +356,12 @@ def run_study(
         else:
             num = max(0, (n_trials if n_trials is not None else s.n_trials) - finished_count(plan, store))
             if num:
-                enqueue_interrupted(plan, store, study)  # the searcher asks their parameters first
+                ot.enqueue_interrupted()  # the searcher asks their parameters first
         if num == 0:
             log("[studies] nothing to run: every trial of this study is finished")
             return []
         derived = {k: max(1, int(cpus)) for k in ("train.threads", "train.workers") if k not in user_keys}
+        plan = plan.derive({**plan.derived_overrides, **derived})  # each trial's threads from its resources
         mode = "max" if s.direction == "maximize" else "min"
         searcher = HarnessSearch(
             space=plan.search_space(),
@@ -404,7 +390,7 @@ def run_study(
         )
         tuner = tune.Tuner(
             tune.with_resources(
-                _make_trainable(plan, url, code_version(), derived, artifacts), {"cpu": cpus, "gpu": gpus}
+                _make_trainable(plan, url, code_version(), artifacts), {"cpu": cpus, "gpu": gpus}
             ),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
@@ -425,8 +411,8 @@ def run_study(
                 ray.shutdown()
                 started = False
             with signals_held():
-                for job, out in close_stopped(plan, store, study, searcher.unfinished()):
-                    log_outcome(log, plan.study.metric, job, out)
+                for job, out in ot.close_stopped(searcher.unfinished()):
+                    ot.logged(job, out)
                     if events is not None:
                         events.ended(job, out)
         raise
@@ -439,7 +425,5 @@ def run_study(
 
 
 def _total_epochs(plan: Plan) -> int:
-    from core.config import make_config
-
-    t = make_config(plan.preset, plan.overrides_for_params({})).train
+    t = plan.base_config.train
     return t.stages * t.stage_epochs

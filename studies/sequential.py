@@ -2,7 +2,7 @@
 
     rule = SeedRule(initial=(0, 1, 2), max=8, rope=0.5, alpha=0.05)     # study.yaml `seeds: {initial, max}`
     dec = decide_study(rule, rows, baseline, direction, trials)           # trials: {row, seed, status, value}
-    dec.rows["seg+sal"].status -> "better" | "worse" | "equivalent" | "unresolved" | "unresolved at max"
+    dec.rows["seg+sal"].status -> a Decision: better | worse | equivalent | unresolved | unresolved at max
     dec.wanted -> {(row, seed), ...}   the grid points the study needs now (studies.plan claims only these)
 
 The rule (`row_decision`). For a row and the baseline row, d_s = metric(row, s) − metric(baseline, s) over
@@ -53,9 +53,21 @@ import numpy as np
 from scipy import optimize
 from scipy import stats as sps
 
-from core.records import Status
+from core.records import FINAL_STATUSES, Status
 
-STATUSES = ("better", "worse", "equivalent", "unresolved", "unresolved at max")
+
+class Decision(StrEnum):
+    """A row's state under the rule (RowDecision.status): decided, or waiting for seeds, or out of them."""
+
+    BETTER = "better"
+    WORSE = "worse"
+    EQUIVALENT = "equivalent"
+    UNRESOLVED = "unresolved"  # another seed is coming
+    UNRESOLVED_AT_MAX = "unresolved at max"  # the seeds are used up
+
+    @property
+    def is_decided(self) -> bool:
+        return self in (Decision.BETTER, Decision.WORSE, Decision.EQUIVALENT)
 
 
 class Method(StrEnum):
@@ -248,7 +260,7 @@ class Forecast:
 @dataclass(frozen=True)
 class RowDecision:
     row: str
-    status: str  # one of STATUSES
+    status: Decision
     n: int  # paired seeds the decision used
     seeds: tuple[int, ...]  # those seeds, in order
     mean: float  # mean paired difference (fraction), NaN when n = 0
@@ -260,7 +272,7 @@ class RowDecision:
     forecast: Forecast | None = None  # unresolved rows the rule has looked at (the initial seeds paired)
 
 
-CODES = {1: "better", -1: "worse", 2: "equivalent"}
+CODES = {1: Decision.BETTER, -1: Decision.WORSE, 2: Decision.EQUIVALENT}
 
 
 def row_decision(
@@ -283,7 +295,7 @@ def row_decision(
             return RowDecision(row, CODES[int(codes[i])], i + 1, seeds[: i + 1], float(mean[i]), float(lo[i]),
                                float(hi[i]))  # fmt: skip
         last = (float(mean[-1]), float(lo[-1]), float(hi[-1]))
-    status = "unresolved" if next_seed is not None else "unresolved at max"
+    status = Decision.UNRESOLVED if next_seed is not None else Decision.UNRESOLVED_AT_MAX
     fc = forecast(rule, d, alpha, sign) if len(pairs) >= max(2, len(rule.initial)) else None  # from 1st look
     return RowDecision(row, status, len(pairs), seeds, *last, next_seed=next_seed, forecast=fc)
 
@@ -340,10 +352,6 @@ class StudyDecision:
     wanted: set[tuple[str, int]] = field(default_factory=set)  # (row, seed) the study needs now
 
 
-# A trial that will not run again (interrupted / running: pending).
-ENDED = (Status.COMPLETE, Status.FAILED, Status.PRUNED)
-
-
 def decide_study(
     rule: SeedRule, rows: list[str], baseline: str, direction: str, trials: Iterable[Mapping]
 ) -> StudyDecision:
@@ -357,7 +365,7 @@ def decide_study(
     ended: set[tuple[str, int]] = set()
     for t in trials:
         key = (str(t["row"]), int(t["seed"]))
-        if t["status"] in ENDED:
+        if t["status"] in FINAL_STATUSES:  # interrupted or running: the point is still pending
             ended.add(key)
             v = t.get("value")
             if t["status"] == Status.COMPLETE and v is not None and math.isfinite(v):
@@ -407,12 +415,12 @@ def forecast_text(d: RowDecision, rule: SeedRule) -> str:
 def status_text(d: RowDecision, rule: SeedRule, with_forecast: bool = False) -> str:
     """'better', 'equivalent within ±0.5', 'unresolved at max', 'unresolved (seed 4 next)', or 'waiting for
     the initial seeds' before the row has them; an unresolved row's forecast follows after a colon."""
-    if d.status == "equivalent":
+    if d.status == Decision.EQUIVALENT:
         return f"equivalent within ±{rule.rope:g}"
-    if d.status == "unresolved" and d.next_seed in rule.initial:
+    if d.status == Decision.UNRESOLVED and d.next_seed in rule.initial:
         return "waiting for the initial seeds"
-    text = d.status
-    if d.status == "unresolved" and d.next_seed is not None:
+    text = str(d.status)
+    if d.status == Decision.UNRESOLVED and d.next_seed is not None:
         text = f"unresolved (seed {d.next_seed} next)"
     fc = forecast_text(d, rule) if with_forecast else ""
     return f"{text}: {fc}" if fc else text

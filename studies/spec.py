@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,18 @@ class SourceLines:
 
 
 # ---------------------------------------------------------------------------------- the schema
+class StudyKind(StrEnum):
+    """What a study is: a grid (rows x variants x seeds, each point run once) or an Optuna search."""
+
+    ABLATION = "ablation"
+    TUNING = "tuning"
+
+    @property
+    def is_grid(self) -> bool:
+        """Its trials are grid points (row, variant, seed), not sampled parameter sets."""
+        return self is StudyKind.ABLATION
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of an ablation table: a labelled set of overrides, its check-mark cells, the paper's figure."""
@@ -160,7 +173,7 @@ class Confirm:
 @dataclass(frozen=True)
 class Study:
     name: str
-    kind: str
+    kind: StudyKind
     description: str
     paper_table: Any
     metric: str
@@ -371,15 +384,16 @@ def _confirm(ctx: SourceLines, path: tuple, d: Any, seed: int) -> Confirm | None
 def _study(ctx: SourceLines, name: str, d: Any) -> Study:
     path = ("studies", name)
     _expect(ctx, path, d, dict, "a mapping")
-    kind = d.get("kind")
-    if kind not in ("ablation", "tuning"):
-        raise ctx.err(path + ("kind",), f"kind must be 'ablation' or 'tuning', got {kind!r}")
+    if d.get("kind") not in [k.value for k in StudyKind]:
+        kinds = " or ".join(f"'{k}'" for k in StudyKind)
+        raise ctx.err(path + ("kind",), f"kind must be {kinds}, got {d.get('kind')!r}")
+    kind = StudyKind(d["kind"])
     _keys(
         ctx,
         path,
         d,
-        ABLATION_KEYS if kind == "ablation" else TUNING_KEYS,
-        ("rows", "seeds") if kind == "ablation" else ("params",),
+        ABLATION_KEYS if kind.is_grid else TUNING_KEYS,
+        ("rows", "seeds") if kind.is_grid else ("params",),
     )
     metric = d.get("metric", "final.miou")
     if metric not in METRICS:
@@ -405,7 +419,7 @@ def _study(ctx: SourceLines, name: str, d: Any) -> Study:
         raw=dict(d),
         lines=ctx.lines,
     )
-    if kind == "ablation":
+    if kind.is_grid:
         adaptive = None
         if isinstance(d["seeds"], dict):
             adaptive = _seed_rule(ctx, path + ("seeds",), d["seeds"])

@@ -56,22 +56,91 @@ def test_no_test_module_imports_another():
     assert {k: v for k, v in hits.items() if v} == {}
 
 
+def literals(side: ast.expr) -> list[ast.expr]:
+    """A comparison's side, or the elements of a tuple, list or set display at any depth
+    (`sorted(...) == [("seg", 0, "complete")]`); a subscript or a call is not looked into."""
+    if isinstance(side, (ast.Tuple, ast.List, ast.Set)):
+        return [c for e in side.elts for c in literals(e)]
+    return [side]
+
+
 def test_statuses_are_compared_through_the_enum():
     """No comparison with a status string literal outside core/records.py (the enum) and the store's reading
-    of legacy rows: `t.status == "complete"` would keep working until a status is renamed."""
+    of legacy rows, the tests included: `t.status == "complete"` would keep working until a status is
+    renamed. (A status as data, e.g. a stored row or a result dict a test writes, is no comparison.)"""
     values = {s.value for s in Status}
     found = []
-    for p in files("core", "studies", "reports", "bench", "testkit"):
+    for p in files("core", "studies", "reports", "bench", "testkit", "tests"):
         if p == ROOT / "core" / "records.py":
             continue
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.Compare):
                 continue
             for side in [node.left, *node.comparators]:
-                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
                 found += [
                     f"{p.relative_to(ROOT)}:{node.lineno}"
-                    for c in consts
+                    for c in literals(side)
                     if isinstance(c, ast.Constant) and c.value in values
                 ]
     assert found == []
+
+
+def test_kinds_and_decisions_are_compared_through_their_enums():
+    """No comparison with a study kind (studies.spec.StudyKind) or a row decision
+    (studies.sequential.Decision) as a string literal outside the module that defines it: `kind ==
+    "ablation"` would keep working until a kind is added or renamed."""
+    from studies.sequential import Decision
+    from studies.spec import StudyKind
+
+    found = []
+    for enum, home in ((StudyKind, "studies/spec.py"), (Decision, "studies/sequential.py")):
+        values = {e.value for e in enum}
+        for p in files("core", "studies", "reports", "bench", "testkit"):
+            if p == ROOT / home:
+                continue
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Compare):
+                    continue
+                for side in [node.left, *node.comparators]:
+                    consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                    found += [
+                        f"{p.relative_to(ROOT)}:{node.lineno} {c.value!r}"
+                        for c in consts
+                        if isinstance(c, ast.Constant) and c.value in values
+                    ]
+    assert found == []
+
+
+def test_both_backends_keep_the_backend_protocol():
+    """studies.backend.Backend is the contract studies.run calls: each backend's run_study takes its
+    parameters (same names, kinds and defaults but workers') and nothing more that lacks a default."""
+    import inspect
+
+    from studies.backend import BACKENDS, Backend, backend
+
+    want = list(inspect.signature(Backend.__call__).parameters.values())[1:]  # without self
+    for name in BACKENDS:
+        have = inspect.signature(backend(name)).parameters
+        for p in want:
+            q = have.get(p.name)
+            assert q is not None and q.kind == p.kind, (name, p.name)
+            if p.name != "workers":
+                assert q.default == p.default, (name, p.name, q.default)
+        extra = [q for n, q in have.items() if n not in {p.name for p in want}]
+        assert all(q.kind == q.KEYWORD_ONLY and q.default is not q.empty for q in extra), (name, extra)
+    with pytest.raises(ValueError, match="unknown backend 'dask'"):
+        backend("dask")
+
+
+def test_configs_are_built_in_planning_only():
+    """A trial's config is built once, when its study is planned (studies/plan.py), and travels with its grid
+    point and Job: no other studies module builds one (spec.py checks the study file's base.set at parse)."""
+    calls = []
+    for p in files("studies"):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "make_config",
+                "config_from_dict",
+            ):
+                calls.append(p.name)
+    assert set(calls) <= {"plan.py", "spec.py"} and calls.count("spec.py") == 1, calls

@@ -70,9 +70,12 @@ def add(store, study, number, row, seed, res=None, status="complete", variant=No
     )
     for st in (res or {}).get("stages", []):
         store.record_stage(tid, st)
-    if status != "running":
+    if status != Status.RUNNING:
         store.finish_trial(
-            tid, status, result=res, error="Traceback\nRuntimeError: boom" if status == "failed" else None
+            tid,
+            status,
+            result=res,
+            error="Traceback\nRuntimeError: boom" if status == Status.FAILED else None,
         )
     return tid
 
@@ -447,7 +450,7 @@ def test_interrupted_trials_listed_never_complete(store, url, tmp_path):
     assert "2 (1 complete / 0 failed / 0 pruned / 0 running / 1 interrupted)" in md
     assert table_row(md, "a")[1:3] == ["50.0 ± –", "1/2 (incomplete; 1 interrupted)"]
     assert table_row(md, "Trial") == ["Trial", "Config", "Variant", "Seed", "Status", "Error"]
-    assert table_row(md, "1")[:5] == ["1", "a", "", "1", "interrupted"]
+    assert table_row(md, "1")[:5] == ["1", "a", "", "1", Status.INTERRUPTED]
 
 
 # ----------------------------------------------------------------------------------- paired statistics
@@ -571,9 +574,10 @@ def test_collapsed_trial_marked_and_listed(collapse, url, tmp_path, monkeypatch)
 def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
     from types import SimpleNamespace
 
+    from core.config import Config
     from studies.execute import Job, Outcome
     from studies.optuna_adapter import trial_attrs
-    from studies.run import study_summary as summary
+    from studies.summary import study_summary as summary
 
     plan = SimpleNamespace(
         is_grid=True,
@@ -585,7 +589,7 @@ def test_run_summary_and_trial_attrs_carry_collapsed(collapse, store, url):
     lines = summary(plan, store).splitlines()
     assert lines[3].startswith("B ") and lines[3].endswith("1 collapsed") and "collapsed" not in lines[2]
     assert lines[-1] == "6/6 points complete"
-    job = Job(study="collapse", url=url, preset="smoke", optuna_number=4, row="B", seed=1,
+    job = Job(study="collapse", url=url, preset="smoke", optuna_number=4, row="B", seed=1, config=Config(),
               metric="final.miou", stage_metric="val.miou", code_version="abc123")  # fmt: skip
     bad = result(0.17, iou=[0.7, 0.0, None])
     done = {"optuna_number": 4, "status": "complete"}
@@ -782,7 +786,7 @@ def test_reports_of_two_stores_do_not_overwrite_each_other(tmp_path, monkeypatch
 
 # --------------------------------------------------------------------------- points done vs attempts
 def test_progress_counts_points_not_attempts():
-    from reports.progress import progress
+    from studies.progress import progress
 
     grid = [(r, None, s) for r in "ab" for s in (0, 1)]
 
@@ -810,7 +814,7 @@ def test_progress_counts_points_not_attempts():
 def test_counts_after_interrupted_then_completed_attempts(store, url, tmp_path):
     from types import SimpleNamespace
 
-    from studies.run import study_summary
+    from studies.summary import study_summary
 
     spec = {"kind": "ablation", "seeds": [0, 1], "baseline": "a", "rows": [{"label": "a"}, {"label": "b"}]}
     store.upsert_study("rerun", spec, "smoke")

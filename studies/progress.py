@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from studies.records import Status
+from studies.sequential import StudyDecision
+from studies.spec import Study
 
 # Which attempt decides a point's state when it has several: a complete trial wins, then one still running.
 _PRIORITY = (Status.COMPLETE, Status.RUNNING, Status.PRUNED, Status.FAILED, Status.INTERRUPTED)
@@ -115,3 +117,25 @@ def progress(
         earlier.update(s for s in rest if s in (Status.FAILED, Status.INTERRUPTED, Status.RUNNING))
     total = len(expected | set(by_point)) if points is not None else None
     return Progress("point", total, dict(states), dict(earlier))
+
+
+def grid_points(
+    spec: Study,
+    ran: Iterable[tuple[str, str, int]],
+    decision: StudyDecision | None = None,
+    row: str | None = None,
+    variant: str | None = None,
+) -> list[tuple[str, str, int]] | None:
+    """A grid study's (row, variant, seed) keys (variant "" when none), only those of `row` / `variant` when
+    given: every point of the spec; with adaptive seeds the points the rule wants so far (decision) and
+    those that ran (ran: the trials' keys). None for a tuning study."""
+    if not spec.kind.is_grid:
+        return None
+    if spec.adaptive is not None:
+        assert decision is not None, "adaptive seeds: the rule's decision on the trials"
+        keys = {(r, "", int(seed)) for r, seed in decision.wanted}
+        keys |= {(r, v or "", int(seed)) for r, v, seed in ran}
+    else:
+        variants = [v.label for v in spec.variants] or [""]
+        keys = {(r.label, v, int(seed)) for r in spec.rows for v in variants for seed in spec.seeds}
+    return sorted(k for k in keys if (row is None or k[0] == row) and (variant is None or k[1] == variant))
