@@ -1,8 +1,9 @@
 """Shared test setup: the repository root, the fast smoke variant, VOC settings that validate without the
-data, a fresh runs/ folder per test module, a helper that runs a module's CLI in a subprocess, one that kills
-a process once something happened (kill_when), and a real throwaway PostgreSQL server (testkit.pgserver):
-pg_server for the session, pg_url a fresh database per test. Stand-in trials and their study files are in
-testkit.stand_ins."""
+data, a fresh runs/ folder per test module (study_runs: with the repository on $PYTHONPATH, for studies.run
+in subprocesses), a helper that runs a module's CLI in a subprocess (run_cli: studies.run from a folder), a
+small two-study study.yaml on the fast variant (write_study), one that kills a process once something happened
+(kill_when), and a real throwaway PostgreSQL server (testkit.pgserver): pg_server for the session, pg_url a
+fresh database per test. Stand-in trials and their study files are in testkit.stand_ins."""
 
 from __future__ import annotations
 
@@ -37,17 +38,63 @@ TINY = [f"{k}={json.dumps(v)}" for k, v in TINY_SET.items()]  # as --set overrid
 VOC = ["data.root=/voc", "data.saliency=sr"]
 
 
-def run_module(module: str, args: list[str], env: dict | None = None, timeout: float | None = None):
-    """`python -m module args...` from the repository root, output captured as text."""
+def run_module(
+    module: str, args: list[str], env: dict | None = None, timeout: float | None = None, cwd: Path = ROOT
+):
+    """`python -m module args...` from cwd (the repository root unless told), output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m studies.run args...` from cwd (a test's folder: needs study_runs' $PYTHONPATH)."""
+    return run_module("studies.run", args, timeout=timeout, cwd=cwd)
+
+
+def write_study(
+    tmp_path: Path, rows: int = 2, seeds: tuple = (0, 1), extra_rows: str = ""
+) -> tuple[Path, str]:
+    """tmp_path/study.yaml with an ablation grid `g` (the first `rows` of seg, full, seg+sal, then
+    extra_rows, times seeds) and a two-trial tuning study `t`, on the fast smoke variant with one thread, the
+    store in tmp_path/studies.db: (the file, the storage URL)."""
+    db = f"sqlite:///{tmp_path / 'studies.db'}"
+    base = ", ".join(f"{k}: {json.dumps(v)}" for k, v in {**TINY_SET, "train.threads": 1}.items())
+    all_rows = [
+        "      - {label: seg, set: {model.branches: [seg], model.affinity: none, model.constraints: []}}",
+        "      - {label: full, set: {}}",
+        "      - {label: seg+sal, set: {model.branches: [seg, sal], model.affinity: none,"
+        " model.constraints: []}}",
+    ][:rows]
+    text = f"""storage: {db}
+base:
+  preset: smoke
+  set: {{{base}}}
+studies:
+  g:
+    kind: ablation
+    description: test grid
+    metric: final.miou
+    seeds: {list(seeds)}
+    baseline: seg
+    rows:
+{chr(10).join(all_rows)}
+{extra_rows}
+  t:
+    kind: tuning
+    n_trials: 2
+    params:
+      loss.cls: {{type: float, low: 0.1, high: 10.0, log: true}}
+"""
+    p = tmp_path / "study.yaml"
+    p.write_text(text)
+    return p, db
 
 
 def kill_when(
@@ -97,6 +144,16 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp("runs")
         mp.setenv("AUXSEG_RUNS", str(d))
         yield d
+
+
+@pytest.fixture(scope="module")
+def study_runs(runs):
+    """runs/ (as the runs fixture) with the repository root on $PYTHONPATH, for `python -m studies.run` from
+    a test's folder (run_cli) and the trial processes it starts."""
+    old = os.environ.get("PYTHONPATH")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT)] + ([old] if old else [])))
+        yield runs
 
 
 @pytest.fixture(scope="session")

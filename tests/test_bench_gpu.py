@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from core.records import Status
 from tests.conftest import run_module
 
 
@@ -24,6 +25,6 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(0 <= x["wait_share"] <= 1 for x in by["data_wait"])
     assert by["lookup"] == [{"check": "lookup", "device": "cpu", "bit_identical": True}]
     (t,) = by["trial"]
-    assert t["ok"] and t["status"] == "complete" and t["resumed_from"] == [{"stage": 0, "epoch": 1}], t
+    assert t["ok"] and t["status"] == Status.COMPLETE and t["resumed_from"] == [{"stage": 0, "epoch": 1}], t
     assert by["done"][0]["ok"] is True
     assert "resuming from" in r.stderr  # the second run took the checkpoint the stopped one left

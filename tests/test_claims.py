@@ -152,5 +152,5 @@ def test_a_store_written_before_interrupted_was_a_status_reads_the_same(tmp_path
     Store(url)  # opened for writing: migrated in the table itself
     with store.engine.connect() as c:
         assert c.execute(sa.text("SELECT status FROM harness_trials WHERE id=:i"), {"i": hid}).scalar() == (
-            "interrupted"
+            Status.INTERRUPTED
         )

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from core.records import Status
 from reports import report_path
 from testkit.pgserver import free_port
 from testkit.stand_ins import write_grid
@@ -95,7 +96,7 @@ def test_dashboard_shows_the_report_note_metric_name_curves_and_clean_attributes
     assert len(d["trials"]) == 4
     for t in d["trials"]:
         attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
-        assert attrs["status"] == "complete" and attrs["collapsed"] == "False"
+        assert attrs["status"] == Status.COMPLETE and attrs["collapsed"] == "False"
         assert not {"row", "variant", "seed", "harness_trial_id", "owner_host", "owner_pid", "error"} & set(
             attrs
         )

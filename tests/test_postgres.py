@@ -180,10 +180,10 @@ studies:
     try:
         trials = store.trials("g")
         assert sorted((t.row, t.seed, t.status) for t in trials) == [
-            ("full", 0, "complete"),
-            ("full", 1, "complete"),
-            ("seg", 0, "complete"),
-            ("seg", 1, "complete"),
+            ("full", 0, Status.COMPLETE),
+            ("full", 1, Status.COMPLETE),
+            ("seg", 0, Status.COMPLETE),
+            ("seg", 1, Status.COMPLETE),
         ]
         for t in trials:
             assert t.final_miou == pytest.approx(0.5 + 0.01 * t.seed)

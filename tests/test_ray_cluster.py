@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from core.records import Status
 from studies.store import Store
 from testkit.pgserver import free_port
 from testkit.stand_ins import stand_in_result, write_grid
@@ -256,7 +257,7 @@ def test_trials_spread_over_both_nodes_each_point_once(cluster, pg_url, tmp_path
     assert "1 CPU per trial, 2 at once on 2 node(s)" in out and "could not tell Optuna" not in out, out
     trials = harness_trials(pg_url)
     assert len(trials) == 4 and len({key(t) for t in trials}) == 4, trials
-    assert all(t.status == "complete" for t in trials)
+    assert all(t.status == Status.COMPLETE for t in trials)
     ot = optuna_trials(pg_url)
     assert len(ot) == 4 and all(t.state.name == "COMPLETE" for t in ot)
     assert {t.number for t in ot} == {t.optuna_number for t in trials}
@@ -302,7 +303,7 @@ def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_p
         while victim is None and time.monotonic() < deadline and p.poll() is None:
             if started.exists():
                 seed = json.loads(started.read_text())["seed"]
-                on_it = [t for t in harness_trials(pg_url) if t.status == "running" and t.seed == seed]
+                on_it = [t for t in harness_trials(pg_url) if t.status == Status.RUNNING and t.seed == seed]
                 victim = on_it[0] if on_it else None
             time.sleep(0.2)
         assert victim is not None, f"no trial started on the worker node; driver rc {p.poll()}"
@@ -318,10 +319,10 @@ def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_p
     assert rc == 1 and "could not tell Optuna" not in out, (out, err[-3000:])
     trials = harness_trials(pg_url)
     by_id = {t.harness_id: t for t in trials}
-    assert by_id[victim.harness_id].status == "interrupted", by_id[victim.harness_id]
+    assert by_id[victim.harness_id].status == Status.INTERRUPTED, by_id[victim.harness_id]
     assert "node died" in by_id[victim.harness_id].error, by_id[victim.harness_id]
     others = [t for t in trials if t.harness_id != victim.harness_id]
-    assert len(others) == 2 and all(t.status == "complete" for t in others), trials
+    assert len(others) == 2 and all(t.status == Status.COMPLETE for t in others), trials
     ot = {t.number: t for t in optuna_trials(pg_url)}
     assert ot[victim.optuna_number].state.name == "FAIL"
     assert all(ot[t.optuna_number].state.name == "COMPLETE" for t in others)
@@ -335,10 +336,10 @@ def test_a_node_killed_mid_trial_is_interrupted_and_rerun(cluster, pg_url, tmp_p
     rc, out, err = finish(studies_run(cluster, tmp_path, pg_url))
     assert rc == 0 and "could not tell Optuna" not in out, (out, err[-3000:])
     trials = harness_trials(pg_url)
-    complete = [key(t) for t in trials if t.status == "complete"]
+    complete = [key(t) for t in trials if t.status == Status.COMPLETE]
     assert len(complete) == 3 and len(set(complete)) == 3, trials
-    assert [t.harness_id for t in trials if t.status != "complete"] == [victim.harness_id]
-    assert {t.harness_id for t in others} <= {t.harness_id for t in trials if t.status == "complete"}
+    assert [t.harness_id for t in trials if t.status != Status.COMPLETE] == [victim.harness_id]
+    assert {t.harness_id for t in others} <= {t.harness_id for t in trials if t.status == Status.COMPLETE}
     ot = {t.number: t for t in optuna_trials(pg_url)}
     assert sorted(t.state.name for t in ot.values()) == ["COMPLETE"] * 3 + ["FAIL"]
     failed, rerun = ot[victim.optuna_number], ot[max(ot)]

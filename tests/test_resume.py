@@ -17,6 +17,7 @@ import torch
 
 from core import checkpoint
 from core.config import make_config
+from core.records import Status
 from tests.conftest import ROOT, kill_when, run_module, sigkill_leaves_nothing
 
 PY = sys.executable
@@ -63,7 +64,7 @@ def reference(runs, tmp_path_factory):
     assert "starting the trial from its first epoch" in r.stderr
     assert not (out / "checkpoint").exists()  # the trial ended: nothing left to resume
     result = json.loads((out / "result.json").read_text())
-    assert result["resumed_from"] == [] and result["status"] == "complete"
+    assert result["resumed_from"] == [] and result["status"] == Status.COMPLETE
     return result
 
 
@@ -200,8 +201,8 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
     store.close()
     # the resumed Optuna trials carry the whole learning curve (2 stages x 2 epochs), replayed ones included
     assert [sorted(t.intermediate_values) for t in ot if t.state.name == "COMPLETE"] == [[0, 1, 2, 3]] * 2
-    done = {t.seed: t for t in trials if t.status == "complete"}
-    assert sorted(done) == [0, 1] and sum(t.status == "interrupted" for t in trials) == 2, trials
+    done = {t.seed: t for t in trials if t.status == Status.COMPLETE}
+    assert sorted(done) == [0, 1] and sum(t.status == Status.INTERRUPTED for t in trials) == 2, trials
     for t in done.values():
         assert t.result["resumed_from"], t.result  # neither started over
     assert comparable(done[0].result) == comparable(reference)
@@ -256,7 +257,7 @@ def test_an_interrupted_tuning_trial_is_asked_again_and_finds_its_checkpoint(tmp
     trials = store.trials("t")
     ot = optuna.load_study(study_name="t", storage=store.optuna_storage()).get_trials(deepcopy=False)
     store.close()
-    assert [t.status for t in trials] == ["interrupted", "complete", "complete"], trials
+    assert [t.status for t in trials] == [Status.INTERRUPTED, Status.COMPLETE, Status.COMPLETE], trials
     assert trials[1].result["resumed_from"] and trials[1].params == trials[0].params
     assert ot[1].user_attrs["resumes"] == ot[0].number
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from core.records import Status
 from studies.sequential import (
     Method,
     SeedRule,
@@ -275,11 +276,11 @@ def expected_end(url: str) -> None:
     from studies.store import Store
 
     trials = Store(url).trials("g")
-    complete = [(t.row, t.seed) for t in trials if t.status == "complete"]
+    complete = [(t.row, t.seed) for t in trials if t.status == Status.COMPLETE]
     assert len(complete) == len(set(complete)), sorted(complete)
     want = {("up", s) for s in range(3)} | {(r, s) for r in ("seg", "noisy") for s in range(5)}
     assert set(complete) == want
-    assert all(t.status in ("complete", "interrupted") for t in trials)
+    assert all(t.status in (Status.COMPLETE, Status.INTERRUPTED) for t in trials)
 
 
 @pytest.mark.slow
@@ -294,17 +295,17 @@ def test_seeds_are_added_across_a_kill_and_a_rerun(tmp_path):
     )
     kill_when(  # while an added seed (3 or 4) runs
         proc,
-        lambda: any(t.status == "running" and t.seed >= 3 for t in trials_now(store, "g")),
+        lambda: any(t.status == Status.RUNNING and t.seed >= 3 for t in trials_now(store, "g")),
         120,
         never="never saw an added seed running",
     )
-    killed = [t for t in store.trials("g") if t.status == "running"]
+    killed = [t for t in store.trials("g") if t.status == Status.RUNNING]
     assert len(killed) == 1 and killed[0].seed >= 3
     p = subprocess.run(cmd, cwd=tmp_path, env=env(0.0), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-2000:]
     expected_end(url)
     after = {t.harness_id: t for t in store.trials("g")}
-    assert after[killed[0].harness_id].status == "interrupted"
+    assert after[killed[0].harness_id].status == Status.INTERRUPTED
     assert "noisy: unresolved at max; 5 paired seed(s)" in p.stdout and "up: better; 3 paired" in p.stdout
 
 
@@ -321,7 +322,7 @@ def test_two_processes_add_seeds_to_one_study_without_running_a_point_twice(tmp_
     from studies.store import Store
 
     claims = Store(url).claims("g")
-    assert len(claims) == 13 and {c.state for c in claims} == {"done"}
+    assert len(claims) == 13 and {c.state for c in claims} == {Status.DONE}
     ran = [so.count(": complete") for so, _ in outs]
     assert sum(ran) == 13 and all(ran), ran  # both processes ran trials, 13 in all
     # the live display: each row's decision as its seeds land (with the forecast while unresolved), and an
@@ -425,7 +426,7 @@ def test_a_tuning_study_ends_with_its_top_sets_confirmed_on_fresh_seeds(tmp_path
     conf = store.trials("t.confirm")
     rows = {t.row for t in conf}
     assert len(search) == 4 and "preset" in rows and len(rows) == 3 and rows - {"preset"} <= set(search)
-    assert {t.seed for t in conf} <= {1, 2, 3, 4} and all(t.status == "complete" for t in conf)
+    assert {t.seed for t in conf} <= {1, 2, 3, 4} and all(t.status == Status.COMPLETE for t in conf)
     for t in conf:  # each confirmed row runs its search trial's parameters; the baseline the preset's value
         want = 1.0 if t.row == "preset" else search[t.row].params["loss.cls"]
         assert t.config["loss"]["cls"] == pytest.approx(want)

@@ -13,6 +13,7 @@ from core.data import VOCDataset, ensure_generated
 from core.init_weights import FORMAT
 from core.metrics import all_background_miou
 from core.model import Classifier, ResNet38, load_backbone
+from core.records import Status
 from core.trial import run_trial
 from tests.conftest import TINY, VOC, run_module
 
@@ -34,7 +35,7 @@ def test_full_smoke_trial(runs, tmp_path):
         artifacts_dir=tmp_path,
     )
     d = res.to_dict()
-    assert d["status"] == "complete", d["error"]
+    assert d["status"] == Status.COMPLETE, d["error"]
     assert d["warmup"]["cached"] is False
     assert len(d["stages"]) == 2 and [s for s, _ in reports] == [0, 1]
     for st in d["stages"]:
@@ -127,7 +128,7 @@ def test_changed_data_at_the_same_path_is_not_served_from_the_cache(runs, tmp_pa
 @pytest.mark.slow
 def test_nan_loss_fails_the_trial_with_a_reason(runs):
     res = run_trial(make_config("smoke", TINY + ["train.lr=1e30"]))
-    assert res.status == "failed"
+    assert res.status == Status.FAILED
     assert "non-finite loss" in res.error and res.final is None
 
 
@@ -151,7 +152,7 @@ def test_cli_writes_result_json_and_rejects_bad_keys(runs, tmp_path):
     p = run_module("core.trial", [*args, "--out", str(out)], env=env)
     assert p.returncode == 0, p.stderr
     d = json.loads((out / "result.json").read_text())
-    assert d["config"]["model"]["affinity"] == "seg" and d["status"] == "complete"
+    assert d["config"]["model"]["affinity"] == "seg" and d["status"] == Status.COMPLETE
     args = ["--preset", "smoke", "--set", "model.bogus=1", "--out", str(tmp_path / "bad")]
     bad = run_module("core.trial", args, env=env)
     assert bad.returncode == 2
