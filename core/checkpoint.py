@@ -178,3 +178,23 @@ def load(folder: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def trial_state(
+    fingerprint: str,
+    stage: int,
+    train: dict | None,
+    net: torch.nn.Module,
+    rng: np.random.Generator,
+    record: dict,
+) -> dict[str, Any]:
+    """What last.pt holds for core.trial: the config it belongs to, the stage and its training state (None at
+    the stage's start), the network, every random stream (rng_state) and the trial record so far (JSON)."""
+    return {
+        "fingerprint": fingerprint,
+        "stage": stage,
+        "train": train,
+        "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "rng": rng_state(rng),
+        "trial": json.dumps(record),
+    }

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, cast
 
@@ -80,9 +81,299 @@ class TrialResult:
         return cast(TrialRecord, dataclasses.asdict(self))
 
 
-def _aside(timings: dict[str, float]) -> float:
-    """Time spent inside a stage's training loop on other things than training (curve, checkpoints)."""
-    return timings.get("curve", 0.0) + timings.get("checkpoint", 0.0)
+class Timings(dict[str, float]):
+    """Seconds per part of a trial (result.timings): data, warmup, initial_labels, train, curve,
+    checkpoint, eval, label_update, gallery."""
+
+    def add(self, key: str, seconds: float) -> None:
+        self[key] = self.get(key, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t = time.time()
+        yield
+        self.add(key, time.time() - t)
+
+    def aside(self) -> float:
+        """Time spent inside a stage's training loop on other things than training (curve, checkpoints)."""
+        return self.get("curve", 0.0) + self.get("checkpoint", 0.0)
+
+
+@dataclasses.dataclass
+class _Labels:
+    """The pseudo labels a stage trains on, and where the stage loop starts (0, or a checkpoint's stage)."""
+
+    segs: list
+    sal_targets: list
+    pgt: PgtMetrics
+    first_stage: int = 0
+    resumed: bool = False  # from a checkpoint: the first stage goes on from its train state and curve
+    train_state: dict | None = None  # the checkpoint's optimiser, epoch and loader state (None: stage start)
+    curve_done: list[CurvePoint] = dataclasses.field(default_factory=list)
+    stage_seconds: float = 0.0
+
+
+class _Trial:
+    """One trial's state between its steps (run_trial calls them in order)."""
+
+    def __init__(
+        self, cfg: Config, report: Report | None, on_epoch: EpochReport | None, ckpt_dir: Path | None
+    ):
+        self.t_start = time.time()
+        self.cfg, self.report, self.on_epoch, self.ckpt_dir = cfg, report, on_epoch, ckpt_dir
+        self.timings = Timings()
+        self.result = TrialResult(status=Status.COMPLETE, error=None, config=cfg.to_dict())
+        self.fingerprint = checkpoint.config_fingerprint(cfg)
+
+    def prepare(self) -> dict | None:
+        """Threads, device, the inputs' checks, the checkpoint to resume (if any) and the data."""
+        cfg, result = self.cfg, self.result
+        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+        self.device = resolve_device(cfg)
+        check_amp(cfg, self.device)
+        result.environment = environment(self.device, cfg)
+        check_init_weights(cfg.model.init_weights, cfg.model.width)
+        if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).expanduser().is_file():
+            raise FileNotFoundError(f"model.init_checkpoint: no such file {cfg.model.init_checkpoint!r}")
+        resumed = checkpoint.load(self.ckpt_dir, self.fingerprint) if self.ckpt_dir is not None else None
+        with self.timings.timed("data"):
+            self.ds, self.val = load_data(cfg)
+            result.dataset = {
+                "root": str(self.ds.root),
+                "n_train": len(self.ds),
+                "n_val": len(self.val),
+                "num_classes": self.ds.num_classes,
+                "saliency": str(self.ds.saliency_name),
+                "class_names": list(self.ds.class_names),
+            }
+        if cfg.model.init_weights == "none":
+            print(
+                f"warning: model.init_weights=none: the width-{cfg.model.width:g} backbone starts from "
+                f"random weights (the paper fine-tunes ImageNet ones)",
+                file=sys.stderr,
+            )
+        self.pool = make_pool(cfg.train.workers)
+        # started at the first training epoch (none when the warm-up is cached and no stage is left)
+        self.loader = BatchLoader(resolve_loader_workers(cfg, self.device), self.device)
+        return resumed
+
+    def warm_up(self) -> None:
+        with self.timings.timed("warmup"):
+            self.clf_state, self.warm_cams, hit, secs = warmup_and_cams(
+                self.cfg, self.ds, self.device, self.loader
+            )
+            self.result.warmup = {"cached": hit, "seconds": secs}
+
+    def initial_labels(self) -> _Labels:
+        """Stage 0's pseudo labels from the warm-up's CAMs (Eq. 1's fusion with the saliency maps)."""
+        ds = self.ds
+        with self.timings.timed("initial_labels"):
+            segs, sal, pgt = make_labels(
+                ds,
+                self.cfg,
+                lambda i: cam_at(self.warm_cams[i], ds.image(i).shape[:2]),
+                lambda i: None,
+                self.pool,
+                "initial labels",
+            )
+        self.result.initial_pgt = pgt
+        return _Labels(segs, sal, pgt)
+
+    def resume(self, resumed: dict) -> _Labels:
+        """The record, labels and timings of what a killed run did before its checkpoint."""
+        r, done = self.result, json.loads(resumed["trial"])
+        r.initial_pgt, r.stages, r.warmup = done["initial_pgt"], done["stages"], done["warmup"]
+        for k, v in done["timings"].items():  # this run's data / warm-up time on top of the first's
+            self.timings.add(k, v)
+        self.t_start -= done["seconds"]
+        epochs_done = 0 if resumed["train"] is None else resumed["train"]["epoch"] + 1
+        r.resumed_from = done["resumed_from"] + [{"stage": resumed["stage"], "epoch": epochs_done}]
+        print(
+            f"resuming from {self.ckpt_dir}: stage {resumed['stage']} after {epochs_done} epoch(s)",
+            file=sys.stderr,
+        )
+        return _Labels(
+            resumed["segs"],
+            resumed["sal_targets"],
+            done["pgt"],
+            resumed["stage"],
+            True,
+            resumed["train"],
+            done["curve"],
+            done["stage_seconds"],
+        )
+
+    def build_stage_net(self, resumed: dict | None) -> None:
+        """The stage network from the warm-up's backbone (or a whole checkpoint), and the stages' randomness:
+        the same stream whether the warm-up was computed or loaded."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + 1)
+        self.rng = np.random.default_rng([cfg.seed, 1])
+        net = build_net(cfg, self.ds.num_classes)
+        self.clf = build_classifier(cfg, self.ds.num_classes)
+        self.clf.load_state_dict(self.clf_state)
+        net.load_from_classifier(self.clf)
+        if cfg.model.init_checkpoint:  # a whole trained network (released or ours) replaces all of it
+            net.load_official(Path(cfg.model.init_checkpoint).expanduser())
+        if resumed is not None:
+            net.load_state_dict(resumed["net"])
+            checkpoint.set_rng_state(resumed["rng"], self.rng)
+        self.net = to_device(net, cfg, self.device)
+
+    def amp(self) -> contextlib.AbstractContextManager:
+        return autocast(self.cfg, self.device)
+
+    def replay(self, labels: _Labels) -> None:
+        """What was done before the checkpoint, told again: the caller's record of the trial is whole."""
+        for rec in self.result.stages:
+            for point in rec.get("curve", []):
+                self._epoch(point["epoch"], point["miou"])
+            if self.report is not None:
+                self.report(rec["stage"], rec)
+        for point in labels.curve_done:
+            self._epoch(point["epoch"], point["miou"])
+
+    def _epoch(self, epoch: int, miou: float) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, miou)
+
+    def save(
+        self,
+        s: int,
+        train_state: dict | None,
+        labels: _Labels,
+        curve: list,
+        t: float,
+        t_stage: float,
+        aside_before: float,
+    ) -> None:
+        """last.pt now (core.checkpoint.trial_state), the stage's training so far counting as training."""
+        now = time.time()
+        snapshot = dict(self.timings)
+        snapshot["train"] = snapshot.get("train", 0.0) + now - t - (Timings(snapshot).aside() - aside_before)
+        r = self.result
+        record = {
+            "initial_pgt": r.initial_pgt,
+            "stages": r.stages,
+            "warmup": r.warmup,
+            "timings": snapshot,
+            "seconds": now - self.t_start,
+            "resumed_from": r.resumed_from,
+            "pgt": labels.pgt,
+            "curve": curve,
+            "stage_seconds": now - t_stage,
+            "environment": r.environment,
+        }
+        assert self.ckpt_dir is not None
+        took = checkpoint.save(
+            self.ckpt_dir,
+            checkpoint.trial_state(self.fingerprint, s, train_state, self.net, self.rng, record),
+        )
+        if took is not None:
+            self.timings.add("checkpoint", took)
+            r.checkpoint = {
+                "bytes": (self.ckpt_dir / checkpoint.LAST).stat().st_size,
+                "writes": r.checkpoint.get("writes", 0) + 1,
+            }
+
+    def train(self, s: int, labels: _Labels) -> tuple[dict, list[CurvePoint], float]:
+        """Train stage s on its pseudo labels, checkpointing as it goes: its losses, its learning curve and
+        when it started (time.time(), less a resumed stage's seconds before its checkpoint)."""
+        cfg, timings = self.cfg, self.timings
+        resuming = labels.resumed and s == labels.first_stage
+        t_stage = time.time() - (labels.stage_seconds if resuming else 0.0)
+        t = time.time()
+        curve: list[CurvePoint] = list(labels.curve_done) if resuming else []
+        aside_before = timings.aside()
+        has_sal = "sal" in cfg.model.branches
+        every = cfg.train.checkpoint_every if self.ckpt_dir is not None else 0
+        epochs = cfg.train.stage_epochs
+        subset = curve_indices(len(self.val), cfg.eval.curve_images)
+
+        def save(train_state: dict | None) -> None:
+            self.save(s, train_state, labels, curve, t, t_stage, aside_before)
+
+        if every and not resuming:  # the stage's start: its labels, once
+            with timings.timed("checkpoint"):
+                sal = labels.sal_targets if has_sal else None
+                checkpoint.save_labels(self.ckpt_dir, s, labels.segs, sal)  # type: ignore[arg-type]
+            save(None)
+
+        def epoch_end(epoch: int) -> None:
+            if not subset:  # every epoch, a stage's last included: one measurement, one curve
+                return
+            with timings.timed("curve"):
+                m = evaluate(
+                    self.net, self.val, cfg, self.device, False, None, self.amp, desc="curve", indices=subset
+                )["miou"]
+            curve.append({"epoch": s * epochs + epoch, "miou": m})
+            self._epoch(s * epochs + epoch, m)
+
+        def epoch_checkpoint(epoch: int, train_state: dict) -> None:
+            if every and ((epoch + 1) % every == 0 or epoch == epochs - 1):
+                save(train_state)
+
+        losses = train_stage(
+            self.net,
+            self.ds,
+            labels.segs,
+            labels.sal_targets if has_sal else None,
+            cfg,
+            self.device,
+            self.rng,
+            s,
+            epoch_end,
+            on_checkpoint=epoch_checkpoint,
+            resume=labels.train_state if resuming else None,
+            loader=self.loader,
+        )
+        timings.add("train", time.time() - t - (timings.aside() - aside_before))
+        return losses, curve, t_stage
+
+    def evaluate_stage(
+        self, s: int, labels: _Labels, losses: dict, curve: list[CurvePoint], t_stage: float
+    ) -> None:
+        """Stage s's network on val (post-processed after the last stage), recorded and reported."""
+        cfg, timings, epochs = self.cfg, self.timings, self.cfg.train.stage_epochs
+        last = s == cfg.train.stages - 1
+        post = cfg.eval.post and (last or cfg.eval.post_every_stage)
+        with timings.timed("eval"):
+            metrics = evaluate(
+                self.net, self.val, cfg, self.device, post, self.pool, amp_ctx=self.amp, desc=f"eval {s}"
+            )
+        record: StageRecord = {
+            "stage": s,
+            "val": metrics,
+            "pgt": labels.pgt,
+            "seconds": time.time() - t_stage,
+            "epoch": (s + 1) * epochs - 1,
+            "curve": curve,
+            "losses": losses,
+        }
+        self.result.stages.append(record)
+        if self.report is not None:
+            self.report(s, record)
+
+    def update_labels(self, s: int, t_stage: float) -> _Labels:
+        """Stage s+1's pseudo labels from stage s's network (its refined CAMs and saliency)."""
+        with self.timings.timed("label_update"):
+            cams, pred_sal = network_cues(self.net, self.ds, self.warm_cams, self.cfg, self.device)
+            segs, sal, pgt = make_labels(self.ds, self.cfg, cams, pred_sal, self.pool, f"labels {s + 1}")
+        self.result.stages[-1]["seconds"] = time.time() - t_stage
+        return _Labels(segs, sal, pgt, s + 1)
+
+    def gallery(self, artifacts_dir: str | Path) -> None:
+        """The image gallery (core.gallery): for looking at, so it never fails the trial."""
+        cfg = self.cfg
+        with self.timings.timed("gallery"):
+            try:
+                path = Path(artifacts_dir) / "gallery.png"
+                title = f"seed {cfg.seed}: {'+'.join(cfg.model.branches)}, affinity {cfg.model.affinity}"
+                rows = gallery_rows(cfg, self.net, self.clf, self.val, self.device)
+                render_gallery(rows, list(self.val.class_names), path, title=title)
+                self.result.artifacts = {"gallery": str(path)}
+            except Exception as e:
+                print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def run_trial(
@@ -100,235 +391,35 @@ def run_trial(
     uninterrupted run (same machine and thread count), after replaying the report() and on_epoch() calls
     of what was done before, so that a caller sees the whole trial either way. The checkpoint is removed
     when the trial ends (complete or failed) unless train.keep_checkpoint."""
-    t_start = time.time()
-    timings: dict[str, float] = {}
-    result = TrialResult(status=Status.COMPLETE, error=None, config=cfg.to_dict())
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    device = resolve_device(cfg)
-    check_amp(cfg, device)
-    result.environment = environment(device, cfg)
-    check_init_weights(cfg.model.init_weights, cfg.model.width)
-    if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).expanduser().is_file():
-        raise FileNotFoundError(f"model.init_checkpoint: no such file {cfg.model.init_checkpoint!r}")
-    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    fingerprint = checkpoint.config_fingerprint(cfg)
-    resumed = checkpoint.load(ckpt_dir, fingerprint) if ckpt_dir is not None else None
-
-    t = time.time()
-    ds, val = load_data(cfg)
-    result.dataset = {
-        "root": str(ds.root),
-        "n_train": len(ds),
-        "n_val": len(val),
-        "num_classes": ds.num_classes,
-        "saliency": str(ds.saliency_name),
-        "class_names": list(ds.class_names),
-    }
-    timings["data"] = time.time() - t
-    if cfg.model.init_weights == "none":
-        print(
-            f"warning: model.init_weights=none: the width-{cfg.model.width:g} backbone starts from random "
-            f"weights (the paper fine-tunes ImageNet ones)",
-            file=sys.stderr,
-        )
-
-    pool = make_pool(cfg.train.workers)
-    # started at the first training epoch (none when the warm-up is cached and the trial has no stage left)
-    loader = BatchLoader(resolve_loader_workers(cfg, device), device)
+    trial = _Trial(cfg, report, on_epoch, None if checkpoint_dir is None else Path(checkpoint_dir))
+    resumed = trial.prepare()
+    result = trial.result
     try:
-        t = time.time()
-        clf_state, warm_cams, hit, warm_secs = warmup_and_cams(cfg, ds, device, loader)
-        result.warmup = {"cached": hit, "seconds": warm_secs}
-        timings["warmup"] = time.time() - t
-
-        if resumed is None:
-            t = time.time()
-            segs, sal_targets, pgt = make_labels(
-                ds,
-                cfg,
-                lambda i: cam_at(warm_cams[i], ds.image(i).shape[:2]),
-                lambda i: None,
-                pool,
-                "initial labels",
-            )
-            result.initial_pgt = pgt
-            timings["initial_labels"] = time.time() - t
-            first_stage, curve_done, stage_secs = 0, [], 0.0
-        else:
-            done = json.loads(resumed["trial"])
-            result.initial_pgt, result.stages, result.warmup = (
-                done["initial_pgt"],
-                done["stages"],
-                done["warmup"],
-            )
-            for k, v in done["timings"].items():  # this run's data / warm-up time on top of the first's
-                timings[k] = timings.get(k, 0.0) + v
-            t_start -= done["seconds"]
-            segs, sal_targets, pgt = resumed["segs"], resumed["sal_targets"], done["pgt"]
-            first_stage, curve_done, stage_secs = resumed["stage"], done["curve"], done["stage_seconds"]
-            epochs_done = 0 if resumed["train"] is None else resumed["train"]["epoch"] + 1
-            result.resumed_from = done["resumed_from"] + [{"stage": first_stage, "epoch": epochs_done}]
-            print(
-                f"resuming from {ckpt_dir}: stage {first_stage} after {epochs_done} epoch(s)", file=sys.stderr
-            )
-
-        # Same stream of randomness for the stages whether the warm-up was computed or loaded.
-        torch.manual_seed(cfg.seed + 1)
-        rng = np.random.default_rng([cfg.seed, 1])
-        net = build_net(cfg, ds.num_classes)
-        clf = build_classifier(cfg, ds.num_classes)
-        clf.load_state_dict(clf_state)
-        net.load_from_classifier(clf)
-        if cfg.model.init_checkpoint:  # a whole trained network (released or ours) replaces all of it
-            net.load_official(Path(cfg.model.init_checkpoint).expanduser())
-        if resumed is not None:
-            net.load_state_dict(resumed["net"])
-            checkpoint.set_rng_state(resumed["rng"], rng)
-        net = to_device(net, cfg, device)
-
-        def amp() -> contextlib.AbstractContextManager:
-            return autocast(cfg, device)
-
-        # What was done before the checkpoint, told again: the caller's record of the trial is whole.
-        for rec in result.stages:
-            for point in rec.get("curve", []):
-                if on_epoch is not None:
-                    on_epoch(point["epoch"], point["miou"])
-            if report is not None:
-                report(rec["stage"], rec)
-        for point in curve_done:
-            if on_epoch is not None:
-                on_epoch(point["epoch"], point["miou"])
-
-        every = cfg.train.checkpoint_every if ckpt_dir is not None else 0
-        has_sal = "sal" in cfg.model.branches
-        subset = curve_indices(len(val), cfg.eval.curve_images)
-        epochs = cfg.train.stage_epochs
-        for s in range(first_stage, cfg.train.stages):
-            resuming = resumed is not None and s == first_stage
-            t_stage = time.time() - (stage_secs if resuming else 0.0)
-            t = time.time()
-            curve: list[CurvePoint] = list(curve_done) if resuming else []
-            aside_before = _aside(timings)
-
-            def save(train_state: dict | None, s: int = s, curve: list[CurvePoint] = curve) -> None:
-                now = time.time()
-                snapshot = dict(timings)  # the stage's training so far counts as training
-                snapshot["train"] = snapshot.get("train", 0.0) + now - t - (_aside(snapshot) - aside_before)
-                state = {
-                    "fingerprint": fingerprint,
-                    "stage": s,
-                    "train": train_state,
-                    "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "rng": checkpoint.rng_state(rng),
-                    "trial": json.dumps(
-                        {
-                            "initial_pgt": result.initial_pgt,
-                            "stages": result.stages,
-                            "warmup": result.warmup,
-                            "timings": snapshot,
-                            "seconds": now - t_start,
-                            "resumed_from": result.resumed_from,
-                            "pgt": pgt,
-                            "curve": curve,
-                            "stage_seconds": now - t_stage,
-                            "environment": result.environment,
-                        }
-                    ),
-                }
-                assert ckpt_dir is not None
-                took = checkpoint.save(ckpt_dir, state)
-                if took is not None:
-                    timings["checkpoint"] = timings.get("checkpoint", 0.0) + took
-                    snapshot_bytes = (ckpt_dir / checkpoint.LAST).stat().st_size
-                    result.checkpoint = {
-                        "bytes": snapshot_bytes,
-                        "writes": result.checkpoint.get("writes", 0) + 1,
-                    }
-
-            if every and not resuming:  # the stage's start: its labels, once
-                t_ckpt = time.time()
-                checkpoint.save_labels(ckpt_dir, s, segs, sal_targets if has_sal else None)  # type: ignore[arg-type]
-                timings["checkpoint"] = timings.get("checkpoint", 0.0) + time.time() - t_ckpt
-                save(None)
-
-            def epoch_end(epoch: int, s: int = s, curve: list[CurvePoint] = curve) -> None:
-                if not subset:  # every epoch, a stage's last included: one measurement, one curve
-                    return
-                t_curve = time.time()
-                m = evaluate(net, val, cfg, device, False, None, amp, desc="curve", indices=subset)["miou"]
-                timings["curve"] = timings.get("curve", 0.0) + time.time() - t_curve
-                curve.append({"epoch": s * epochs + epoch, "miou": m})
-                if on_epoch is not None:
-                    on_epoch(s * epochs + epoch, m)
-
-            def epoch_checkpoint(epoch: int, train_state: dict) -> None:
-                if every and ((epoch + 1) % every == 0 or epoch == epochs - 1):
-                    save(train_state)
-
-            losses = train_stage(
-                net,
-                ds,
-                segs,
-                sal_targets if has_sal else None,
-                cfg,
-                device,
-                rng,
-                s,
-                epoch_end,
-                on_checkpoint=epoch_checkpoint,
-                resume=resumed["train"] if resuming else None,  # type: ignore[index]
-                loader=loader,
-            )
-            timings["train"] = timings.get("train", 0.0) + time.time() - t - (_aside(timings) - aside_before)
-            t = time.time()
-            last = s == cfg.train.stages - 1
-            post = cfg.eval.post and (last or cfg.eval.post_every_stage)
-            metrics = evaluate(net, val, cfg, device, post, pool, amp_ctx=amp, desc=f"eval {s}")
-            timings["eval"] = timings.get("eval", 0.0) + time.time() - t
-            record: StageRecord = {
-                "stage": s,
-                "val": metrics,
-                "pgt": pgt,
-                "seconds": time.time() - t_stage,
-                "epoch": (s + 1) * epochs - 1,
-                "curve": curve,
-                "losses": losses,
-            }
-            result.stages.append(record)
-            if report is not None:
-                report(s, record)
-            if not last:
-                t = time.time()
-                cams, pred_sal = network_cues(net, ds, warm_cams, cfg, device)
-                segs, sal_targets, pgt = make_labels(ds, cfg, cams, pred_sal, pool, f"labels {s + 1}")
-                timings["label_update"] = timings.get("label_update", 0.0) + time.time() - t
-                result.stages[-1]["seconds"] = time.time() - t_stage
+        trial.warm_up()
+        labels = trial.initial_labels() if resumed is None else trial.resume(resumed)
+        trial.build_stage_net(resumed)
+        trial.replay(labels)
+        for s in range(labels.first_stage, cfg.train.stages):
+            losses, curve, t_stage = trial.train(s, labels)
+            trial.evaluate_stage(s, labels, losses, curve, t_stage)
+            if s < cfg.train.stages - 1:
+                labels = trial.update_labels(s, t_stage)
         result.final = {
             "miou": result.stages[-1]["val"]["miou"],
             "miou_post": result.stages[-1]["val"]["miou_post"],
         }
         if artifacts_dir is not None and cfg.eval.gallery_images > 0:
-            t = time.time()
-            try:  # a gallery is for looking at; it never fails the trial
-                path = Path(artifacts_dir) / "gallery.png"
-                title = f"seed {cfg.seed}: {'+'.join(cfg.model.branches)}, affinity {cfg.model.affinity}"
-                rows = gallery_rows(cfg, net, clf, val, device)
-                render_gallery(rows, list(val.class_names), path, title=title)
-                result.artifacts = {"gallery": str(path)}
-            except Exception as e:
-                print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
-            timings["gallery"] = time.time() - t
+            trial.gallery(artifacts_dir)
     except NonFiniteLoss as e:
         result.status, result.error = Status.FAILED, str(e)
     finally:
-        loader.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if ckpt_dir is not None and not cfg.train.keep_checkpoint:  # ended: nothing left to resume
-        checkpoint.remove(ckpt_dir)
-    result.timings = timings
-    result.seconds = time.time() - t_start
+        trial.loader.close()
+        if trial.pool is not None:
+            trial.pool.shutdown(cancel_futures=True)
+    if trial.ckpt_dir is not None and not cfg.train.keep_checkpoint:  # ended: nothing left to resume
+        checkpoint.remove(trial.ckpt_dir)
+    result.timings = dict(trial.timings)
+    result.seconds = time.time() - trial.t_start
     return result
 
 

@@ -144,3 +144,20 @@ def test_configs_are_built_in_planning_only():
             ):
                 calls.append(p.name)
     assert set(calls) <= {"plan.py", "spec.py"} and calls.count("spec.py") == 1, calls
+
+
+def test_studies_call_reports_only_at_the_cli_edge():
+    """The one upward edge: studies.run's write_report builds the report at the end of a run. The summary,
+    the live display and the progress counts live in studies."""
+    hits = offending([p for p in files("studies") if p.name != "run.py"], ("reports",))
+    assert hits == {}
+    assert {m for m in imports(ROOT / "studies" / "run.py") if m.startswith("reports")} == {"reports"}
+
+
+def test_the_cli_and_the_trial_flow_stay_short():
+    """studies/run.py is argparse and the flow of main (checks in preflight, printing in summary); run_trial
+    is its named steps in order (core.trial._Trial)."""
+    assert len((ROOT / "studies" / "run.py").read_text(encoding="utf-8").splitlines()) <= 300
+    tree = ast.parse((ROOT / "core" / "trial.py").read_text(encoding="utf-8"))
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_trial"]
+    assert fn.end_lineno - fn.lineno + 1 <= 80
