@@ -75,17 +75,16 @@ class Plan:
     base_config: Config = field(default_factory=Config, compare=False)  # tuning: the params at the preset's
 
     def derive(self, derived_overrides: dict[str, Any]) -> Plan:
-        """This plan with the keys the runner derives (threads per trial) set in every config. They are
-        never keys the user set (--set wins over them: the runner derives only the others), so each config
-        is the one make_plan would build with them, without building it again."""
+        """This plan with the keys the runner derives (threads per trial) set in every config, --set winning
+        over them as in make_plan: each config is the one make_plan would build with them, not built again."""
         run = {**derived_overrides, **self.cli_overrides}
+        # each config already holds --set, which wins: only the derived keys it does not set go in
+        derived = {k: v for k, v in derived_overrides.items() if k not in self.cli_overrides}
         points = tuple(
-            dataclasses.replace(
-                p, overrides={**p.own, **run}, config=apply_overrides(p.config, derived_overrides)
-            )
+            dataclasses.replace(p, overrides={**p.own, **run}, config=apply_overrides(p.config, derived))
             for p in self.points
         )
-        base = apply_overrides(self.base_config, derived_overrides)
+        base = apply_overrides(self.base_config, derived)
         plan = dataclasses.replace(
             self, derived_overrides=dict(derived_overrides), points=points, base_config=base
         )

@@ -48,3 +48,26 @@ studies:
     order = [(p.row, p.seed) for p in plan.claim_order]
     assert order == [("full-2", 0), ("full-2", 1), ("full", 0), ("full", 1), ("seg", 0), ("seg", 1)]
     assert [p.grid_index for p in plan.points] == list(range(6))  # the grid itself keeps its order
+
+
+def test_derive_gives_what_planning_with_the_derived_keys_gives(tmp_path):
+    """plan.derive(d) (the runner's thread counts, set without building any config again) is the plan that
+    make_plan(..., derived_overrides=d) builds: the same configs and overrides for every grid point, --set
+    still winning over a derived key, and the same tuning base config."""
+    from studies.plan import make_plan
+    from studies.spec import load_spec
+
+    y, _ = write_study(tmp_path, rows=3, seeds=(0, 1))
+    spec = load_spec(str(y))
+    derived = {"train.threads": 2, "train.loader_workers": 1}
+    for name in ("g", "t"):
+        cli = {"train.loader_workers": 0}
+        derived_plan = make_plan(spec, name, "smoke", cli).derive(derived)
+        built = make_plan(spec, name, "smoke", cli, derived)
+        assert [p.config for p in derived_plan.points] == [p.config for p in built.points]
+        assert [p.overrides for p in derived_plan.points] == [p.overrides for p in built.points]
+        assert [list(p.overrides) for p in derived_plan.points] == [list(p.overrides) for p in built.points]
+        assert derived_plan.base_config == built.base_config
+        assert derived_plan.run_overrides == built.run_overrides
+        for cfg in derived_plan.configs():
+            assert cfg.train.threads == 2 and cfg.train.loader_workers == "0"
