@@ -94,25 +94,18 @@ def test_store_api_and_stale_trials(tmp_path):
         False,
     )
     assert store.stages(tid)[0].pgt_precision == 0.9
-    live = store.begin_trial(
-        study="x",
-        optuna_number=1,
-        row="seg",
-        variant=None,
-        seed=4,
-        params={},
-        config={},
-        code_version="unknown",
-    )
-    dead = store.begin_trial(
-        study="x",
-        optuna_number=2,
-        row="seg",
-        variant=None,
-        seed=5,
-        params={},
-        config={},
-        code_version="unknown",
+    live, dead = (
+        store.begin_trial(
+            study="x",
+            optuna_number=n,
+            row="seg",
+            variant=None,
+            seed=n + 3,
+            params={},
+            config={},
+            code_version="?",
+        )
+        for n in (1, 2)
     )
     assert store.live_running("x") == {live, dead}  # this process is alive
     assert store.mark_stale_running("x", keep={live}) == [dead]
