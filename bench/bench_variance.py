@@ -1,8 +1,8 @@
 """Where does a Table 3 row's paired variance come from: evaluation sampling, the CAM network, or training?
 
-    python -m bench.bench_variance [--preset default] [--seeds 0 1 2 3 4 5] [--draws 4] [--warmup-seed 0]
-        [--rows seg seg+sal "seg+cls+sal + CT affinity"] [--jobs 2] [--out runs/bench/variance.jsonl]
-        [--set KEY=VALUE ...] [--analyse]
+    python -m bench.bench_variance [--preset default] [--seeds 0 1 2 3 4 5] [--draws 4] [--n-val N]
+        [--warmup-seed 0] [--rows seg seg+sal "seg+cls+sal + CT affinity"] [--jobs 2]
+        [--out runs/bench/variance.jsonl] [--set KEY=VALUE ...] [--analyse]
 
 Rows are study.yaml's ablation_tasks rows with its settings (one stage, no post-processing, final.miou); the
 first is the baseline every other row is paired against, seed by seed. Every (row, seed) trains twice:
@@ -12,10 +12,11 @@ first is the baseline every other row is paired against, seed by seed. Every (ro
 - shared warm-up (train.warmup_seed=W): every seed starts from the one warm-up of seed W, as the released
   pipeline's one CAM network. Trial seed W is the same computation either way and is trained once.
 
-Each trained network is evaluated on `--draws` disjoint val sets of the benchmark's val size, each an
-independent draw of its distribution: val draw 0 is the benchmark's own val split (its images are the first
-of a longer val split generated with the same seed), draws 1.. the images after it. The paired differences
-d[seed, draw] of one row then split (two-way analysis of variance, seeds x val draws) into
+Each trained network is evaluated on `--draws` disjoint val sets of `--n-val` images (default: the benchmark's
+val size), each an independent draw of its distribution: val draw 0 is the benchmark's own val split, or its
+first --n-val images (the first of a longer val split generated with the same seed), draws 1.. the images
+after it. The paired differences d[seed, draw] of one row then split (two-way analysis of variance, seeds x
+val draws) into
 
 - evaluation, per seed: the seed-by-draw interaction, the part of the val sample's error that differs
   between networks; it adds to the paired variance a study sees on one val set;
@@ -50,12 +51,13 @@ ROWS = ["seg", "seg+sal", "seg+cls+sal + CT affinity"]
 MODES = ("per-seed", "shared")
 
 
-def data_root(preset: str, data_seed: int, draws: int) -> Path:
-    """The benchmark with `draws` times its val images, and split files val_d0.. of one val size each."""
+def data_root(preset: str, data_seed: int, draws: int, n_val: int | None = None) -> Path:
+    """The benchmark with `draws` times n_val val images (default: the preset's val size), and split files
+    val_d0.. of n_val images each."""
     from core.build import runs_dir
     from core.data.synthetic import PRESETS, generate
 
-    n = PRESETS[preset]["n_val"]
+    n = n_val or PRESETS[preset]["n_val"]
     root = runs_dir() / "data" / f"variance-{preset}-seed{data_seed}-val{n * draws}"
     if not (root / "summary.json").is_file():
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
@@ -251,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rows", nargs="+", default=ROWS, help="ablation_tasks row labels; the first is the baseline"
     )
-    ap.add_argument("--draws", type=int, default=4, help="independent val sets of the benchmark's val size")
+    ap.add_argument("--draws", type=int, default=4, help="independent val sets of --n-val images each")
+    ap.add_argument(
+        "--n-val", type=int, default=None, help="images per val draw (default: the preset's val size)"
+    )
     ap.add_argument("--warmup-seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="single-threaded trials at once")
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
     done = {(r["mode"], r["seed"], r["row"]) for r in records}
     if not a.analyse:
-        root = data_root(a.preset, a.data_seed, a.draws)
+        root = data_root(a.preset, a.data_seed, a.draws, a.n_val)
         jobs = []
         # Seed-major, two seeds interleaved: two workers train two different warm-ups at once, never one
         # waiting on the other's cache entry.
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained in {time.time() - t0:.0f} s", file=sys.stderr)
     baseline = a.rows[0]
     entries = [decompose(records, baseline, r, a.seeds, a.warmup_seed) for r in a.rows[1:]]
-    print_table(entries, baseline, a.draws, PRESETS[a.preset]["n_val"])
+    print_table(entries, baseline, a.draws, a.n_val or PRESETS[a.preset]["n_val"])
     for e in entries:
         print(json.dumps(e))
     return 0
