@@ -307,6 +307,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.weight_decay": 0.0,
         "train.fusion_lr_mult": 1.0,  # released: 10x only for names with seg / sal / fc8; cross_att at 1x
         "train.amp": False,  # fp32 as the authors; --set train.amp=true for bf16 autocast (opt-in speed-up)
+        # The released pipeline computes the initial pseudo labels once, from one classification network:
+        # every seed starts from the warm-up of seed 0 ("" trains one per seed).
+        "train.warmup_seed": "0",
         "labels.refined_cam_renorm": False,  # the released label update does not renormalise refined CAMs
     },
 }

@@ -14,6 +14,9 @@ def test_paper_preset_trains_as_the_released_code():
     assert c.model.freeze_bn and c.train.optimizer == "sgd"
     assert (c.train.momentum, c.train.weight_decay, c.train.fusion_lr_mult) == (0.0, 0.0, 1.0)
     assert not c.train.amp and not c.labels.refined_cam_renorm
+    # one CAM network for every seed, as the released pipeline (and the default preset, measured: README)
+    assert c.train.warmup_seed == make_config("default").train.warmup_seed == "0"
+    assert make_config("smoke").train.warmup_seed == ""  # the tests' preset keeps a warm-up per seed
     for preset in ("smoke", "default"):  # the CPU presets keep trained BN and the 10x fusion lr (measured)
         d = make_config(preset)
         assert not d.model.freeze_bn and d.train.fusion_lr_mult == 0.0
