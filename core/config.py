@@ -251,8 +251,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.warmup_epochs": 10,
         # One CAM network and backbone start for every seed (the warm-up of seed 0), as the released pipeline
         # computes its initial labels once. bench_variance, seeds 0-5: the CAM network's share of the paired
-        # variance was nil (seg+sal 0.00 [-0.10, +0.12], full model -0.11 [-0.24, +0.07] points² vs seg), so
-        # sharing loses no precision and saves a warm-up per seed; "" draws one per seed (README "Studies").
+        # variance was nil (seg+sal 0.00 [-0.10, +0.12], full model -0.11 [-0.24, +0.07] points² vs seg), and
+        # in the adaptive Table 3 seed 7's own warm-up dropped seg alone by 2 points: sharing loses no
+        # precision and saves a warm-up per seed; "" draws one per seed (README "Studies").
         "train.warmup_seed": "0",
         "train.optimizer": "adam",
         "train.warmup_lr": 0.001,
