@@ -25,10 +25,10 @@ val draws) into
 - seed: what the trial seed moves with the val set fixed; with per-seed warm-ups the CAM network plus
   training, with a shared warm-up training alone. Their difference is the CAM network's share.
 
-Writes one JSON line per trained network to --out (a rerun skips the ones there, so a killed run resumes)
-and prints the table; `--analyse` prints it from --out without training. Intervals are percentile bootstraps
-over seeds (2,000 resamples, fixed generator). Deterministic for a given machine and thread count: every
-trial runs single-threaded, --jobs at once.
+Writes one JSON line per trained network to --out (a rerun skips the ones there, so a killed run resumes;
+a file scored on other val draws is refused) and prints the table; `--analyse` prints it from --out without
+training. Intervals are percentile bootstraps over seeds (2,000 resamples, fixed generator). Deterministic
+for a given machine and thread count: every trial runs single-threaded, --jobs at once.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def data_root(preset: str, data_seed: int, draws: int, n_val: int | None = None)
     from core.data.synthetic import PRESETS, generate
 
     n = n_val or PRESETS[preset]["n_val"]
-    root = runs_dir() / "data" / f"variance-{preset}-seed{data_seed}-val{n * draws}"
+    # named by both: the same total split another way (150 x 4, 300 x 2) must not reuse these split files
+    root = runs_dir() / "data" / f"variance-{preset}-seed{data_seed}-val{n}x{draws}"
     if not (root / "summary.json").is_file():
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,6 +131,7 @@ def run_job(job: dict) -> dict:
         "seed": job["seed"],
         "row": job["row"],
         "miou": miou,
+        "n_val": len(val),  # images per draw
         "seconds": time.time() - t0,
         "warmup_cached": bool(res.warmup and res.warmup["cached"]),
         "warmup_seconds": res.warmup["seconds"] if res.warmup else None,
@@ -276,14 +278,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.draws < 2 or len(a.seeds) < 3 or len(a.rows) < 2:
         raise SystemExit("need --draws >= 2, >= 3 --seeds and >= 2 --rows (a baseline and a row)")
+    if a.preset not in PRESETS:  # the benchmark's presets: a generated data set with val draws
+        raise SystemExit(f"--preset: expected one of {sorted(PRESETS)}, got {a.preset!r}")
+    if a.n_val is not None and a.n_val < 1:
+        raise SystemExit(f"--n-val: expected a positive image count, got {a.n_val}")
+    n_val = a.n_val or PRESETS[a.preset]["n_val"]
     study_set, rows = row_overrides(a.study_yaml, a.rows)
     extra = parse_overrides(a.set)
     out = Path(a.out) if a.out else runs_dir() / "bench" / f"variance-{a.preset}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+    other = {(len(r["miou"]), r.get("n_val", n_val)) for r in records} - {(a.draws, n_val)}
+    if other:  # a resumed file must hold one measurement, not networks scored on other val draws
+        (k, n), *_ = sorted(other)
+        raise SystemExit(
+            f"--out {out}: holds networks evaluated on {k} draws of {n} images, not {a.draws} of {n_val}"
+        )
     done = {(r["mode"], r["seed"], r["row"]) for r in records}
     if not a.analyse:
-        root = data_root(a.preset, a.data_seed, a.draws, a.n_val)
+        root = data_root(a.preset, a.data_seed, a.draws, n_val)
         jobs = []
         # Seed-major, two seeds interleaved: two workers train two different warm-ups at once, never one
         # waiting on the other's cache entry.
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained in {time.time() - t0:.0f} s", file=sys.stderr)
     baseline = a.rows[0]
     entries = [decompose(records, baseline, r, a.seeds, a.warmup_seed) for r in a.rows[1:]]
-    print_table(entries, baseline, a.draws, a.n_val or PRESETS[a.preset]["n_val"])
+    print_table(entries, baseline, a.draws, n_val)
     for e in entries:
         print(json.dumps(e))
     return 0

@@ -113,6 +113,18 @@ class _Labels:
     stage_seconds: float = 0.0
 
 
+@dataclasses.dataclass
+class _Stage:
+    """One stage while it runs: its number, learning curve and clocks (time.time())."""
+
+    s: int
+    curve: list[CurvePoint]
+    t_stage: float  # when the stage started (less a resumed stage's seconds before its checkpoint)
+    t_train: float  # when this run's training of it started
+    aside_before: float  # Timings.aside() then: curve and checkpoint time inside training is not training
+    losses: dict = dataclasses.field(default_factory=dict)
+
+
 class _Trial:
     """One trial's state between its steps (run_trial calls them in order)."""
 
@@ -237,20 +249,11 @@ class _Trial:
         if self.on_epoch is not None:
             self.on_epoch(epoch, miou)
 
-    def save(
-        self,
-        s: int,
-        train_state: dict | None,
-        labels: _Labels,
-        curve: list,
-        t: float,
-        t_stage: float,
-        aside_before: float,
-    ) -> None:
+    def save(self, stage: _Stage, train_state: dict | None, labels: _Labels) -> None:
         """last.pt now (core.checkpoint.trial_state), the stage's training so far counting as training."""
         now = time.time()
         snapshot = dict(self.timings)
-        snapshot["train"] = snapshot.get("train", 0.0) + now - t - (Timings(snapshot).aside() - aside_before)
+        snapshot["train"] = snapshot.get("train", 0.0) + self._trained(stage, now)
         r = self.result
         record = {
             "initial_pgt": r.initial_pgt,
@@ -260,14 +263,14 @@ class _Trial:
             "seconds": now - self.t_start,
             "resumed_from": r.resumed_from,
             "pgt": labels.pgt,
-            "curve": curve,
-            "stage_seconds": now - t_stage,
+            "curve": stage.curve,
+            "stage_seconds": now - stage.t_stage,
             "environment": r.environment,
         }
         assert self.ckpt_dir is not None
         took = checkpoint.save(
             self.ckpt_dir,
-            checkpoint.trial_state(self.fingerprint, s, train_state, self.net, self.rng, record),
+            checkpoint.trial_state(self.fingerprint, stage.s, train_state, self.net, self.rng, record),
         )
         if took is not None:
             self.timings.add("checkpoint", took)
@@ -276,22 +279,23 @@ class _Trial:
                 "writes": r.checkpoint.get("writes", 0) + 1,
             }
 
-    def train(self, s: int, labels: _Labels) -> tuple[dict, list[CurvePoint], float]:
-        """Train stage s on its pseudo labels, checkpointing as it goes: its losses, its learning curve and
-        when it started (time.time(), less a resumed stage's seconds before its checkpoint)."""
+    def _trained(self, stage: _Stage, now: float) -> float:
+        return now - stage.t_train - (self.timings.aside() - stage.aside_before)
+
+    def train(self, s: int, labels: _Labels) -> _Stage:
+        """Train stage s on its pseudo labels, checkpointing as it goes."""
         cfg, timings = self.cfg, self.timings
         resuming = labels.resumed and s == labels.first_stage
-        t_stage = time.time() - (labels.stage_seconds if resuming else 0.0)
-        t = time.time()
+        now = time.time()
         curve: list[CurvePoint] = list(labels.curve_done) if resuming else []
-        aside_before = timings.aside()
+        stage = _Stage(s, curve, now - (labels.stage_seconds if resuming else 0.0), now, timings.aside())
         has_sal = "sal" in cfg.model.branches
         every = cfg.train.checkpoint_every if self.ckpt_dir is not None else 0
         epochs = cfg.train.stage_epochs
         subset = curve_indices(len(self.val), cfg.eval.curve_images)
 
         def save(train_state: dict | None) -> None:
-            self.save(s, train_state, labels, curve, t, t_stage, aside_before)
+            self.save(stage, train_state, labels)
 
         if every and not resuming:  # the stage's start: its labels, once
             with timings.timed("checkpoint"):
@@ -313,7 +317,7 @@ class _Trial:
             if every and ((epoch + 1) % every == 0 or epoch == epochs - 1):
                 save(train_state)
 
-        losses = train_stage(
+        stage.losses = train_stage(
             self.net,
             self.ds,
             labels.segs,
@@ -327,14 +331,12 @@ class _Trial:
             resume=labels.train_state if resuming else None,
             loader=self.loader,
         )
-        timings.add("train", time.time() - t - (timings.aside() - aside_before))
-        return losses, curve, t_stage
+        timings.add("train", self._trained(stage, time.time()))
+        return stage
 
-    def evaluate_stage(
-        self, s: int, labels: _Labels, losses: dict, curve: list[CurvePoint], t_stage: float
-    ) -> None:
-        """Stage s's network on val (post-processed after the last stage), recorded and reported."""
-        cfg, timings, epochs = self.cfg, self.timings, self.cfg.train.stage_epochs
+    def evaluate_stage(self, stage: _Stage, labels: _Labels) -> None:
+        """The stage's network on val (post-processed after the last stage), recorded and reported."""
+        cfg, timings, epochs, s = self.cfg, self.timings, self.cfg.train.stage_epochs, stage.s
         last = s == cfg.train.stages - 1
         post = cfg.eval.post and (last or cfg.eval.post_every_stage)
         with timings.timed("eval"):
@@ -345,22 +347,23 @@ class _Trial:
             "stage": s,
             "val": metrics,
             "pgt": labels.pgt,
-            "seconds": time.time() - t_stage,
+            "seconds": time.time() - stage.t_stage,
             "epoch": (s + 1) * epochs - 1,
-            "curve": curve,
-            "losses": losses,
+            "curve": stage.curve,
+            "losses": stage.losses,
         }
         self.result.stages.append(record)
         if self.report is not None:
             self.report(s, record)
 
-    def update_labels(self, s: int, t_stage: float) -> _Labels:
-        """Stage s+1's pseudo labels from stage s's network (its refined CAMs and saliency)."""
+    def update_labels(self, stage: _Stage) -> _Labels:
+        """The next stage's pseudo labels from this stage's network (its refined CAMs and saliency)."""
+        nxt = stage.s + 1
         with self.timings.timed("label_update"):
             cams, pred_sal = network_cues(self.net, self.ds, self.warm_cams, self.cfg, self.device)
-            segs, sal, pgt = make_labels(self.ds, self.cfg, cams, pred_sal, self.pool, f"labels {s + 1}")
-        self.result.stages[-1]["seconds"] = time.time() - t_stage
-        return _Labels(segs, sal, pgt, s + 1)
+            segs, sal, pgt = make_labels(self.ds, self.cfg, cams, pred_sal, self.pool, f"labels {nxt}")
+        self.result.stages[-1]["seconds"] = time.time() - stage.t_stage
+        return _Labels(segs, sal, pgt, nxt)
 
     def gallery(self, artifacts_dir: str | Path) -> None:
         """The image gallery (core.gallery): for looking at, so it never fails the trial."""
@@ -400,10 +403,10 @@ def run_trial(
         trial.build_stage_net(resumed)
         trial.replay(labels)
         for s in range(labels.first_stage, cfg.train.stages):
-            losses, curve, t_stage = trial.train(s, labels)
-            trial.evaluate_stage(s, labels, losses, curve, t_stage)
+            stage = trial.train(s, labels)
+            trial.evaluate_stage(stage, labels)
             if s < cfg.train.stages - 1:
-                labels = trial.update_labels(s, t_stage)
+                labels = trial.update_labels(stage)
         result.final = {
             "miou": result.stages[-1]["val"]["miou"],
             "miou_post": result.stages[-1]["val"]["miou_post"],

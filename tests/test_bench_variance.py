@@ -3,11 +3,16 @@ variance components, and one of its jobs evaluates the trial's own final network
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from bench.bench_variance import components, data_root, decompose, run_job
+from bench.bench_variance import components, data_root, decompose, main, run_job
 from core.data import VOCDataset, ensure_generated
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_components_recover_a_known_design():
@@ -70,3 +75,17 @@ def test_val_draw_0_is_the_benchmark_val_split_and_a_job_evaluates_the_final_net
     rec = run_job(job)  # raises unless val draw 0, re-evaluated, equals the trial's final mIoU
     assert rec["mode"] == "shared" and len(rec["miou"]) == 2 and rec["threads"] == 1
     assert all(0 <= m <= 1 for m in rec["miou"])
+
+
+def test_bad_input_is_a_one_line_error_and_a_file_of_other_draws_is_not_resumed(tmp_path):
+    with pytest.raises(SystemExit, match="--n-val: expected a positive image count, got 0"):
+        main(["--n-val", "0", "--analyse"])
+    with pytest.raises(SystemExit, match="--preset: expected one of"):
+        main(["--preset", "tiny", "--analyse"])
+    out = tmp_path / "v.jsonl"
+    rec = {"mode": "per-seed", "seed": 0, "row": "seg", "miou": [0.3, 0.31], "n_val": 150}
+    out.write_text(json.dumps(rec) + "\n")
+    args = ["--study-yaml", str(ROOT / "study.yaml"), "--out", str(out), "--n-val", "150", "--analyse"]
+    with pytest.raises(SystemExit, match="holds networks evaluated on 2 draws of 150 images, not 4 of 150"):
+        main(args)
+    assert out.read_text() == json.dumps(rec) + "\n"  # refused, not rewritten
