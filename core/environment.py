@@ -6,6 +6,7 @@ every cache key whose contents are floats (core.trial's warm-up cache).
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# Environment variables that cap the ISA of the libraries under torch (oneDNN's convolutions, MKL's BLAS):
+# with them a Xeon computes closer to what a CPU without AVX512 computes (bench_smoke's onednn-avx2 path),
+# so they change a trial's floats as much as ATen's own ATEN_CPU_CAPABILITY (recorded as cpu_capability).
+KERNEL_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def kernel_caps() -> str:
+    """The ISA caps set in this process's environment, "VAR=VALUE ..." ("" when none: each library's own
+    dispatch for this CPU)."""
+    return " ".join(f"{v}={os.environ[v]}" for v in KERNEL_CAP_VARS if os.environ.get(v))
+
+
 def environment(device: torch.device, cfg: Config | None = None) -> EnvironmentRecord:
     """What a result's numbers depend on beyond config and seed: bit-identical results need the same
     torch build, CPU (or GPU) kernels, intra-op thread count and precision (bf16 autocast or fp32)."""
@@ -38,6 +51,7 @@ def environment(device: torch.device, cfg: Config | None = None) -> EnvironmentR
         "device": device.type,
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_caps": kernel_caps(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     return env
@@ -49,4 +63,6 @@ def numerics_fingerprint(device: torch.device, cfg: Config) -> str:
     env = environment(device, cfg)  # precision: train.cpu_amp=auto is bf16 on one CPU and fp32 on another
     parts = [env["torch"], env["device"], env["gpu"] or env["cpu_capability"], str(env["threads"])]
     parts.append(env["precision"])
+    if env["kernel_caps"]:  # appended only when set: the keys of warm-ups cached without caps stay valid
+        parts.append(env["kernel_caps"])
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8]

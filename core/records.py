@@ -10,7 +10,7 @@ checks them at run time.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class Status(StrEnum):
@@ -100,6 +100,7 @@ class EnvironmentRecord(TypedDict):
     device: str
     cpu: str
     cpu_capability: str
+    kernel_caps: NotRequired[str]  # oneDNN / MKL ISA caps set ("" none); results before issue #38 lack it
     gpu: str | None
 
 

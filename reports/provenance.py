@@ -120,6 +120,8 @@ def _environment(e) -> str:
     if not isinstance(e, dict) or not e:
         return "– (not recorded)"
     cap = f" ({e['cpu_capability']})" if e.get("cpu_capability") else ""
+    if e.get("kernel_caps"):
+        cap += f" [{e['kernel_caps']}]"
     gpu = f", GPU {e['gpu']}" if e.get("gpu") else ""
     python = f", Python {e['python']}" if e.get("python") else ""
     cpu = f"CPU {e.get('cpu') or '?'}{cap}{gpu}{python}"

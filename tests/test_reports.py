@@ -633,15 +633,19 @@ def test_provenance_environment(store, url, tmp_path):
     env = {"torch": "2.13.0+cpu", "python": "3.11.7", "threads": 1, "device": "cpu",
            "cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512", "gpu": None}  # fmt: skip
     gpu = {**env, "torch": "2.13.0+cu126", "threads": 16, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
-    store.upsert_study("env", {"kind": "ablation", "seeds": [0, 1, 2, 3], "rows": [{"label": "a"}]}, "smoke")
-    for seed, e in enumerate([env, env, gpu, None]):
+    capped = {**env, "cpu_capability": "AVX2", "kernel_caps": "ONEDNN_MAX_CPU_ISA=AVX2"}
+    store.upsert_study(
+        "env", {"kind": "ablation", "seeds": [0, 1, 2, 3, 4], "rows": [{"label": "a"}]}, "smoke"
+    )
+    for seed, e in enumerate([env, env, gpu, None, capped]):
         add(store, "env", seed, "a", seed, result(0.5, env=e))
     md = build_report("env", url, tmp_path).read_text()
     line = next(x for x in md.splitlines() if x.startswith("- **Environment:**"))
     assert line == (
         "- **Environment:** torch 2.13.0+cpu, 1 thread, CPU Intel(R) Xeon(R) Processor (AVX512), "
         "Python 3.11.7 (2 trials); torch 2.13.0+cu126, 16 threads, CPU Intel(R) Xeon(R) Processor (AVX512), "
-        "GPU NVIDIA H100 80GB HBM3, Python 3.11.7 (1 trial); – (not recorded) (1 trial)"
+        "GPU NVIDIA H100 80GB HBM3, Python 3.11.7 (1 trial); – (not recorded) (1 trial); torch 2.13.0+cpu, "
+        "1 thread, CPU Intel(R) Xeon(R) Processor (AVX2) [ONEDNN_MAX_CPU_ISA=AVX2], Python 3.11.7 (1 trial)"
     )
     assert "Metrics are bit-identical only for the same machine (CPU model and kernel level)" in md
     old = build_report("tasks", url, tmp_path).read_text()  # a store written before result.environment
