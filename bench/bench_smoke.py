@@ -42,6 +42,11 @@ PATHS = {
     "fp32": (["train.cpu_amp=off"], {}),
     "bf16": (["train.cpu_amp=on"], {}),
     "avx2-fp32": (["train.cpu_amp=off"], {"ATEN_CPU_CAPABILITY": "avx2"}),
+    "onednn-avx2": (["train.cpu_amp=off"], {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    "mkl-avx2": (
+        ["train.cpu_amp=off"],
+        {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    ),
 }
 MIN_MARGIN, MEDIAN_MARGIN = 0.05, 0.08  # issue #27's target, in mIoU fractions
 
@@ -49,7 +54,7 @@ MIN_MARGIN, MEDIAN_MARGIN = 0.05, 0.08  # issue #27's target, in mIoU fractions
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_smoke", description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=["fp32", "bf16", "avx2-fp32"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--jobs", type=int, default=0, help="trials at once (0: cores // threads)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
@@ -90,7 +95,7 @@ def main() -> int:
                         return 1
                     e = r["environment"]
                     if (e["precision"], e["cpu_capability"]) == ("bf16", "AVX2") or (
-                        path == "avx2-fp32" and e["cpu_capability"] != "AVX2"
+                        path != "fp32" and path != "bf16" and e["cpu_capability"] != "AVX2"
                     ):
                         print(
                             f"seed {seed} {path}: ran {e['precision']} on {e['cpu_capability']}",
