@@ -1,14 +1,17 @@
 """Does the smoke preset learn on every draw? Final val mIoU per seed x CPU path x thread count.
 
-    python -m bench.bench_smoke [--seeds 0 1 ... 9] [--paths fp32 bf16 avx2-fp32] [--threads 1 2]
-        [--jobs N] [--set KEY=VALUE ...]
+    python -m bench.bench_smoke [--seeds 0 1 ... 9] [--paths fp32 bf16 avx2-fp32 onednn-avx2 mkl-avx2]
+        [--threads 1 2] [--jobs N] [--set KEY=VALUE ...]
 
 The test suite's learning test (tests/test_trial.py) trains the smoke preset once and asserts a margin
 over the all-background prediction; this measures how much margin every draw has. A CPU path is what
-changes the floats of a trial between machines:
-    fp32       the kernels this CPU picks, train.cpu_amp=off (the smoke preset's precision)
-    bf16       train.cpu_amp=on; skipped where the CPU has no native bf16 (AVX512-BF16 or AMX)
-    avx2-fp32  ATEN_CPU_CAPABILITY=avx2, train.cpu_amp=off: a machine without AVX512 (an AMD EPYC, say)
+changes the floats of a trial between machines (all but bf16 with train.cpu_amp=off, the preset's precision):
+    fp32         the kernels this CPU picks
+    bf16         train.cpu_amp=on; skipped where the CPU has no native bf16 (AVX512-BF16 or AMX)
+    avx2-fp32    ATEN_CPU_CAPABILITY=avx2: ATen's own kernels of a CPU without AVX512
+    onednn-avx2  and ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's convolutions capped too, the nearest a Xeon comes to
+                 an AMD EPYC without AVX512 (no emulation reproduces one: README "Test suite")
+    mkl-avx2     and MKL_ENABLE_INSTRUCTIONS=AVX2: MKL's matrix products capped too (not in the default set)
 Each trial runs in its own process (`python -m core.trial`), `--jobs` of them at once (default: one per
 core at 1 thread, one at a time at 2 threads), with eval.post off (the final mIoU does not use it).
 
@@ -33,7 +36,7 @@ import numpy as np
 from bench.bench_seeds import run_one
 from core.config import ConfigError, make_config
 from core.data import VOCDataset
-from core.environment import cpu_model
+from core.environment import KERNEL_CAP_VARS, cpu_model
 from core.metrics import all_background_miou
 from core.records import Status
 from core.train import cpu_bf16_supported
@@ -54,7 +57,9 @@ MIN_MARGIN, MEDIAN_MARGIN = 0.05, 0.08  # issue #27's target, in mIoU fractions
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_smoke", description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=["fp32", "bf16", "avx2-fp32"])
+    ap.add_argument(
+        "--paths", nargs="+", choices=list(PATHS), default=["fp32", "bf16", "avx2-fp32", "onednn-avx2"]
+    )
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--jobs", type=int, default=0, help="trials at once (0: cores // threads)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
@@ -93,12 +98,16 @@ def main() -> int:
                     if r["status"] != Status.COMPLETE:
                         print(f"seed {seed} {path} {th} threads: {r['status']}: {r['error']}")
                         return 1
-                    e = r["environment"]
-                    if (e["precision"], e["cpu_capability"]) == ("bf16", "AVX2") or (
-                        path != "fp32" and path != "bf16" and e["cpu_capability"] != "AVX2"
+                    e, env = r["environment"], {**os.environ, **PATHS[path][1]}
+                    caps = " ".join(f"{v}={env[v]}" for v in KERNEL_CAP_VARS if env.get(v))
+                    if (
+                        (e["precision"], e["cpu_capability"]) == ("bf16", "AVX2")
+                        or ("ATEN_CPU_CAPABILITY" in PATHS[path][1] and e["cpu_capability"] != "AVX2")
+                        or e["kernel_caps"] != caps
                     ):
                         print(
-                            f"seed {seed} {path}: ran {e['precision']} on {e['cpu_capability']}",
+                            f"seed {seed} {path}: ran {e['precision']} on {e['cpu_capability']} "
+                            f"with caps '{e['kernel_caps']}', expected '{caps}'",
                             file=sys.stderr,
                         )
                         return 1
@@ -109,7 +118,7 @@ def main() -> int:
                     print(
                         f"seed {seed} {path:<9} {th} thr  final mIoU {100 * r['final']['miou']:5.1f}  "
                         f"stages {stages}  "
-                        f"[{e['precision']}, {e['cpu_capability']}]  {dt:.0f} s",
+                        f"[{e['precision']}, {e['cpu_capability']}{', ' + caps if caps else ''}]  {dt:.0f} s",
                         flush=True,
                     )
     (root,) = roots  # every seed trains on the same generated data set

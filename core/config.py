@@ -201,11 +201,11 @@ class Config:
 # Presets: overrides on top of the paper/author defaults above.
 PRESETS: dict[str, dict[str, Any]] = {
     # A full trial in under a minute on 2 CPU cores, for tests, that learns on every draw: with the pretrained
-    # backbone, 64-channel heads, 8 epochs per stage on 160 images (data preset smoke) and the default
-    # preset's non-local inits, final val mIoU over seeds 0-9 x fp32 / bf16 / AVX2 fp32 x 1 / 2 threads
-    # (bench_smoke, 60 trials) was at least 9.2 (median 13.8) vs 4.1 for predicting background everywhere
-    # (tests/test_trial.py asserts a 3-point margin). With 16-channel heads it stayed at 8.5; with 24
-    # training images and 2 epochs per stage, at all-background.
+    # backbone, 64-channel heads, 8 warm-up epochs and 8 per stage on 160 images (data preset smoke) and the
+    # default preset's non-local inits, final val mIoU over seeds 0-9 x fp32 / AVX2 fp32 / oneDNN-AVX2 fp32
+    # x 1 / 2 threads (bench_smoke, 60 trials) was at least 10.4 (median 14.8) vs 4.1 for predicting
+    # background everywhere (tests/test_trial.py asserts a 4-point margin; README "Test suite"). With
+    # 16-channel heads it stayed at 8.5; with 24 training images and 2 epochs per stage, at all-background.
     "smoke": {
         "data.preset": "smoke",
         "model.width": 0.0625,
@@ -228,8 +228,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.crop": 64,
         "eval.scales": (0.75, 1.0),
         # The default preset's non-local inits and common random heads: the smoke trial then learns on every
-        # draw. bench_smoke, seeds 0-9, AVX2 fp32 kernels, 1 thread: final mIoU min 10.2 / median 15.1 with
-        # them vs 4.1 (collapsed) / 8.5 for the preset before, all-background 4.1 (README "Test suite").
+        # draw. bench_smoke (code 5651e4e, 4 warm-up epochs), seeds 0-9, AVX2 fp32, 1 thread: min 10.2 /
+        # median 15.1 with them vs 4.1 (collapsed) / 8.5 for the preset before, all-background 4.1.
         "model.nonlocal_tied_init": True,
         "model.nonlocal_zero_init": True,
         "model.head_streams": True,

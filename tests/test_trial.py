@@ -61,12 +61,13 @@ def test_full_smoke_trial(runs, tmp_path):
     w, h = Image.open(tmp_path / "gallery.png").size
     assert w >= 6 * 100 and h >= 8 * 100, (w, h)
     # The smoke preset must learn something, so that a regression in learning fails the tests. The margin
-    # sits 2 points below the worst of 60 measured draws (bench.bench_smoke: seeds 0-9 x fp32 / bf16 / AVX2
-    # fp32 x 1 / 2 threads, all >= all-background + 5.1 points; README "Test suite"), so another CPU's
-    # rounding does not fail it, while a collapse to all-background (+0) does.
+    # sits 2.3 points below the worst of 60 measured draws (bench.bench_smoke: seeds 0-9 x fp32 / AVX2 fp32 /
+    # oneDNN-AVX2 fp32 x 1 / 2 threads, all >= all-background + 6.3 points; README "Test suite"), so another
+    # CPU's rounding does not fail it, while a collapse to all-background (+0) or a barely learning trial
+    # (+2.4: seed 1 on the oneDNN-AVX2 path with 4 warm-up epochs, issue #38) does.
     val = VOCDataset(d["dataset"]["root"], "val")
     floor = all_background_miou([val.mask(i) for i in range(len(val))], 21)
-    assert d["final"]["miou"] >= floor + 0.03, (d["final"]["miou"], floor)
+    assert d["final"]["miou"] >= floor + 0.04, (d["final"]["miou"], floor)
     assert d["environment"]["threads"] >= 1 and d["environment"]["torch"] == torch.__version__
 
 
