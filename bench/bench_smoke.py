@@ -116,7 +116,7 @@ def main() -> int:
                     roots.add(r["dataset"]["root"])
                     stages = " ".join(f"{100 * s['val']['miou']:.1f}" for s in r["stages"])
                     print(
-                        f"seed {seed} {path:<9} {th} thr  final mIoU {100 * r['final']['miou']:5.1f}  "
+                        f"seed {seed} {path:<11} {th} thr  final mIoU {100 * r['final']['miou']:5.1f}  "
                         f"stages {stages}  "
                         f"[{e['precision']}, {e['cpu_capability']}{', ' + caps if caps else ''}]  {dt:.0f} s",
                         flush=True,

@@ -36,19 +36,27 @@ def trial_cmd(out: Path, *extra: str) -> list[str]:
     return [PY, "-m", "core.trial", "--preset", "smoke", "--set", *SHORT, *extra, "--out", str(out)]
 
 
-def wait_for_checkpoint(folder: Path, pattern: str, proc: subprocess.Popen, stage: int) -> dict:
-    """Poll the checkpoints folder.glob(pattern) until one holds an epoch of `stage` (not only its start)."""
+def wait_for_checkpoint(
+    folder: Path, pattern: str, proc: subprocess.Popen, stage: int, trials: int = 1
+) -> dict:
+    """Poll the checkpoints folder.glob(pattern) until one holds an epoch of `stage` (not only its start)
+    and `trials` of them hold a trained epoch (a trial still in its warm-up has none to resume from)."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
+        states = []
         for path in folder.glob(pattern):
             try:
-                st = torch.load(path, weights_only=True)
+                states.append(torch.load(path, weights_only=True))
             except Exception:  # being replaced right now
                 continue
-            if st["stage"] == stage and st["train"] is not None:
-                return st
+        trained = [st for st in states if st["train"] is not None]
+        at_stage = [st for st in trained if st["stage"] == stage]
+        if at_stage and len(trained) >= trials:
+            return at_stage[0]
         time.sleep(0.1)
-    raise AssertionError(f"no checkpoint of stage {stage} in {folder} (process rc {proc.poll()})")
+    raise AssertionError(
+        f"no checkpoint of stage {stage} (and {trials} trained) in {folder} (process rc {proc.poll()})"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +173,9 @@ def write_study(tmp_path: Path) -> Path:
                     k: json.loads(v) if v[0].isdigit() or v in ("true", "false") else v
                     for k, v in (x.split("=", 1) for x in SHORT)
                 },  # fmt: skip
-                "rows": [{"label": "full", "set": {"train.workers": 2}}],  # a CRF pool in each trial process
+                # a CRF pool in each trial process; both seeds start from seed 0's warm-up, which `reference`
+                # cached, so that both are training (and checkpointing) before either ends
+                "rows": [{"label": "full", "set": {"train.workers": 2, "train.warmup_seed": "0"}}],
             }
         },
     }
@@ -184,7 +194,7 @@ def test_a_killed_study_leaves_no_process_and_its_rerun_resumes_each_trial(runs,
     ckpts = runs / "checkpoints" / "r"
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_checkpoint(ckpts, f"*/*/{checkpoint.LAST}", p, stage=1)  # store-*/<point>/
+        wait_for_checkpoint(ckpts, f"*/*/{checkpoint.LAST}", p, stage=1, trials=2)  # store-*/<point>/
         sigkill_leaves_nothing(p, at_least=6)  # 2 trial processes with a CRF pool of 2 each, the tracker
     finally:
         p.kill()
