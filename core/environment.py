@@ -61,8 +61,8 @@ def numerics_fingerprint(device: torch.device, cfg: Config) -> str:
     """Cache-key part for what makes float results differ at equal config and seed: a warm-up trained with
     other kernels or another thread count would make a trial differ from the same trial run cold."""
     env = environment(device, cfg)  # precision: train.cpu_amp=auto is bf16 on one CPU and fp32 on another
-    parts = [env["torch"], env["device"], env["gpu"] or env["cpu_capability"], str(env["threads"])]
-    parts.append(env["precision"])
-    if env["kernel_caps"]:  # appended only when set: the keys of warm-ups cached without caps stay valid
-        parts.append(env["kernel_caps"])
+    # The CPU model too: oneDNN picks its kernels by the CPU's features, not by ATen's kernel level, so an AMD
+    # EPYC and a Xeon that both report AVX512 (a runs/ folder shared by a Ray cluster) compute other floats.
+    kernels = env["gpu"] or f"{env['cpu']}|{env['cpu_capability']}"
+    parts = [env["torch"], env["device"], kernels, str(env["threads"]), env["precision"], env["kernel_caps"]]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8]
