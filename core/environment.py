@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,10 +35,10 @@ def cpu_model() -> str:
 KERNEL_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 
-def kernel_caps() -> str:
-    """The ISA caps set in this process's environment, "VAR=VALUE ..." ("" when none: each library's own
-    dispatch for this CPU)."""
-    return " ".join(f"{v}={os.environ[v]}" for v in KERNEL_CAP_VARS if os.environ.get(v))
+def kernel_caps(environ: Mapping[str, str] = os.environ) -> str:
+    """The ISA caps set in an environment (this process's unless given), "VAR=VALUE ..." ("" when none:
+    each library's own dispatch for this CPU)."""
+    return " ".join(f"{v}={environ[v]}" for v in KERNEL_CAP_VARS if environ.get(v))
 
 
 def environment(device: torch.device, cfg: Config | None = None) -> EnvironmentRecord:

@@ -5,13 +5,14 @@ import os
 
 import pytest
 
+from core.environment import KERNEL_CAP_VARS
 from tests.conftest import run_module
 
 
 @pytest.mark.slow
 def test_a_path_runs_under_its_caps_and_a_missed_target_exits_1(runs):
     tiny = ["train.warmup_epochs=1", "train.stage_epochs=1", "train.stages=1"]  # far below the target
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CAP_VARS}
     p = run_module(
         "bench.bench_smoke",
         ["--seeds", "0", "--paths", "fp32", "onednn-avx2", "--threads", "1", "--set", *tiny],
